@@ -1,0 +1,155 @@
+//! Turns [`VmResources`] into a VM that is ready to run: memory, backend VM, devices on the
+//! buses, kernel and initramfs loaded, vCPUs created with the boot CPU's registers set.
+//!
+//! Building is two-phase because devices need interrupt lines from the backend VM before they
+//! exist: [`VmBuilder::new`] creates memory and the VM, the caller attaches devices, and
+//! [`VmBuilder::build`] loads the guest and creates the vCPUs.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use crate::bus::{BusDevice, BusError, IoBuses};
+use crate::hypervisor::{Hypervisor, HypervisorError, IrqTrigger, Vcpu, Vm};
+use crate::memory::{create_guest_memory, GuestMemory, MemoryError};
+
+#[cfg(target_arch = "x86_64")]
+pub use crate::arch::x86_64::boot::InitramfsPart;
+
+/// What a VM is made of.
+#[derive(Debug, Clone)]
+pub struct VmResources {
+    /// The guest kernel (ELF vmlinux, PVH ELF or bzImage on x86-64).
+    pub kernel: PathBuf,
+    /// The initramfs, as newc archives that are concatenated in guest memory.
+    #[cfg(target_arch = "x86_64")]
+    pub initramfs: Vec<InitramfsPart>,
+    /// The kernel command line.
+    pub cmdline: String,
+    /// Guest RAM in MiB.
+    pub memory_mib: u32,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+}
+
+/// Errors building a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// Guest memory could not be created.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// The backend failed.
+    #[error(transparent)]
+    Hypervisor(#[from] HypervisorError),
+    /// A device could not be placed on a bus.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// The vCPU count is out of range.
+    #[error("cannot run {0} vCPUs (1..={max})", max = MAX_VCPUS)]
+    VcpuCount(u8),
+    /// Loading the guest failed.
+    #[cfg(target_arch = "x86_64")]
+    #[error(transparent)]
+    Boot(#[from] crate::arch::x86_64::boot::BootError),
+}
+
+/// The most vCPUs a VM can have.
+#[cfg(target_arch = "x86_64")]
+pub const MAX_VCPUS: u8 = crate::arch::x86_64::mptable::MAX_VCPUS;
+/// The most vCPUs a VM can have.
+#[cfg(not(target_arch = "x86_64"))]
+pub const MAX_VCPUS: u8 = 64;
+
+/// A VM ready to run.
+pub struct BuiltVm {
+    /// The backend VM (keeps the VM alive while vCPUs run).
+    pub vm: Box<dyn Vm>,
+    /// One per vCPU, boot CPU first.
+    pub vcpus: Vec<Box<dyn Vcpu>>,
+    /// The buses vCPU exits are dispatched to.
+    pub buses: Arc<IoBuses>,
+    /// Guest RAM.
+    pub memory: GuestMemory,
+}
+
+/// Builds a VM in two phases; see the module documentation.
+pub struct VmBuilder {
+    resources: VmResources,
+    vm: Box<dyn Vm>,
+    memory: GuestMemory,
+    buses: IoBuses,
+}
+
+impl VmBuilder {
+    /// Creates guest memory and the backend VM.
+    pub fn new(hypervisor: &dyn Hypervisor, resources: VmResources) -> Result<Self, BuildError> {
+        if resources.vcpus == 0 || resources.vcpus > MAX_VCPUS {
+            return Err(BuildError::VcpuCount(resources.vcpus));
+        }
+        let memory = create_guest_memory(resources.memory_mib)?;
+        let mut vm = hypervisor.create_vm()?;
+        vm.set_memory(&memory)?;
+        Ok(VmBuilder {
+            resources,
+            vm,
+            memory,
+            buses: IoBuses::default(),
+        })
+    }
+
+    /// Guest RAM, for devices that access it.
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
+    /// An interrupt line for a device.
+    pub fn irq_trigger(&self, gsi: u32) -> Result<Arc<dyn IrqTrigger>, BuildError> {
+        Ok(self.vm.irq_trigger(gsi)?)
+    }
+
+    /// Places a device on the port-I/O bus at `[base, base + len)`.
+    pub fn add_pio_device(
+        &mut self,
+        device: Arc<Mutex<dyn BusDevice>>,
+        base: u16,
+        len: u16,
+    ) -> Result<(), BuildError> {
+        Ok(self
+            .buses
+            .pio
+            .insert(device, u64::from(base), u64::from(len))?)
+    }
+
+    /// Places a device on the MMIO bus at `[base, base + len)`.
+    pub fn add_mmio_device(
+        &mut self,
+        device: Arc<Mutex<dyn BusDevice>>,
+        base: u64,
+        len: u64,
+    ) -> Result<(), BuildError> {
+        Ok(self.buses.mmio.insert(device, base, len)?)
+    }
+
+    /// Loads the guest and creates the vCPUs.
+    #[cfg(target_arch = "x86_64")]
+    pub fn build(self) -> Result<BuiltVm, BuildError> {
+        use crate::arch::x86_64::boot;
+        let r = &self.resources;
+        let kernel = boot::load_kernel(&self.memory, &r.kernel)?;
+        let state = boot::configure_boot(&self.memory, &kernel, &r.cmdline, &r.initramfs, r.vcpus)?;
+        let mut vcpus = Vec::with_capacity(usize::from(r.vcpus));
+        for id in 0..r.vcpus {
+            let mut vcpu = self.vm.create_vcpu(id, r.vcpus)?;
+            if id == 0 {
+                vcpu.set_sregs(&state.sregs)?;
+                vcpu.set_regs(&state.regs)?;
+            }
+            vcpus.push(vcpu);
+        }
+        Ok(BuiltVm {
+            vm: self.vm,
+            vcpus,
+            buses: Arc::new(self.buses),
+            memory: self.memory,
+        })
+    }
+}

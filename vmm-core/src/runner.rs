@@ -1,0 +1,232 @@
+//! Drives a [`BuiltVm`]'s vCPUs, one thread each, until the guest powers off, resets, or a vCPU
+//! fails; then stops the others and returns why the VM ended.
+//!
+//! Each vCPU thread is a small state machine: it runs until an exit needs the VMM, and after
+//! every exit checks whether the VM is stopping. The first vCPU (or device) to end the VM
+//! records the reason in [`VmControl`]; the runner then kicks every vCPU until its thread exits.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use crate::builder::BuiltVm;
+use crate::hypervisor::{HypervisorError, IoHandler, Vcpu, VcpuExit};
+
+/// How a VM ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest powered off; `Some(status)` if it reported an exit status first.
+    PowerOff(Option<i32>),
+    /// The guest reset the machine (e.g. `reboot`, or a kernel panic with `panic=-1`).
+    Reset,
+    /// A vCPU triple-faulted.
+    Shutdown,
+    /// The host asked the VM to stop.
+    Stopped,
+}
+
+/// Why running a VM failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// A vCPU thread could not be started.
+    #[error("cannot start a vCPU thread: {0}")]
+    Spawn(#[source] std::io::Error),
+    /// The backend failed while running a vCPU.
+    #[error("vCPU {id}: {source}")]
+    Vcpu {
+        /// The vCPU.
+        id: u8,
+        /// The backend error.
+        #[source]
+        source: HypervisorError,
+    },
+    /// The hypervisor could not emulate a guest instruction.
+    #[error("vCPU {id}: the hypervisor could not emulate the guest ({reason}) at RIP {rip} (instruction bytes: {bytes})",
+        rip = rip.map(|r| format!("{r:#x}")).unwrap_or_else(|| "unknown".into()),
+        bytes = if instruction.is_empty() { "unreadable".to_string() } else {
+            instruction.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ") })]
+    Emulation {
+        /// The vCPU.
+        id: u8,
+        /// What the hypervisor reported.
+        reason: String,
+        /// The guest instruction pointer.
+        rip: Option<u64>,
+        /// The bytes at it.
+        instruction: Vec<u8>,
+    },
+    /// VM entry failed.
+    #[error("vCPU {id}: VM entry failed: {detail}")]
+    FailEntry {
+        /// The vCPU.
+        id: u8,
+        /// What the hypervisor reported.
+        detail: String,
+    },
+    /// An exit the VMM does not handle.
+    #[error("vCPU {id}: unexpected exit {detail}")]
+    UnexpectedExit {
+        /// The vCPU.
+        id: u8,
+        /// The exit.
+        detail: String,
+    },
+}
+
+struct ControlState {
+    outcome: Mutex<Option<Result<VmExit, RunError>>>,
+    changed: Condvar,
+    stopping: AtomicBool,
+}
+
+/// Shared by the runner, vCPU threads and devices: records how the VM ends.
+#[derive(Clone)]
+pub struct VmControl {
+    state: Arc<ControlState>,
+}
+
+impl Default for VmControl {
+    fn default() -> Self {
+        VmControl {
+            state: Arc::new(ControlState {
+                outcome: Mutex::new(None),
+                changed: Condvar::new(),
+                stopping: AtomicBool::new(false),
+            }),
+        }
+    }
+}
+
+impl VmControl {
+    /// A fresh control for one VM run.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Ends the VM with `exit`, unless it is already ending.
+    pub fn request_exit(&self, exit: VmExit) {
+        self.finish(Ok(exit));
+    }
+
+    /// Records the guest's exit status and powers it off.
+    pub fn power_off_with_status(&self, status: i32) {
+        self.finish(Ok(VmExit::PowerOff(Some(status))));
+    }
+
+    fn finish(&self, outcome: Result<VmExit, RunError>) {
+        let mut slot = self
+            .state
+            .outcome
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            *slot = Some(outcome);
+        }
+        self.state.stopping.store(true, Ordering::Release);
+        self.state.changed.notify_all();
+    }
+
+    /// True once the VM is ending.
+    pub fn is_stopping(&self) -> bool {
+        self.state.stopping.load(Ordering::Acquire)
+    }
+
+    fn wait(&self) -> Result<VmExit, RunError> {
+        let mut slot = self
+            .state
+            .outcome
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(outcome) = slot.take() {
+                // Leave a marker so later requests do not overwrite the first outcome.
+                *slot = Some(Ok(VmExit::Stopped));
+                return outcome;
+            }
+            slot = self
+                .state
+                .changed
+                .wait(slot)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+fn vcpu_loop(mut vcpu: Box<dyn Vcpu>, io: &dyn IoHandler, control: &VmControl) {
+    let id = vcpu.id();
+    while !control.is_stopping() {
+        let outcome = match vcpu.run(io) {
+            Ok(VcpuExit::Io | VcpuExit::Mmio | VcpuExit::Interrupted | VcpuExit::Hlt) => continue,
+            Ok(VcpuExit::PowerOff) => Ok(VmExit::PowerOff(None)),
+            Ok(VcpuExit::Reset) => Ok(VmExit::Reset),
+            Ok(VcpuExit::Shutdown) => Ok(VmExit::Shutdown),
+            Ok(VcpuExit::InternalError {
+                reason,
+                rip,
+                instruction,
+            }) => Err(RunError::Emulation {
+                id,
+                reason,
+                rip,
+                instruction,
+            }),
+            Ok(VcpuExit::FailEntry(detail)) => Err(RunError::FailEntry { id, detail }),
+            Ok(VcpuExit::Unknown(detail)) => Err(RunError::UnexpectedExit { id, detail }),
+            Err(source) => Err(RunError::Vcpu { id, source }),
+        };
+        control.finish(outcome);
+    }
+}
+
+/// Runs `vm` until it ends. Devices end it through `control` (e.g. an exit-status port).
+pub fn run(vm: BuiltVm, control: &VmControl) -> Result<VmExit, RunError> {
+    let BuiltVm {
+        vm: _vm,
+        vcpus,
+        buses,
+        memory: _memory,
+    } = vm;
+    let mut threads = Vec::with_capacity(vcpus.len());
+    for vcpu in vcpus {
+        let kicker = vcpu.kicker();
+        let io = buses.clone();
+        let ctl = control.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("vcpu{}", vcpu.id()))
+            .spawn(move || vcpu_loop(vcpu, &*io, &ctl));
+        match handle {
+            Ok(h) => threads.push((h, kicker)),
+            Err(e) => {
+                control.finish(Err(RunError::Spawn(e)));
+                break;
+            }
+        }
+    }
+    let outcome = control.wait();
+    for (thread, kicker) in threads {
+        // A kick that lands while the vCPU is outside guest mode is lost; keep kicking.
+        while !thread.is_finished() {
+            kicker.kick();
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let _ = thread.join();
+    }
+    outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_outcome_wins() {
+        let c = VmControl::new();
+        assert!(!c.is_stopping());
+        c.power_off_with_status(3);
+        c.request_exit(VmExit::Reset);
+        assert!(c.is_stopping());
+        assert_eq!(c.wait().unwrap(), VmExit::PowerOff(Some(3)));
+        c.request_exit(VmExit::Reset);
+        assert_eq!(c.wait().unwrap(), VmExit::Stopped);
+    }
+}
