@@ -1,0 +1,108 @@
+//! # guest-init
+//!
+//! The guest side of supermachine: `guest-init`, the static binary that runs as PID 1 in every
+//! guest (see `main.rs`), and this small library with what host and guest share:
+//!
+//! - [`InitConfig`]: what init runs and how, written by the host as JSON at [`CONFIG_PATH`];
+//! - [`newc`]: a writer for the `newc` cpio archives the kernel unpacks as the initramfs, so the
+//!   host can hand a VM its configuration as a tiny archive appended to the shared base image.
+//!
+//! Does not own: anything about VMs or devices; the exit-status port number is the only
+//! platform fact it knows ([`EXIT_STATUS_PORT`]), and `vmm-core` keeps the same value.
+#![deny(missing_docs)]
+
+pub mod newc;
+
+use serde::{Deserialize, Serialize};
+
+/// Where init finds its configuration inside the guest.
+pub const CONFIG_PATH: &str = "/etc/supermachine/init.json";
+
+/// The x86 I/O port a 32-bit write to which powers the guest off with that exit status.
+pub const EXIT_STATUS_PORT: u16 = 0x0510;
+
+/// Exit status when the command could not be found (as a shell and Docker report it).
+pub const EXIT_NOT_FOUND: i32 = 127;
+/// Exit status when the command exists but cannot be executed.
+pub const EXIT_NOT_EXECUTABLE: i32 = 126;
+/// Exit status when init itself failed before running the command.
+pub const EXIT_INIT_FAILED: i32 = 125;
+
+/// What init runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InitConfig {
+    /// The command and its arguments; empty means an interactive `/bin/sh`.
+    pub argv: Vec<String>,
+    /// Environment variables, `NAME=value`.
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// Working directory (default `/`).
+    #[serde(default)]
+    pub workdir: Option<String>,
+    /// Host wall-clock time at boot, seconds since the epoch, so the guest's clock is right.
+    #[serde(default)]
+    pub clock_seconds: Option<i64>,
+    /// Print init's own progress lines on the console.
+    #[serde(default)]
+    pub verbose: bool,
+}
+
+impl InitConfig {
+    /// Serializes the config for [`CONFIG_PATH`].
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serializing plain strings and integers cannot fail.
+        serde_json::to_vec_pretty(self).unwrap_or_default()
+    }
+
+    /// Parses a config file's contents.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+
+    /// A newc archive holding this config at [`CONFIG_PATH`], ready to append to an initramfs.
+    pub fn to_initramfs(&self) -> Vec<u8> {
+        let mut w = newc::Writer::new(Vec::new());
+        let result = (|| {
+            w.directory("etc", 0o755)?;
+            w.directory("etc/supermachine", 0o755)?;
+            w.file("etc/supermachine/init.json", 0o644, &self.to_json())?;
+            w.finish()
+        })();
+        // Writing into a Vec cannot fail.
+        result.unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_round_trips_and_rejects_unknown_fields() {
+        let c = InitConfig {
+            argv: vec!["/bin/sh".into(), "-c".into(), "echo 'a b'; exit 3".into()],
+            env: vec!["A=1".into()],
+            workdir: Some("/tmp".into()),
+            clock_seconds: Some(1_800_000_000),
+            verbose: true,
+        };
+        assert_eq!(InitConfig::from_json(&c.to_json()).unwrap(), c);
+        assert!(InitConfig::from_json(br#"{"argv":[],"bogus":1}"#).is_err());
+        assert!(InitConfig::from_json(b"not json").is_err());
+    }
+
+    #[test]
+    fn config_archive_contains_the_file() {
+        let c = InitConfig {
+            argv: vec!["true".into()],
+            ..Default::default()
+        };
+        let a = c.to_initramfs();
+        assert_eq!(&a[..6], b"070701");
+        assert_eq!(a.len() % 4, 0);
+        let text = String::from_utf8_lossy(&a);
+        assert!(text.contains("etc/supermachine/init.json"));
+        assert!(text.contains("TRAILER!!!"));
+    }
+}

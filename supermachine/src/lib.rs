@@ -1,0 +1,16 @@
+//! # supermachine
+//!
+//! Run OCI images as hardware-isolated microVMs. This facade crate is the only one that picks a
+//! hypervisor backend and concrete devices; it offers the library API and the `supermachine`
+//! command-line tool built on it.
+//!
+//! Today it boots a kernel and initramfs with our `guest-init` as PID 1 and carries the guest
+//! command's exit status back ([`boot`]). Image handling, snapshots and the `Vm`/`Pool` API
+//! arrive with their crates.
+#![deny(missing_docs)]
+
+pub mod boot;
+pub mod paths;
+
+pub use boot::{boot, BootError, BootOptions, BootOutcome};
+pub use vmm_core::VmExit;

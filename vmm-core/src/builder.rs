@@ -140,7 +140,10 @@ impl VmBuilder {
         for id in 0..r.vcpus {
             let mut vcpu = self.vm.create_vcpu(id, r.vcpus)?;
             if id == 0 {
-                vcpu.set_sregs(&state.sregs)?;
+                // Keep the backend's APIC base (enabled, BSP); the boot state does not set it.
+                let mut sregs = state.sregs;
+                sregs.apic_base = vcpu.sregs()?.apic_base;
+                vcpu.set_sregs(&sregs)?;
                 vcpu.set_regs(&state.regs)?;
             }
             vcpus.push(vcpu);

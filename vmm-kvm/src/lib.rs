@@ -1,0 +1,21 @@
+//! # vmm-kvm
+//!
+//! The Linux KVM backend: implements `vmm-core`'s [`Hypervisor`](vmm_core::Hypervisor),
+//! [`Vm`](vmm_core::Vm) and [`Vcpu`](vmm_core::Vcpu) on `kvm-ioctls`.
+//!
+//! Owns: opening `/dev/kvm`, the in-kernel irqchip and PIT, memory slots, irqfds, vCPU creation
+//! with a CPU model (`KVM_GET_SUPPORTED_CPUID` with the topology filled in, boot MSRs, FPU and
+//! LAPIC defaults), conversion between `vmm-core`'s neutral registers and KVM's, and turning
+//! `KVM_RUN` exits into neutral [`VcpuExit`](vmm_core::VcpuExit)s.
+//!
+//! Does not own: guest layout, boot structures or devices (`vmm-core`, `devices`).
+//! Compiles to an empty crate on other operating systems.
+#![deny(missing_docs)]
+
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+mod kvm;
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+mod x86_64;
+
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+pub use kvm::{KvmHypervisor, KvmVcpu, KvmVm};

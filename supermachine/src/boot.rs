@@ -1,0 +1,195 @@
+//! Booting a kernel + initramfs with `guest-init` as PID 1, and carrying its exit status out.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use devices::legacy::{ExitStatusPort, I8042ResetLine, SerialConsole};
+use guest_init::InitConfig;
+use vmm_core::arch::x86_64::boot::InitramfsPart;
+use vmm_core::arch::x86_64::layout::{
+    COM1_IRQ, COM1_PORT, EXIT_STATUS_PORT, I8042_COMMAND_PORT,
+};
+use vmm_core::{Hypervisor, VmBuilder, VmControl, VmExit, VmResources};
+
+/// The kernel parameters every guest gets: console on COM1, reset through the i8042 on reboot
+/// or panic, no port-0x80 delays.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 io_delay=none";
+
+/// What to boot.
+pub struct BootOptions {
+    /// Guest kernel.
+    pub kernel: PathBuf,
+    /// Base initramfs (with `guest-init` as `/init`), if any.
+    pub initramfs: Option<PathBuf>,
+    /// Extra kernel parameters, appended to [`DEFAULT_CMDLINE`].
+    pub extra_cmdline: String,
+    /// Guest RAM in MiB.
+    pub memory_mib: u32,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// What init runs (empty: a shell).
+    pub command: Vec<String>,
+    /// Environment for the command, `NAME=value`.
+    pub env: Vec<String>,
+    /// Quiet kernel and init (only the command's output reaches the console).
+    pub quiet: bool,
+    /// Where the guest console goes.
+    pub console: Box<dyn Write + Send>,
+    /// Forward this reader (usually stdin) to the guest console's input.
+    pub console_input: Option<Box<dyn Read + Send>>,
+}
+
+/// How a boot ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BootOutcome {
+    /// Why the VM stopped.
+    pub exit: VmExit,
+}
+
+impl BootOutcome {
+    /// The guest command's exit status, if init reported one.
+    pub fn status(&self) -> Option<i32> {
+        match self.exit {
+            VmExit::PowerOff(status) => status,
+            _ => None,
+        }
+    }
+}
+
+/// Errors booting a guest.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    /// No hypervisor backend could be opened.
+    #[error(transparent)]
+    Hypervisor(#[from] vmm_core::HypervisorError),
+    /// The VM could not be built.
+    #[error(transparent)]
+    Build(#[from] vmm_core::BuildError),
+    /// The VM failed while running.
+    #[error(transparent)]
+    Run(#[from] vmm_core::RunError),
+    /// The kernel file does not exist.
+    #[error("guest kernel {0} not found (build it with `cargo xtask kernel`, or pass --kernel)")]
+    KernelMissing(PathBuf),
+    /// The initramfs file does not exist.
+    #[error("initramfs {0} not found (build it with `cargo xtask initramfs`, or pass --initramfs)")]
+    InitramfsMissing(PathBuf),
+}
+
+/// Opens this platform's hypervisor.
+pub fn open_hypervisor() -> Result<Box<dyn Hypervisor>, BootError> {
+    #[cfg(target_os = "linux")]
+    {
+        Ok(Box::new(vmm_kvm::KvmHypervisor::new()?))
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        Err(BootError::Hypervisor(vmm_core::HypervisorError::Unavailable(
+            "no backend for this OS yet".into(),
+        )))
+    }
+}
+
+fn now_seconds() -> Option<i64> {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .map(|d| d.as_secs() as i64)
+}
+
+/// Boots the guest and runs it to the end.
+pub fn boot(opts: BootOptions) -> Result<BootOutcome, BootError> {
+    if !opts.kernel.exists() {
+        return Err(BootError::KernelMissing(opts.kernel));
+    }
+    let mut initramfs = Vec::new();
+    if let Some(path) = &opts.initramfs {
+        if !path.exists() {
+            return Err(BootError::InitramfsMissing(path.clone()));
+        }
+        initramfs.push(InitramfsPart::File(path.clone()));
+        let config = InitConfig {
+            argv: opts.command.clone(),
+            env: opts.env.clone(),
+            workdir: None,
+            clock_seconds: now_seconds(),
+            verbose: !opts.quiet,
+        };
+        initramfs.push(InitramfsPart::Bytes(config.to_initramfs()));
+    }
+    let mut cmdline = DEFAULT_CMDLINE.to_string();
+    if opts.quiet {
+        cmdline.push_str(" quiet");
+    }
+    if !opts.extra_cmdline.trim().is_empty() {
+        cmdline.push(' ');
+        cmdline.push_str(opts.extra_cmdline.trim());
+    }
+    if opts.initramfs.is_none() && !opts.command.is_empty() {
+        // Without our initramfs the command can only reach init through the command line.
+        cmdline.push_str(" -- ");
+        cmdline.push_str(&opts.command.join(" "));
+    }
+
+    let hypervisor = open_hypervisor()?;
+    let resources = VmResources {
+        kernel: opts.kernel,
+        initramfs,
+        cmdline,
+        memory_mib: opts.memory_mib,
+        vcpus: opts.vcpus,
+    };
+    let control = VmControl::new();
+    let mut builder = VmBuilder::new(hypervisor.as_ref(), resources)?;
+    let serial = Arc::new(Mutex::new(SerialConsole::new(
+        builder.irq_trigger(COM1_IRQ)?,
+        opts.console,
+    )));
+    builder.add_pio_device(serial.clone(), COM1_PORT, 8)?;
+    builder.add_pio_device(
+        Arc::new(Mutex::new(I8042ResetLine::new(control.clone()))),
+        I8042_COMMAND_PORT,
+        1,
+    )?;
+    builder.add_pio_device(
+        Arc::new(Mutex::new(ExitStatusPort::new(control.clone()))),
+        EXIT_STATUS_PORT,
+        4,
+    )?;
+    let vm = builder.build()?;
+    if let Some(input) = opts.console_input {
+        forward_input(input, serial, control.clone());
+    }
+    let exit = vmm_core::runner::run(vm, &control)?;
+    Ok(BootOutcome { exit })
+}
+
+/// Feeds `input` to the guest console from a background thread, as fast as its FIFO drains.
+fn forward_input(
+    mut input: Box<dyn Read + Send>,
+    serial: Arc<Mutex<SerialConsole>>,
+    control: VmControl,
+) {
+    let _ = std::thread::Builder::new()
+        .name("console-input".into())
+        .spawn(move || {
+            let mut buf = [0u8; 256];
+            while let Ok(n) = input.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let mut rest = &buf[..n];
+                while !rest.is_empty() && !control.is_stopping() {
+                    let taken = serial
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .enqueue_input(rest);
+                    rest = &rest[taken..];
+                    if !rest.is_empty() {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                }
+            }
+        });
+}

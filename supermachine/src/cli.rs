@@ -1,0 +1,155 @@
+//! Command-line parsing (clap derive over typed options) and dispatch to the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use supermachine::boot::{boot, BootOptions};
+use supermachine::paths;
+use supermachine::VmExit;
+
+/// Exit status when supermachine itself failed (as Docker's 125).
+const EXIT_SUPERMACHINE_FAILED: u8 = 125;
+
+/// Run OCI images as hardware-isolated microVMs.
+#[derive(Debug, Parser)]
+#[command(name = "supermachine", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Boot a kernel and initramfs and run COMMAND with our init as PID 1; exits with
+    /// COMMAND's exit status.
+    Boot(BootArgs),
+}
+
+#[derive(Debug, Args)]
+struct BootArgs {
+    /// Guest kernel: an x86-64 ELF vmlinux (PVH or 64-bit entry) or a bzImage
+    /// [default: the kernel built by `cargo xtask kernel`]
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Initramfs (newc cpio) with guest-init as /init
+    /// [default: the one built by `cargo xtask initramfs`]
+    #[arg(long, value_name = "PATH")]
+    initramfs: Option<PathBuf>,
+    /// Boot without any initramfs (the kernel needs another root then)
+    #[arg(long, conflicts_with = "initramfs")]
+    no_initramfs: bool,
+    /// Extra kernel parameters, appended to the defaults
+    /// ("console=ttyS0 reboot=k panic=-1 io_delay=none")
+    #[arg(long, value_name = "STR", default_value = "")]
+    cmdline: String,
+    /// Guest memory in MiB
+    #[arg(long, short = 'm', value_name = "MIB", default_value_t = 512,
+          value_parser = clap::value_parser!(u32).range(16..=1048576))]
+    memory: u32,
+    /// Number of vCPUs
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(1..=64))]
+    cpus: u8,
+    /// Set an environment variable for COMMAND (NAME=value; repeatable)
+    #[arg(long, short = 'e', value_name = "NAME=VALUE")]
+    env: Vec<String>,
+    /// Show only COMMAND's output: no kernel log, no init progress
+    #[arg(long, short = 'q')]
+    quiet: bool,
+    /// The command to run in the guest [default: /bin/sh]
+    #[arg(last = true, value_name = "COMMAND")]
+    command: Vec<String>,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("supermachine: {e:#}");
+            ExitCode::from(EXIT_SUPERMACHINE_FAILED)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Boot(args) => run_boot(args),
+    }
+}
+
+fn run_boot(args: BootArgs) -> anyhow::Result<ExitCode> {
+    let initramfs = if args.no_initramfs {
+        None
+    } else {
+        Some(args.initramfs.unwrap_or_else(paths::default_initramfs))
+    };
+    let outcome = boot(BootOptions {
+        kernel: args.kernel.unwrap_or_else(paths::default_kernel),
+        initramfs,
+        extra_cmdline: args.cmdline,
+        memory_mib: args.memory,
+        vcpus: args.cpus,
+        command: args.command,
+        env: args.env,
+        quiet: args.quiet,
+        console: Box::new(std::io::stdout()),
+        console_input: Some(Box::new(std::io::stdin())),
+    })?;
+    Ok(match outcome.exit {
+        VmExit::PowerOff(Some(status)) => ExitCode::from((status & 0xff) as u8),
+        VmExit::PowerOff(None) | VmExit::Stopped => ExitCode::SUCCESS,
+        VmExit::Reset => {
+            eprintln!("supermachine: the guest reset without reporting an exit status");
+            ExitCode::from(EXIT_SUPERMACHINE_FAILED)
+        }
+        VmExit::Shutdown => {
+            eprintln!("supermachine: the guest shut down (triple fault) without an exit status");
+            ExitCode::from(EXIT_SUPERMACHINE_FAILED)
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn boot_parses_command_after_double_dash() {
+        let cli = Cli::try_parse_from([
+            "supermachine",
+            "boot",
+            "--cpus",
+            "2",
+            "--",
+            "/bin/sh",
+            "-c",
+            "nproc; exit 3",
+        ])
+        .unwrap();
+        let Command::Boot(b) = cli.command;
+        assert_eq!(b.cpus, 2);
+        assert_eq!(b.memory, 512);
+        assert_eq!(b.command, ["/bin/sh", "-c", "nproc; exit 3"]);
+    }
+
+    #[test]
+    fn absurd_values_are_rejected() {
+        for args in [
+            &["supermachine", "boot", "--memory", "1"][..],
+            &["supermachine", "boot", "--memory", "99999999999"],
+            &["supermachine", "boot", "--cpus", "0"],
+            &["supermachine", "boot", "--cpus", "65"],
+            &["supermachine", "boot", "--bogus"],
+        ] {
+            assert!(Cli::try_parse_from(args).is_err(), "{args:?}");
+        }
+    }
+}

@@ -1,0 +1,31 @@
+//! Where supermachine keeps its files (see `docs/ARCHITECTURE.md`).
+
+use std::path::PathBuf;
+
+fn home() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"))
+}
+
+/// `$XDG_CACHE_HOME/supermachine` or `~/.cache/supermachine`: rebuildable artifacts.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| home().join(".cache"))
+        .join("supermachine")
+}
+
+/// The guest kernel `cargo xtask kernel` installed (`$SUPERMACHINE_KERNEL` overrides).
+pub fn default_kernel() -> PathBuf {
+    std::env::var_os("SUPERMACHINE_KERNEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir().join("guest").join("vmlinux"))
+}
+
+/// The initramfs `cargo xtask initramfs` installed (`$SUPERMACHINE_INITRAMFS` overrides).
+pub fn default_initramfs() -> PathBuf {
+    std::env::var_os("SUPERMACHINE_INITRAMFS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir().join("guest").join("initramfs.cpio"))
+}

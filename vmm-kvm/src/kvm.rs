@@ -1,0 +1,332 @@
+//! KVM hypervisor, VM and vCPU objects.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Once};
+
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_core::arch::x86_64::regs::{SpecialRegisters, StandardRegisters, CR0_PG};
+use vmm_core::{
+    GuestMemory, Hypervisor, HypervisorError, IoHandler, IrqTrigger, Vcpu, VcpuExit, VcpuKicker,
+    Vm,
+};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use crate::x86_64::{cpuid, regs};
+
+/// KVM's private-memory addresses for Intel's real-mode emulation: just below the IOAPIC, in
+/// the MMIO window, where no RAM is.
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+
+fn err(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> HypervisorError {
+    move |e| HypervisorError::call(op, e)
+}
+
+/// An open `/dev/kvm`.
+pub struct KvmHypervisor {
+    kvm: Kvm,
+    supported_cpuid: CpuId,
+}
+
+impl KvmHypervisor {
+    /// Opens `/dev/kvm` and reads the CPU features it supports.
+    pub fn new() -> Result<Self, HypervisorError> {
+        let kvm = Kvm::new().map_err(|e| match e.errno() {
+            libc::ENOENT => HypervisorError::Unavailable(
+                "/dev/kvm does not exist (is the kvm module loaded and virtualization enabled?)"
+                    .into(),
+            ),
+            libc::EACCES | libc::EPERM => HypervisorError::PermissionDenied(
+                "cannot open /dev/kvm (add yourself to the kvm group or fix its permissions)"
+                    .into(),
+            ),
+            _ => HypervisorError::Unavailable(format!("cannot open /dev/kvm: {e}")),
+        })?;
+        for (cap, name) in [
+            (kvm_ioctls::Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+            (kvm_ioctls::Cap::Irqfd, "KVM_CAP_IRQFD"),
+            (kvm_ioctls::Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(HypervisorError::MissingCapability(name.into()));
+            }
+        }
+        let supported_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(err("KVM_GET_SUPPORTED_CPUID"))?;
+        Ok(KvmHypervisor {
+            kvm,
+            supported_cpuid,
+        })
+    }
+}
+
+impl Hypervisor for KvmHypervisor {
+    fn name(&self) -> &'static str {
+        "kvm"
+    }
+
+    fn create_vm(&self) -> Result<Box<dyn Vm>, HypervisorError> {
+        let fd = self.kvm.create_vm().map_err(err("KVM_CREATE_VM"))?;
+        fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+            .map_err(err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        fd.set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(err("KVM_SET_TSS_ADDR"))?;
+        fd.create_irq_chip().map_err(err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(err("KVM_CREATE_PIT2"))?;
+        Ok(Box::new(KvmVm {
+            fd: Arc::new(fd),
+            cpuid: self.supported_cpuid.clone(),
+            memory: None,
+        }))
+    }
+}
+
+/// A KVM VM.
+pub struct KvmVm {
+    fd: Arc<VmFd>,
+    cpuid: CpuId,
+    memory: Option<GuestMemory>,
+}
+
+struct KvmIrq(EventFd);
+
+impl IrqTrigger for KvmIrq {
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+impl Vm for KvmVm {
+    fn set_memory(&mut self, memory: &GuestMemory) -> Result<(), HypervisorError> {
+        for (slot, region) in memory.iter().enumerate() {
+            let host = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .map_err(|e| HypervisorError::call("guest memory host address", e))?;
+            let mr = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().raw_value(),
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the region is a live mapping of `memory_size` bytes owned by `memory`, and
+            // we keep a clone of `memory` in this VM so the mapping outlives the memory slot.
+            unsafe { self.fd.set_user_memory_region(mr) }
+                .map_err(err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        self.memory = Some(memory.clone());
+        Ok(())
+    }
+
+    fn irq_trigger(&self, gsi: u32) -> Result<Arc<dyn IrqTrigger>, HypervisorError> {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| HypervisorError::call("eventfd", e))?;
+        self.fd
+            .register_irqfd(&evt, gsi)
+            .map_err(err("KVM_IRQFD"))?;
+        Ok(Arc::new(KvmIrq(evt)))
+    }
+
+    fn create_vcpu(&self, id: u8, count: u8) -> Result<Box<dyn Vcpu>, HypervisorError> {
+        let memory = self
+            .memory
+            .clone()
+            .ok_or_else(|| HypervisorError::call("KVM_CREATE_VCPU", "guest memory not set"))?;
+        let fd = self
+            .fd
+            .create_vcpu(u64::from(id))
+            .map_err(err("KVM_CREATE_VCPU"))?;
+        let cpuid = cpuid::for_vcpu(&self.cpuid, id, count);
+        fd.set_cpuid2(&cpuid).map_err(err("KVM_SET_CPUID2"))?;
+        regs::set_boot_msrs(&fd)?;
+        regs::set_default_fpu(&fd)?;
+        regs::set_lint(&fd)?;
+        install_kick_handler()?;
+        Ok(Box::new(KvmVcpu {
+            id,
+            fd,
+            memory,
+            thread: Arc::new(AtomicU64::new(0)),
+        }))
+    }
+}
+
+/// A KVM vCPU.
+pub struct KvmVcpu {
+    id: u8,
+    fd: VcpuFd,
+    memory: GuestMemory,
+    /// The pthread running this vCPU (0 before the first `run`), for kicks.
+    thread: Arc<AtomicU64>,
+}
+
+fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Nothing to do: delivery alone makes KVM_RUN return EINTR.
+}
+
+fn install_kick_handler() -> Result<(), HypervisorError> {
+    static ONCE: Once = Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| {
+        result = register_signal_handler(kick_signal(), on_kick)
+            .map_err(|e| HypervisorError::call("install vCPU kick signal handler", e));
+    });
+    result
+}
+
+struct KvmKicker {
+    thread: Arc<AtomicU64>,
+}
+
+impl VcpuKicker for KvmKicker {
+    fn kick(&self) {
+        let tid = self.thread.load(Ordering::Acquire);
+        if tid != 0 {
+            // SAFETY: `tid` was recorded by the vCPU thread itself from pthread_self(); the
+            // runner keeps that thread's JoinHandle unjoined while kicking, so the id is valid.
+            unsafe {
+                libc::pthread_kill(tid as libc::pthread_t, kick_signal());
+            }
+        }
+    }
+}
+
+impl KvmVcpu {
+    fn internal_error(&mut self) -> VcpuExit {
+        let kvm_run = self.fd.get_kvm_run();
+        // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so the `internal` member of the
+        // union is the one KVM filled in.
+        let suberror = unsafe { kvm_run.__bindgen_anon_1.internal.suberror };
+        let reason = match suberror {
+            1 => "emulation failure".to_string(),
+            2 => "exception while delivering an exception".to_string(),
+            3 => "failure while delivering an event".to_string(),
+            4 => "unexpected exit reason".to_string(),
+            n => format!("internal error {n}"),
+        };
+        let rip = self.fd.get_regs().ok().map(|r| r.rip);
+        let instruction = rip
+            .and_then(|rip| self.linear_to_physical(rip))
+            .map(|gpa| {
+                let mut bytes = vec![0u8; 15];
+                match self.memory.read_slice(&mut bytes, GuestAddress(gpa)) {
+                    Ok(()) => bytes,
+                    Err(_) => Vec::new(),
+                }
+            })
+            .unwrap_or_default();
+        VcpuExit::InternalError {
+            reason,
+            rip,
+            instruction,
+        }
+    }
+
+    fn linear_to_physical(&self, rip: u64) -> Option<u64> {
+        let sregs = self.fd.get_sregs().ok()?;
+        let linear = sregs.cs.base.wrapping_add(rip);
+        if sregs.cr0 & CR0_PG == 0 {
+            return Some(linear);
+        }
+        let t = self.fd.translate_gva(linear).ok()?;
+        (t.valid != 0).then_some(t.physical_address)
+    }
+}
+
+impl Vcpu for KvmVcpu {
+    fn id(&self) -> u8 {
+        self.id
+    }
+
+    fn run(&mut self, io: &dyn IoHandler) -> Result<VcpuExit, HypervisorError> {
+        if self.thread.load(Ordering::Relaxed) == 0 {
+            // SAFETY: pthread_self has no preconditions.
+            let me = unsafe { libc::pthread_self() };
+            self.thread.store(me as u64, Ordering::Release);
+        }
+        let exit = match self.fd.run() {
+            Ok(KvmExit::IoIn(port, data)) => {
+                io.pio_read(port, data);
+                VcpuExit::Io
+            }
+            Ok(KvmExit::IoOut(port, data)) => {
+                io.pio_write(port, data);
+                VcpuExit::Io
+            }
+            Ok(KvmExit::MmioRead(addr, data)) => {
+                io.mmio_read(addr, data);
+                VcpuExit::Mmio
+            }
+            Ok(KvmExit::MmioWrite(addr, data)) => {
+                io.mmio_write(addr, data);
+                VcpuExit::Mmio
+            }
+            Ok(KvmExit::Hlt) => VcpuExit::Hlt,
+            Ok(KvmExit::Shutdown) => VcpuExit::Shutdown,
+            Ok(KvmExit::Intr) => VcpuExit::Interrupted,
+            Ok(KvmExit::SystemEvent(kind, _)) => match kind {
+                KVM_SYSTEM_EVENT_SHUTDOWN => VcpuExit::PowerOff,
+                KVM_SYSTEM_EVENT_RESET => VcpuExit::Reset,
+                KVM_SYSTEM_EVENT_CRASH => VcpuExit::Shutdown,
+                other => VcpuExit::Unknown(format!("KVM system event {other}")),
+            },
+            Ok(KvmExit::FailEntry(reason, cpu)) => VcpuExit::FailEntry(format!(
+                "hardware entry failure reason {reason:#x} on host CPU {cpu}"
+            )),
+            Ok(KvmExit::InternalError) => self.internal_error(),
+            Ok(other) => VcpuExit::Unknown(format!("{other:?}")),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                VcpuExit::Interrupted
+            }
+            Err(e) => return Err(HypervisorError::call("KVM_RUN", e)),
+        };
+        Ok(exit)
+    }
+
+    fn kicker(&self) -> Arc<dyn VcpuKicker> {
+        Arc::new(KvmKicker {
+            thread: self.thread.clone(),
+        })
+    }
+
+    fn regs(&self) -> Result<StandardRegisters, HypervisorError> {
+        Ok(regs::from_kvm_regs(
+            &self.fd.get_regs().map_err(err("KVM_GET_REGS"))?,
+        ))
+    }
+
+    fn set_regs(&mut self, r: &StandardRegisters) -> Result<(), HypervisorError> {
+        self.fd
+            .set_regs(&regs::to_kvm_regs(r))
+            .map_err(err("KVM_SET_REGS"))
+    }
+
+    fn sregs(&self) -> Result<SpecialRegisters, HypervisorError> {
+        Ok(regs::from_kvm_sregs(
+            &self.fd.get_sregs().map_err(err("KVM_GET_SREGS"))?,
+        ))
+    }
+
+    fn set_sregs(&mut self, s: &SpecialRegisters) -> Result<(), HypervisorError> {
+        // Start from KVM's own copy so fields we do not model (the pending-interrupt bitmap)
+        // stay as they are.
+        let mut k = self.fd.get_sregs().map_err(err("KVM_GET_SREGS"))?;
+        regs::apply_sregs(&mut k, s);
+        self.fd.set_sregs(&k).map_err(err("KVM_SET_SREGS"))
+    }
+}
