@@ -61,8 +61,18 @@ fn mount_kernel_filesystems() -> Result<(), String> {
     mount("proc", "/proc", "proc", nodev)?;
     mount("sysfs", "/sys", "sysfs", nodev)?;
     mount("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID)?;
-    mount("devpts", "/dev/pts", "devpts", libc::MS_NOSUID | libc::MS_NOEXEC)?;
-    mount("tmpfs", "/dev/shm", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV)?;
+    mount(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+    )?;
+    mount(
+        "tmpfs",
+        "/dev/shm",
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+    )?;
     Ok(())
 }
 

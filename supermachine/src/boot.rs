@@ -6,10 +6,8 @@ use std::sync::{Arc, Mutex};
 
 use devices::legacy::{ExitStatusPort, I8042ResetLine, SerialConsole};
 use guest_init::InitConfig;
-use vmm_core::arch::x86_64::boot::InitramfsPart;
-use vmm_core::arch::x86_64::layout::{
-    COM1_IRQ, COM1_PORT, EXIT_STATUS_PORT, I8042_COMMAND_PORT,
-};
+use vmm_core::arch::x86_64::layout::{COM1_IRQ, COM1_PORT, EXIT_STATUS_PORT, I8042_COMMAND_PORT};
+use vmm_core::builder::InitramfsPart;
 use vmm_core::{Hypervisor, VmBuilder, VmControl, VmExit, VmResources};
 
 /// The kernel parameters every guest gets: console on COM1, reset through the i8042 on reboot
@@ -73,7 +71,9 @@ pub enum BootError {
     #[error("guest kernel {0} not found (build it with `cargo xtask kernel`, or pass --kernel)")]
     KernelMissing(PathBuf),
     /// The initramfs file does not exist.
-    #[error("initramfs {0} not found (build it with `cargo xtask initramfs`, or pass --initramfs)")]
+    #[error(
+        "initramfs {0} not found (build it with `cargo xtask initramfs`, or pass --initramfs)"
+    )]
     InitramfsMissing(PathBuf),
 }
 
@@ -85,9 +85,9 @@ pub fn open_hypervisor() -> Result<Box<dyn Hypervisor>, BootError> {
     }
     #[cfg(not(target_os = "linux"))]
     {
-        Err(BootError::Hypervisor(vmm_core::HypervisorError::Unavailable(
-            "no backend for this OS yet".into(),
-        )))
+        Err(BootError::Hypervisor(
+            vmm_core::HypervisorError::Unavailable("no backend for this OS yet".into()),
+        ))
     }
 }
 

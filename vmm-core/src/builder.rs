@@ -12,8 +12,14 @@ use crate::bus::{BusDevice, BusError, IoBuses};
 use crate::hypervisor::{Hypervisor, HypervisorError, IrqTrigger, Vcpu, Vm};
 use crate::memory::{create_guest_memory, GuestMemory, MemoryError};
 
-#[cfg(target_arch = "x86_64")]
-pub use crate::arch::x86_64::boot::InitramfsPart;
+/// A piece of the initramfs: newc archives may be concatenated, each starting 4-byte aligned.
+#[derive(Debug, Clone)]
+pub enum InitramfsPart {
+    /// An archive file on the host.
+    File(PathBuf),
+    /// An archive built in memory (e.g. the per-VM configuration).
+    Bytes(Vec<u8>),
+}
 
 /// What a VM is made of.
 #[derive(Debug, Clone)]
@@ -21,7 +27,6 @@ pub struct VmResources {
     /// The guest kernel (ELF vmlinux, PVH ELF or bzImage on x86-64).
     pub kernel: PathBuf,
     /// The initramfs, as newc archives that are concatenated in guest memory.
-    #[cfg(target_arch = "x86_64")]
     pub initramfs: Vec<InitramfsPart>,
     /// The kernel command line.
     pub cmdline: String,
@@ -46,8 +51,11 @@ pub enum BuildError {
     /// The vCPU count is out of range.
     #[error("cannot run {0} vCPUs (1..={max})", max = MAX_VCPUS)]
     VcpuCount(u8),
+    /// This platform cannot boot guests yet.
+    #[error("booting guests is not supported on this platform yet")]
+    Unsupported,
     /// Loading the guest failed.
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(all(target_arch = "x86_64", unix))]
     #[error(transparent)]
     Boot(#[from] crate::arch::x86_64::boot::BootError),
 }
@@ -130,7 +138,7 @@ impl VmBuilder {
     }
 
     /// Loads the guest and creates the vCPUs.
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(all(target_arch = "x86_64", unix))]
     pub fn build(self) -> Result<BuiltVm, BuildError> {
         use crate::arch::x86_64::boot;
         let r = &self.resources;
@@ -154,5 +162,12 @@ impl VmBuilder {
             buses: Arc::new(self.buses),
             memory: self.memory,
         })
+    }
+
+    /// Loads the guest and creates the vCPUs.
+    #[cfg(not(all(target_arch = "x86_64", unix)))]
+    pub fn build(self) -> Result<BuiltVm, BuildError> {
+        let _ = (&self.resources, &self.vm, &self.memory, &self.buses);
+        Err(BuildError::Unsupported)
     }
 }

@@ -114,11 +114,7 @@ impl VmControl {
     }
 
     fn finish(&self, outcome: Result<VmExit, RunError>) {
-        let mut slot = self
-            .state
-            .outcome
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut slot = self.state.outcome.lock().unwrap_or_else(|e| e.into_inner());
         if slot.is_none() {
             *slot = Some(outcome);
         }
@@ -132,11 +128,7 @@ impl VmControl {
     }
 
     fn wait(&self) -> Result<VmExit, RunError> {
-        let mut slot = self
-            .state
-            .outcome
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut slot = self.state.outcome.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if let Some(outcome) = slot.take() {
                 // Leave a marker so later requests do not overwrite the first outcome.

@@ -1,0 +1,53 @@
+//! # vmm-hvf
+//!
+//! The Apple Hypervisor.framework (HVF) backend for `vmm-core`.
+//!
+//! **Status: skeleton.** The crate compiles for its platform (CI runs
+//! `cargo check --target aarch64-apple-darwin -p vmm-hvf`) and reserves the place of the backend in the
+//! workspace, but it cannot run a VM yet: [`HvfHypervisor::new`] always returns
+//! [`HypervisorError::Unavailable`]. It will own the platform bindings (written here, thin
+//! and `unsafe` only at the FFI edge), VM and vCPU creation, memory mapping, and turning the
+//! platform's exits into `vmm-core`'s neutral `VcpuExit` through the `IoHandler` callbacks.
+//!
+//! Does not own: guest layout, boot structures or devices (`vmm-core`, `devices`).
+#![deny(missing_docs)]
+
+use vmm_core::{Hypervisor, HypervisorError, Vm};
+
+/// The Apple Hypervisor.framework (HVF) hypervisor.
+#[derive(Debug)]
+pub struct HvfHypervisor {
+    _private: (),
+}
+
+impl HvfHypervisor {
+    /// Opens the hypervisor. Not implemented yet: always fails with a clear message.
+    pub fn new() -> Result<Self, HypervisorError> {
+        Err(HypervisorError::Unavailable(
+            "the Apple Hypervisor.framework (HVF) backend is not implemented yet".into(),
+        ))
+    }
+}
+
+impl Hypervisor for HvfHypervisor {
+    fn name(&self) -> &'static str {
+        "hvf"
+    }
+
+    fn create_vm(&self) -> Result<Box<dyn Vm>, HypervisorError> {
+        Err(HypervisorError::Unavailable(
+            "the Apple Hypervisor.framework (HVF) backend is not implemented yet".into(),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn says_it_is_not_implemented() {
+        let err = HvfHypervisor::new().unwrap_err();
+        assert!(err.to_string().contains("not implemented"));
+    }
+}

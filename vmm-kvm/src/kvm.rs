@@ -12,8 +12,7 @@ use kvm_ioctls::{Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_core::arch::x86_64::regs::{SpecialRegisters, StandardRegisters, CR0_PG};
 use vmm_core::{
-    GuestMemory, Hypervisor, HypervisorError, IoHandler, IrqTrigger, Vcpu, VcpuExit, VcpuKicker,
-    Vm,
+    GuestMemory, Hypervisor, HypervisorError, IoHandler, IrqTrigger, Vcpu, VcpuExit, VcpuKicker, Vm,
 };
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
@@ -131,7 +130,8 @@ impl Vm for KvmVm {
     }
 
     fn irq_trigger(&self, gsi: u32) -> Result<Arc<dyn IrqTrigger>, HypervisorError> {
-        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| HypervisorError::call("eventfd", e))?;
+        let evt =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| HypervisorError::call("eventfd", e))?;
         self.fd
             .register_irqfd(&evt, gsi)
             .map_err(err("KVM_IRQFD"))?;

@@ -1,0 +1,53 @@
+//! # vmm-whp
+//!
+//! The Windows Hypervisor Platform (WHP) backend for `vmm-core`.
+//!
+//! **Status: skeleton.** The crate compiles for its platform (CI runs
+//! `cargo check --target x86_64-pc-windows-msvc -p vmm-whp`) and reserves the place of the backend in the
+//! workspace, but it cannot run a VM yet: [`WhpHypervisor::new`] always returns
+//! [`HypervisorError::Unavailable`]. It will own the platform bindings (written here, thin
+//! and `unsafe` only at the FFI edge), VM and vCPU creation, memory mapping, and turning the
+//! platform's exits into `vmm-core`'s neutral `VcpuExit` through the `IoHandler` callbacks.
+//!
+//! Does not own: guest layout, boot structures or devices (`vmm-core`, `devices`).
+#![deny(missing_docs)]
+
+use vmm_core::{Hypervisor, HypervisorError, Vm};
+
+/// The Windows Hypervisor Platform (WHP) hypervisor.
+#[derive(Debug)]
+pub struct WhpHypervisor {
+    _private: (),
+}
+
+impl WhpHypervisor {
+    /// Opens the hypervisor. Not implemented yet: always fails with a clear message.
+    pub fn new() -> Result<Self, HypervisorError> {
+        Err(HypervisorError::Unavailable(
+            "the Windows Hypervisor Platform (WHP) backend is not implemented yet".into(),
+        ))
+    }
+}
+
+impl Hypervisor for WhpHypervisor {
+    fn name(&self) -> &'static str {
+        "whp"
+    }
+
+    fn create_vm(&self) -> Result<Box<dyn Vm>, HypervisorError> {
+        Err(HypervisorError::Unavailable(
+            "the Windows Hypervisor Platform (WHP) backend is not implemented yet".into(),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn says_it_is_not_implemented() {
+        let err = WhpHypervisor::new().unwrap_err();
+        assert!(err.to_string().contains("not implemented"));
+    }
+}

@@ -1,1 +1,112 @@
-fn main(){}
+//! `cargo xtask`: the project's build, test and benchmark driver.
+//!
+//! - `deps`: install the Debian packages and rustup targets the rest needs
+//! - `kernel`, `initramfs`: build the guest kernel (cached) and the initramfs
+//! - `boot [ARGS]`: build what is missing and boot a guest (`supermachine boot ARGS`), in the
+//!   emulated KVM host when this machine's KVM cannot boot Linux
+//! - `testhost -- CMD`: run CMD in the emulated KVM host
+//! - `test`: unit tests, local-KVM tests, guest-booting integration tests, cross-target checks
+//! - `bench toy|boot`: VMM overhead on the toy guest, Linux boot time; both next to QEMU
+
+mod bench;
+mod deps;
+mod initramfs;
+mod kernel;
+mod probe;
+mod testhost;
+mod tests;
+mod util;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "supermachine's build, test and benchmark driver"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Install the Debian packages and rustup targets the build and tests need
+    Deps,
+    /// Build the guest kernel from Debian's linux-source-6.1 (cached by config hash)
+    Kernel,
+    /// Build the initramfs: guest-init as /init plus busybox
+    Initramfs,
+    /// Set up everything and boot a guest: `cargo xtask boot -- /bin/sh -c 'nproc; exit 3'`
+    Boot {
+        /// Arguments for `supermachine boot`
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run a command inside the emulated x86-64 host that has a real KVM
+    Testhost {
+        /// Memory of the emulated host in MiB
+        #[arg(short, long, default_value_t = 4096)]
+        memory: u32,
+        /// vCPUs of the emulated host
+        #[arg(short, long)]
+        cpus: Option<usize>,
+        /// Working directory for the command
+        #[arg(short = 'C', long)]
+        dir: Option<PathBuf>,
+        /// The command
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Run every test: unit, local KVM, guest boots (emulated host if needed), cross checks
+    Test {
+        /// Run guest tests directly on this machine's KVM even if the probe says it cannot
+        #[arg(long)]
+        local: bool,
+    },
+    /// Benchmarks, each next to QEMU in the same run
+    Bench {
+        #[command(subcommand)]
+        which: bench::Which,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Deps => deps::ensure().map(|_| 0),
+        Cmd::Kernel => kernel::build().map(|_| 0),
+        Cmd::Initramfs => initramfs::build().map(|_| 0),
+        Cmd::Boot { args } => tests::boot(&args),
+        Cmd::Testhost {
+            memory,
+            cpus,
+            dir,
+            command,
+        } => {
+            let mut opts = testhost::Options {
+                memory_mib: memory,
+                ..Default::default()
+            };
+            if let Some(c) = cpus {
+                opts.cpus = c;
+            }
+            if let Some(d) = dir {
+                opts.cwd = d;
+            }
+            testhost::run_command(&command, &opts)
+        }
+        Cmd::Test { local } => tests::run_all(local).map(|_| 0),
+        Cmd::Bench { which } => bench::run(which).map(|_| 0),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -23,7 +23,7 @@ fn code() -> Vec<u8> {
     c.push(0xef); // out dx, eax
     c.extend_from_slice(&[0xb0, 0xfe, 0xe6, 0x64]); // mov al, 0xfe; out 0x64, al
     c.push(0xfa); // cli
-    // lidt [zero_idt]: the 6 zero bytes that follow the code.
+                  // lidt [zero_idt]: the 6 zero bytes that follow the code.
     let zero_idt = (LOAD_ADDR + CODE_OFFSET) as u32 + c.len() as u32 + 7 + 3;
     c.extend_from_slice(&[0x0f, 0x01, 0x1d]);
     c.extend_from_slice(&zero_idt.to_le_bytes());
@@ -52,17 +52,18 @@ pub fn elf() -> Vec<u8> {
     f.extend_from_slice(&56u16.to_le_bytes()); // e_phentsize
     f.extend_from_slice(&2u16.to_le_bytes()); // e_phnum
     f.extend_from_slice(&[0; 6]); // no sections
-    // PT_LOAD: the whole file at 1 MiB.
-    let phdr = |f: &mut Vec<u8>, kind: u32, flags: u32, off: u64, addr: u64, size: u64, align: u64| {
-        f.extend_from_slice(&kind.to_le_bytes());
-        f.extend_from_slice(&flags.to_le_bytes());
-        f.extend_from_slice(&off.to_le_bytes());
-        f.extend_from_slice(&addr.to_le_bytes());
-        f.extend_from_slice(&addr.to_le_bytes());
-        f.extend_from_slice(&size.to_le_bytes());
-        f.extend_from_slice(&size.to_le_bytes());
-        f.extend_from_slice(&align.to_le_bytes());
-    };
+                                  // PT_LOAD: the whole file at 1 MiB.
+    let phdr =
+        |f: &mut Vec<u8>, kind: u32, flags: u32, off: u64, addr: u64, size: u64, align: u64| {
+            f.extend_from_slice(&kind.to_le_bytes());
+            f.extend_from_slice(&flags.to_le_bytes());
+            f.extend_from_slice(&off.to_le_bytes());
+            f.extend_from_slice(&addr.to_le_bytes());
+            f.extend_from_slice(&addr.to_le_bytes());
+            f.extend_from_slice(&size.to_le_bytes());
+            f.extend_from_slice(&size.to_le_bytes());
+            f.extend_from_slice(&align.to_le_bytes());
+        };
     phdr(&mut f, 1, 5, 0, LOAD_ADDR, file_len, 0x1000);
     // PT_NOTE: Xen's PHYS32_ENTRY note, the PVH entry point.
     phdr(&mut f, 4, 4, NOTE_OFFSET, LOAD_ADDR + NOTE_OFFSET, 20, 4);

@@ -1,9 +1,7 @@
 //! Conversions between `vmm-core`'s neutral registers and KVM's, and the per-vCPU defaults
 //! (boot MSRs, FPU, LAPIC local interrupt pins) that KVM leaves to userspace.
 
-use kvm_bindings::{
-    kvm_dtable, kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs,
-};
+use kvm_bindings::{kvm_dtable, kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs};
 use kvm_ioctls::VcpuFd;
 use vmm_core::arch::x86_64::regs::{DescriptorTable, Segment, SpecialRegisters, StandardRegisters};
 use vmm_core::HypervisorError;

@@ -20,6 +20,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryReg
 use super::layout::*;
 use super::mptable::{self, MPTABLE_END, MPTABLE_START};
 use super::regs::*;
+pub use crate::builder::InitramfsPart;
 use crate::memory::GuestMemory;
 
 /// Errors preparing a guest to boot.
@@ -100,15 +101,6 @@ pub struct LoadedKernel {
     setup_header: Option<linux_loader::loader::bootparam::setup_header>,
 }
 
-/// A piece of the initramfs: newc archives may be concatenated, each starting 4-byte aligned.
-#[derive(Debug, Clone)]
-pub enum InitramfsPart {
-    /// An archive file on the host.
-    File(PathBuf),
-    /// An archive built in memory (e.g. the per-VM configuration).
-    Bytes(Vec<u8>),
-}
-
 /// The boot vCPU's initial registers.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct BootCpuState {
@@ -138,8 +130,8 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, BootE
     let head_len = read_up_to(&mut file, &mut head).map_err(read_err)?;
     file.rewind().map_err(read_err)?;
     if head_len >= 4 && &head[..4] == b"\x7fELF" {
-        let res = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
-            .map_err(load_err)?;
+        let res =
+            Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(load_err)?;
         let (protocol, entry) = match res.pvh_boot_cap {
             PvhBootCapability::PvhEntryPresent(addr) => (BootProtocol::Pvh, addr.raw_value()),
             _ => (BootProtocol::Linux64, res.kernel_load.raw_value()),

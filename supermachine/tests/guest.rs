@@ -1,0 +1,193 @@
+//! Integration tests that boot our Linux guest kernel and initramfs under KVM with the
+//! `supermachine` binary. They need a KVM that boots Linux: `cargo xtask test` runs them in the
+//! emulated KVM host when this machine's cannot. Without one they fail, with the reason.
+//!
+//! The kernel and initramfs come from `SUPERMACHINE_KERNEL`/`SUPERMACHINE_INITRAMFS` or the
+//! cache that `cargo xtask kernel`/`initramfs` fill.
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A guard against hung guests, not a performance assertion.
+const HANG_LIMIT: Duration = Duration::from_secs(300);
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn supermachine(args: &[&str]) -> Run {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_supermachine"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start supermachine");
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let out_reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        out.read_to_end(&mut s).ok();
+        s
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        err.read_to_end(&mut s).ok();
+        s
+    });
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if started.elapsed() > HANG_LIMIT {
+            child.kill().ok();
+            child.wait().ok();
+            panic!("supermachine {args:?} hung for {HANG_LIMIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stdout = String::from_utf8_lossy(&out_reader.join().unwrap()).replace('\r', "");
+    let stderr = String::from_utf8_lossy(&err_reader.join().unwrap()).into_owned();
+    Run {
+        code: status.code().unwrap_or(-1),
+        stdout,
+        stderr,
+    }
+}
+
+fn guest(args: &[&str]) -> Run {
+    let run = supermachine(args);
+    assert!(
+        !run.stderr.contains("could not emulate") && !run.stderr.contains("/dev/kvm"),
+        "this machine's KVM cannot boot a Linux guest; run `cargo xtask test`, which uses the \
+         emulated KVM host:\n{}",
+        run.stderr
+    );
+    run
+}
+
+fn last_line(s: &str) -> &str {
+    s.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .last()
+        .unwrap_or("")
+}
+
+#[test]
+fn exit_status_of_the_command_is_the_exit_status_of_supermachine() {
+    for code in [0, 1, 3] {
+        let script = format!("exit {code}");
+        let run = guest(&["boot", "--quiet", "--", "/bin/sh", "-c", &script]);
+        assert_eq!(
+            run.code, code,
+            "stdout:\n{}\nstderr:\n{}",
+            run.stdout, run.stderr
+        );
+    }
+}
+
+#[test]
+fn guest_sees_every_vcpu_it_was_given() {
+    for cpus in [1, 2, 4] {
+        let run = guest(&[
+            "boot",
+            "--quiet",
+            "--cpus",
+            &cpus.to_string(),
+            "--",
+            "nproc",
+        ]);
+        assert_eq!(run.code, 0, "stderr:\n{}", run.stderr);
+        assert_eq!(
+            last_line(&run.stdout),
+            cpus.to_string(),
+            "stdout:\n{}",
+            run.stdout
+        );
+    }
+}
+
+#[test]
+fn boot_log_init_output_and_status_reach_the_host() {
+    let run = guest(&[
+        "boot",
+        "--cpus",
+        "2",
+        "--",
+        "/bin/sh",
+        "-c",
+        "nproc; exit 3",
+    ]);
+    assert_eq!(run.code, 3, "stderr:\n{}", run.stderr);
+    assert!(
+        run.stdout.contains("Linux version 6.1"),
+        "no kernel log:\n{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains("supermachine-init: running"),
+        "no init output:\n{}",
+        run.stdout
+    );
+    assert_eq!(last_line(&run.stdout), "2", "stdout:\n{}", run.stdout);
+}
+
+#[test]
+fn environment_and_arguments_reach_the_command_intact() {
+    let run = guest(&[
+        "boot",
+        "--quiet",
+        "-e",
+        "GREETING=hello world",
+        "--",
+        "/bin/sh",
+        "-c",
+        "printf '%s|%s\\n' \"$GREETING\" \"$1\"",
+        "sh",
+        "it's \"quoted\"; $HOME",
+    ]);
+    assert_eq!(run.code, 0, "stderr:\n{}", run.stderr);
+    assert_eq!(last_line(&run.stdout), "hello world|it's \"quoted\"; $HOME");
+}
+
+#[test]
+fn missing_command_is_127_and_a_killed_one_is_128_plus_signal() {
+    let run = guest(&["boot", "--quiet", "--", "/no/such/command"]);
+    assert_eq!(run.code, 127, "stdout:\n{}", run.stdout);
+    let run = guest(&["boot", "--quiet", "--", "/bin/sh", "-c", "kill -9 $$"]);
+    assert_eq!(run.code, 137, "stdout:\n{}", run.stdout);
+}
+
+#[test]
+fn missing_kernel_is_a_clear_error() {
+    let run = supermachine(&["boot", "--kernel", "/nonexistent/vmlinux", "--", "true"]);
+    assert_eq!(run.code, 125);
+    assert!(
+        run.stderr.contains("/nonexistent/vmlinux"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("not found"), "{}", run.stderr);
+    assert_eq!(run.stderr.trim().lines().count(), 1, "{}", run.stderr);
+}
+
+#[test]
+fn non_kernel_file_is_a_clear_error() {
+    let path = std::env::temp_dir().join(format!("not-a-kernel-{}", std::process::id()));
+    std::fs::write(&path, b"#!/bin/sh\necho this is not a kernel\n").unwrap();
+    let run = supermachine(&["boot", "--kernel", path.to_str().unwrap(), "--", "true"]);
+    std::fs::remove_file(&path).ok();
+    assert_eq!(run.code, 125);
+    assert!(
+        run.stderr.contains("is not a kernel image"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(run.stderr.trim().lines().count(), 1, "{}", run.stderr);
+    assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
+}

@@ -1,0 +1,322 @@
+//! The emulated KVM test host: an x86-64 machine emulated by QEMU (TCG, `-cpu max`, which
+//! includes AMD SVM with nested paging) running Debian's generic kernel with `kvm_amd`, so a
+//! command run in it sees a standard `/dev/kvm` that boots Linux guests. This machine's whole
+//! filesystem is shared over 9p, so freshly built binaries run there unchanged.
+//!
+//! Why: the build machines' `/dev/kvm` is a paravirtual KVM (`kvm_pvm`) that runs tiny guests
+//! but fails on a stock Linux guest kernel; and CI services without nested virtualization need
+//! the same. Cached under `~/.cache/supermachine/testhost`.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+use guest_init::newc::Writer;
+
+use crate::util::{cache_dir, nproc, output, run, step, write_atomic};
+
+const START_MARKER: &str = "supermachine-testhost-start";
+const EXIT_MARKER: &str = "supermachine-testhost-exit=";
+/// Modules the L1 initramfs loads, with their dependencies first.
+const MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p", "kvm-amd", "virtio_net"];
+
+pub struct Options {
+    pub memory_mib: u32,
+    pub cpus: usize,
+    pub cwd: PathBuf,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            memory_mib: 4096,
+            cpus: nproc(),
+            cwd: std::env::current_dir().unwrap_or_else(|_| "/".into()),
+        }
+    }
+}
+
+fn dir() -> PathBuf {
+    cache_dir().join("testhost")
+}
+
+/// Downloads Debian's generic kernel package and unpacks it (once).
+fn ensure_kernel() -> Result<(PathBuf, PathBuf)> {
+    let d = dir();
+    let pkg = d.join("pkg");
+    let vmlinuz = d.join("vmlinuz");
+    if vmlinuz.is_file() && pkg.join("lib/modules").is_dir() {
+        return Ok((vmlinuz, pkg));
+    }
+    step("testhost: fetching Debian's generic amd64 kernel (with kvm_amd)");
+    std::fs::create_dir_all(&d)?;
+    let depends = || output(Command::new("apt-cache").args(["depends", "linux-image-amd64"]));
+    let mut deps = depends().unwrap_or_default();
+    if !deps.contains("Depends: linux-image-") {
+        run(Command::new("apt-get").args(["update", "-q"]))?;
+        deps = depends()?;
+    }
+    let image = deps
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends: "))
+        .find(|p| {
+            p.starts_with("linux-image-") && p.chars().nth(12).is_some_and(|c| c.is_ascii_digit())
+        })
+        .context("cannot resolve linux-image-amd64's kernel package")?
+        .trim_end_matches("-unsigned")
+        .to_string();
+    let dl = d.join("download");
+    let _ = std::fs::remove_dir_all(&dl);
+    std::fs::create_dir_all(&dl)?;
+    let got = Command::new("apt-get")
+        .args(["download", "-q", &format!("{image}-unsigned")])
+        .current_dir(&dl)
+        .status()?
+        .success();
+    if !got {
+        run(Command::new("apt-get")
+            .args(["download", "-q", &image])
+            .current_dir(&dl))?;
+    }
+    let deb = std::fs::read_dir(&dl)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .context("apt-get download produced no .deb")?;
+    let _ = std::fs::remove_dir_all(&pkg);
+    run(Command::new("dpkg").arg("-x").arg(&deb).arg(&pkg))?;
+    let boot = std::fs::read_dir(pkg.join("boot"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        })
+        .context("the kernel package has no /boot/vmlinuz-*")?;
+    write_atomic(&vmlinuz, &std::fs::read(boot)?)?;
+    let _ = std::fs::remove_dir_all(&dl);
+    Ok((vmlinuz, pkg))
+}
+
+/// Resolves module load order from `modules.dep`.
+fn module_order(modules_dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let dep = std::fs::read_to_string(modules_dir.join("modules.dep"))?;
+    let mut deps: HashMap<String, (PathBuf, Vec<String>)> = HashMap::new();
+    let name_of = |p: &str| {
+        Path::new(p)
+            .file_name()
+            .map(|n| {
+                n.to_string_lossy()
+                    .split(".ko")
+                    .next()
+                    .unwrap_or("")
+                    .replace('-', "_")
+            })
+            .unwrap_or_default()
+    };
+    for line in dep.lines() {
+        let Some((module, rest)) = line.split_once(':') else {
+            continue;
+        };
+        let needs = rest.split_whitespace().map(name_of).collect();
+        deps.insert(name_of(module), (modules_dir.join(module), needs));
+    }
+    fn add(
+        name: &str,
+        deps: &HashMap<String, (PathBuf, Vec<String>)>,
+        order: &mut Vec<(String, PathBuf)>,
+    ) {
+        if order.iter().any(|(n, _)| n == name) {
+            return;
+        }
+        if let Some((path, needs)) = deps.get(name) {
+            for n in needs {
+                add(n, deps, order);
+            }
+            order.push((name.to_string(), path.clone()));
+        }
+    }
+    let mut order = Vec::new();
+    for m in MODULES {
+        add(&m.replace('-', "_"), &deps, &mut order);
+    }
+    Ok(order)
+}
+
+const L1_INIT: &str = r#"#!/bin/sh
+export PATH=/bin
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+for m in $(cat /mods/order); do insmod /mods/$m 2>/dev/null; done
+ip link set lo up
+for n in $(ls /sys/class/net); do [ "$n" = lo ] && continue; ip link set "$n" up; ip addr add 10.0.2.15/24 dev "$n"; ip route add default via 10.0.2.2; break; done
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=1048576,cache=loose hostroot /host || { echo "testhost: 9p mount failed"; poweroff -f; }
+for d in proc sys dev; do mount --bind /$d /host/$d; done
+mount -t tmpfs tmpfs /host/run 2>/dev/null
+mount -t tmpfs tmpfs /host/tmp 2>/dev/null
+mount -t devpts devpts /host/dev/pts 2>/dev/null
+[ -c /dev/kvm ] || echo "testhost: no /dev/kvm in the emulated machine (kvm_amd did not load)"
+cmd=$(sed -n 's/.*sm_cmd=\([^ ]*\).*/\1/p' /proc/cmdline)
+echo supermachine-testhost-start
+sh=/bin/bash; [ -x /host/bin/bash ] || sh=/bin/sh
+chroot /host $sh "$cmd" < /dev/null; rc=$?
+echo "supermachine-testhost-exit=$rc"
+poweroff -f
+"#;
+
+/// Builds the L1 initramfs (once per kernel package).
+fn ensure_initrd(pkg: &Path) -> Result<PathBuf> {
+    let initrd = dir().join("initrd.cpio");
+    if initrd.is_file() {
+        return Ok(initrd);
+    }
+    let modules_dir = std::fs::read_dir(pkg.join("lib/modules"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .next()
+        .context("the kernel package has no modules")?;
+    let order = module_order(&modules_dir)?;
+    let busybox = std::fs::read("/bin/busybox").context("testhost needs busybox-static")?;
+    let mut w = Writer::new(Vec::new());
+    for d in ["bin", "proc", "sys", "dev", "host", "mods"] {
+        w.directory(d, 0o755)?;
+    }
+    w.char_device("dev/console", 0o600, 5, 1)?;
+    w.file("bin/busybox", 0o755, &busybox)?;
+    for applet in [
+        "sh", "mount", "insmod", "mkdir", "chroot", "cat", "echo", "poweroff", "ip", "ls", "sed",
+    ] {
+        w.symlink(&format!("bin/{applet}"), "busybox")?;
+    }
+    let mut names = String::new();
+    for (name, path) in &order {
+        let file = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        w.file(&format!("mods/{file}"), 0o644, &std::fs::read(path)?)?;
+        names.push_str(&file);
+        names.push('\n');
+        let _ = name;
+    }
+    w.file("mods/order", 0o644, names.as_bytes())?;
+    w.file("init", 0o755, L1_INIT.as_bytes())?;
+    write_atomic(&initrd, &w.finish()?)?;
+    Ok(initrd)
+}
+
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-=:,+@%".contains(&b))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+/// Runs `command` in the emulated host; returns its exit status.
+pub fn run_command(command: &[String], opts: &Options) -> Result<i32> {
+    if command.is_empty() {
+        bail!("testhost: no command given");
+    }
+    let (vmlinuz, pkg) = ensure_kernel()?;
+    let initrd = ensure_initrd(&pkg)?;
+
+    // The command's script, on the shared filesystem.
+    let scripts = PathBuf::from("/var/tmp/supermachine-testhost");
+    std::fs::create_dir_all(&scripts)?;
+    let script = scripts.join(format!("cmd-{}.sh", std::process::id()));
+    let mut text = format!(
+        "cd {} || exit 125\n",
+        shell_quote(&opts.cwd.to_string_lossy())
+    );
+    for (k, v) in std::env::vars() {
+        let passed = matches!(k.as_str(), "HOME" | "PATH" | "TERM" | "CI")
+            || k.starts_with("SUPERMACHINE_")
+            || k.starts_with("RUST_")
+            || k.starts_with("CARGO");
+        if passed {
+            text.push_str(&format!("export {k}={}\n", shell_quote(&v)));
+        }
+    }
+    text.push_str(
+        &command
+            .iter()
+            .map(|a| shell_quote(a))
+            .collect::<Vec<_>>()
+            .join(" "),
+    );
+    text.push('\n');
+    write_atomic(&script, text.as_bytes())?;
+
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args(["-accel", "tcg,thread=multi", "-cpu", "max"])
+        .args(["-smp", &opts.cpus.to_string(), "-m", &opts.memory_mib.to_string()])
+        .args(["-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio"])
+        .arg("-kernel")
+        .arg(&vmlinuz)
+        .arg("-initrd")
+        .arg(&initrd)
+        .arg("-append")
+        .arg(format!(
+            "console=ttyS0 quiet loglevel=1 panic=-1 sm_cmd={}",
+            script.display()
+        ))
+        .args([
+            "-virtfs",
+            "local,path=/,mount_tag=hostroot,security_model=passthrough,multidevs=remap,id=hostroot",
+            "-netdev",
+            "user,id=n0",
+            "-device",
+            "virtio-net-pci,netdev=n0,romfile=",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut child = qemu
+        .spawn()
+        .context("cannot start qemu-system-x86_64 (apt-get install qemu-system-x86)")?;
+    let stdout = child.stdout.take().context("no qemu stdout")?;
+    let mut started = false;
+    let mut exit = None;
+    let mut tail: Vec<String> = Vec::new();
+    let out = std::io::stdout();
+    for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
+        let line = String::from_utf8_lossy(&line).replace('\r', "");
+        if let Some(rc) = line.trim().strip_prefix(EXIT_MARKER) {
+            exit = rc.trim().parse::<i32>().ok();
+            continue;
+        }
+        if line.trim_end().ends_with(START_MARKER) {
+            started = true;
+            continue;
+        }
+        if started {
+            if line.contains("reboot: Power down") {
+                continue;
+            }
+            let mut o = out.lock();
+            let _ = writeln!(o, "{line}");
+            let _ = o.flush();
+        } else {
+            tail.push(line);
+            if tail.len() > 40 {
+                tail.remove(0);
+            }
+        }
+    }
+    let _ = child.wait();
+    let _ = std::fs::remove_file(&script);
+    match exit {
+        Some(rc) => Ok(rc),
+        None => {
+            eprintln!(
+                "testhost: the emulated machine ended without the command's status; its console:"
+            );
+            for l in tail {
+                eprintln!("  {l}");
+            }
+            Ok(125)
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! `cargo xtask test` and `cargo xtask boot`.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::util::{cargo, output, run, status, step, target_dir};
+use crate::{deps, initramfs, kernel, probe, testhost};
+
+/// Kernel, initramfs and the tools they need.
+pub fn prepare_guest() -> Result<()> {
+    deps::ensure()?;
+    kernel::build()?;
+    initramfs::build()?;
+    Ok(())
+}
+
+fn build_supermachine(release: bool) -> Result<PathBuf> {
+    let mut c = cargo();
+    c.args(["build", "-p", "supermachine", "--bin", "supermachine"]);
+    if release {
+        c.arg("--release");
+    }
+    run(&mut c)?;
+    Ok(target_dir()
+        .join(if release { "release" } else { "debug" })
+        .join("supermachine"))
+}
+
+/// Where guests that boot Linux run: here, or in the emulated KVM host.
+pub fn guests_run_locally(supermachine: &std::path::Path) -> bool {
+    step("probing whether this machine's KVM boots a Linux guest");
+    let local = probe::local_kvm_boots_linux(supermachine, Duration::from_secs(30));
+    if local {
+        eprintln!("probe: yes, guests run directly on this machine's KVM");
+    } else {
+        eprintln!("probe: guests run in the emulated KVM host (cargo xtask testhost)");
+    }
+    local
+}
+
+/// Builds the test binary of `supermachine/tests/<name>.rs` and returns its path.
+fn test_binary(name: &str) -> Result<PathBuf> {
+    let json = output(cargo().args([
+        "test",
+        "-p",
+        "supermachine",
+        "--test",
+        name,
+        "--no-run",
+        "--message-format=json",
+    ]))?;
+    for line in json.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if v["reason"] == "compiler-artifact" && v["target"]["name"] == name {
+            if let Some(exe) = v["executable"].as_str() {
+                return Ok(PathBuf::from(exe));
+            }
+        }
+    }
+    bail!("cargo did not report the {name} test binary")
+}
+
+pub fn run_all(force_local: bool) -> Result<()> {
+    prepare_guest()?;
+
+    step("unit tests and tests on this machine's KVM (cargo test --workspace)");
+    run(cargo().args(["test", "--workspace"]))?;
+
+    step("backends for other platforms compile (cargo check --target)");
+    run(cargo().args(["check", "-p", "vmm-hvf", "--target", "aarch64-apple-darwin"]))?;
+    run(cargo().args([
+        "check",
+        "-p",
+        "vmm-whp",
+        "--target",
+        "x86_64-pc-windows-msvc",
+    ]))?;
+
+    step("integration tests that boot Linux guests");
+    let supermachine = build_supermachine(false)?;
+    let guest_tests = test_binary("guest")?;
+    let local = force_local || guests_run_locally(&supermachine);
+    let env = [
+        ("SUPERMACHINE_KERNEL", crate::util::installed_kernel()),
+        ("SUPERMACHINE_INITRAMFS", crate::util::installed_initramfs()),
+    ];
+    let code = if local {
+        let mut c = Command::new(&guest_tests);
+        c.envs(env.iter().map(|(k, v)| (k, v)));
+        status(&mut c)?.code().unwrap_or(1)
+    } else {
+        for (k, v) in &env {
+            std::env::set_var(k, v);
+        }
+        testhost::run_command(
+            &[guest_tests.to_string_lossy().into_owned()],
+            &testhost::Options {
+                cwd: crate::util::workspace_root().join("supermachine"),
+                ..Default::default()
+            },
+        )?
+    };
+    if code != 0 {
+        bail!("guest integration tests failed (exit status {code})");
+    }
+    Ok(())
+}
+
+/// `cargo xtask boot ARGS`: everything a fresh machine needs, then `supermachine boot ARGS`.
+pub fn boot(args: &[String]) -> Result<i32> {
+    prepare_guest()?;
+    let supermachine = build_supermachine(true)?;
+    let mut command = vec![
+        supermachine.to_string_lossy().into_owned(),
+        "boot".to_string(),
+    ];
+    command.extend(args.iter().cloned());
+    if guests_run_locally(&supermachine) {
+        let code = status(Command::new(&command[0]).args(&command[1..]))
+            .context("cannot run supermachine")?
+            .code()
+            .unwrap_or(125);
+        Ok(code)
+    } else {
+        testhost::run_command(&command, &testhost::Options::default())
+    }
+}
