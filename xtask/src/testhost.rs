@@ -98,47 +98,67 @@ fn ensure_kernel() -> Result<(PathBuf, PathBuf)> {
     Ok((vmlinuz, pkg))
 }
 
-/// Resolves module load order from `modules.dep`.
-fn module_order(modules_dir: &Path) -> Result<Vec<(String, PathBuf)>> {
-    let dep = std::fs::read_to_string(modules_dir.join("modules.dep"))?;
-    let mut deps: HashMap<String, (PathBuf, Vec<String>)> = HashMap::new();
-    let name_of = |p: &str| {
-        Path::new(p)
-            .file_name()
-            .map(|n| {
-                n.to_string_lossy()
-                    .split(".ko")
-                    .next()
-                    .unwrap_or("")
-                    .replace('-', "_")
-            })
-            .unwrap_or_default()
+/// Module name as the kernel knows it (dashes and underscores are the same).
+fn module_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| {
+            n.to_string_lossy()
+                .split(".ko")
+                .next()
+                .unwrap_or("")
+                .replace('-', "_")
+        })
+        .unwrap_or_default()
+}
+
+/// The `depends=` list from a module's `.modinfo` section (the package ships no modules.dep).
+fn module_depends(ko: &[u8]) -> Vec<String> {
+    const KEY: &[u8] = b"depends=";
+    let Some(at) = ko.windows(KEY.len()).position(|w| w == KEY) else {
+        return Vec::new();
     };
-    for line in dep.lines() {
-        let Some((module, rest)) = line.split_once(':') else {
-            continue;
-        };
-        let needs = rest.split_whitespace().map(name_of).collect();
-        deps.insert(name_of(module), (modules_dir.join(module), needs));
+    let rest = &ko[at + KEY.len()..];
+    let end = rest.iter().position(|&b| b == 0).unwrap_or(0);
+    String::from_utf8_lossy(&rest[..end])
+        .split(',')
+        .filter(|d| !d.is_empty())
+        .map(|d| d.replace('-', "_"))
+        .collect()
+}
+
+fn find_modules(dir: &Path, found: &mut HashMap<String, PathBuf>) -> Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            find_modules(&path, found)?;
+        } else if path.to_string_lossy().ends_with(".ko") {
+            found.insert(module_name(&path), path);
+        }
     }
-    fn add(
-        name: &str,
-        deps: &HashMap<String, (PathBuf, Vec<String>)>,
-        order: &mut Vec<(String, PathBuf)>,
-    ) {
-        if order.iter().any(|(n, _)| n == name) {
-            return;
+    Ok(())
+}
+
+/// Resolves the load order of [`MODULES`] and their dependencies.
+fn module_order(modules_dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut all = HashMap::new();
+    find_modules(&modules_dir.join("kernel"), &mut all)?;
+    fn add(name: &str, all: &HashMap<String, PathBuf>, order: &mut Vec<PathBuf>) -> Result<()> {
+        let Some(path) = all.get(name) else {
+            // Built into the kernel, or absent: nothing to load.
+            return Ok(());
+        };
+        if order.contains(path) {
+            return Ok(());
         }
-        if let Some((path, needs)) = deps.get(name) {
-            for n in needs {
-                add(n, deps, order);
-            }
-            order.push((name.to_string(), path.clone()));
+        for dep in module_depends(&std::fs::read(path)?) {
+            add(&dep, all, order)?;
         }
+        order.push(path.clone());
+        Ok(())
     }
     let mut order = Vec::new();
     for m in MODULES {
-        add(&m.replace('-', "_"), &deps, &mut order);
+        add(&m.replace('-', "_"), &all, &mut order)?;
     }
     Ok(order)
 }
@@ -187,7 +207,7 @@ fn ensure_initrd(pkg: &Path) -> Result<PathBuf> {
         w.symlink(&format!("bin/{applet}"), "busybox")?;
     }
     let mut names = String::new();
-    for (name, path) in &order {
+    for path in &order {
         let file = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -195,7 +215,6 @@ fn ensure_initrd(pkg: &Path) -> Result<PathBuf> {
         w.file(&format!("mods/{file}"), 0o644, &std::fs::read(path)?)?;
         names.push_str(&file);
         names.push('\n');
-        let _ = name;
     }
     w.file("mods/order", 0o644, names.as_bytes())?;
     w.file("init", 0o755, L1_INIT.as_bytes())?;

@@ -98,7 +98,10 @@ pub fn run_all(force_local: bool) -> Result<()> {
             std::env::set_var(k, v);
         }
         testhost::run_command(
-            &[guest_tests.to_string_lossy().into_owned()],
+            &[
+                guest_tests.to_string_lossy().into_owned(),
+                "--color=never".into(),
+            ],
             &testhost::Options {
                 cwd: crate::util::workspace_root().join("supermachine"),
                 ..Default::default()

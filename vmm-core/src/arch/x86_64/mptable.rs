@@ -66,13 +66,17 @@ fn config_table(vcpus: u8) -> Vec<u8> {
     entries.extend_from_slice(&[ENTRY_IOAPIC, ioapic_id, IOAPIC_VERSION, 1]);
     entries.extend_from_slice(&(IOAPIC_ADDR as u32).to_le_bytes());
     for irq in 0..=IRQ_MAX as u8 {
-        // ISA IRQ n arrives at IOAPIC pin n; pin 0 is the 8259's ExtINT.
-        let kind = if irq == 0 {
-            INT_TYPE_EXTINT
-        } else {
-            INT_TYPE_INT
-        };
-        entries.extend_from_slice(&[ENTRY_IO_INTERRUPT, kind, 0, 0, 0, irq, ioapic_id, irq]);
+        // ISA IRQ n arrives at IOAPIC pin n (the 8259's ExtINT reaches the CPUs through LINT0).
+        entries.extend_from_slice(&[
+            ENTRY_IO_INTERRUPT,
+            INT_TYPE_INT,
+            0,
+            0,
+            0,
+            irq,
+            ioapic_id,
+            irq,
+        ]);
     }
     // LINT0 takes the 8259's ExtINT, LINT1 is NMI, on every local APIC.
     entries.extend_from_slice(&[ENTRY_LOCAL_INTERRUPT, INT_TYPE_EXTINT, 0, 0, 0, 0, 0xff, 0]);
