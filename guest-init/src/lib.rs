@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 pub const CONFIG_PATH: &str = "/etc/supermachine/init.json";
 
 /// The x86 I/O port a 32-bit write to which powers the guest off with that exit status.
-pub const EXIT_STATUS_PORT: u16 = 0x0510;
+pub const EXIT_STATUS_PORT: u16 = 0x00f4;
 
 /// Exit status when the command could not be found (as a shell and Docker report it).
 pub const EXIT_NOT_FOUND: i32 = 127;

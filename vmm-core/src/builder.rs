@@ -94,8 +94,7 @@ impl VmBuilder {
             return Err(BuildError::VcpuCount(resources.vcpus));
         }
         let memory = create_guest_memory(resources.memory_mib)?;
-        let mut vm = hypervisor.create_vm()?;
-        vm.set_memory(&memory)?;
+        let vm = hypervisor.create_vm(&memory)?;
         Ok(VmBuilder {
             resources,
             vm,

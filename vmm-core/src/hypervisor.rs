@@ -47,8 +47,10 @@ impl HypervisorError {
 pub trait Hypervisor: Send + Sync {
     /// A short name for messages (`kvm`, `hvf`, `whp`).
     fn name(&self) -> &'static str;
-    /// Creates an empty VM with its interrupt controller and timer.
-    fn create_vm(&self) -> Result<Box<dyn Vm>, HypervisorError>;
+    /// Creates a VM whose guest physical memory is `memory`, with its interrupt controller and
+    /// timer. Memory comes first because some backends (KVM) pay a grace period for every
+    /// memory-map change made after in-kernel devices exist.
+    fn create_vm(&self, memory: &GuestMemory) -> Result<Box<dyn Vm>, HypervisorError>;
 }
 
 /// Something that raises one guest interrupt (edge-triggered).
@@ -57,10 +59,8 @@ pub trait IrqTrigger: Send + Sync {
     fn trigger(&self) -> std::io::Result<()>;
 }
 
-/// A VM: guest memory, interrupt routing and vCPUs.
+/// A VM: interrupt routing and vCPUs over the guest memory it was created with.
 pub trait Vm: Send + Sync {
-    /// Maps all regions of `memory` into the guest physical address space.
-    fn set_memory(&mut self, memory: &GuestMemory) -> Result<(), HypervisorError>;
     /// Returns a trigger for global system interrupt `gsi`.
     fn irq_trigger(&self, gsi: u32) -> Result<Arc<dyn IrqTrigger>, HypervisorError>;
     /// Creates vCPU `id` of `count`, with the backend's reset state and CPU model.

@@ -179,32 +179,58 @@ pub fn run(vm: BuiltVm, control: &VmControl) -> Result<VmExit, RunError> {
         memory: _memory,
     } = vm;
     let mut threads = Vec::with_capacity(vcpus.len());
-    for vcpu in vcpus {
+    // Each vCPU thread reports its index here as it ends, so the runner waits on a channel
+    // rather than polling: a sleep would cost a whole timer tick per vCPU.
+    let (ended_tx, ended_rx) = std::sync::mpsc::channel::<usize>();
+    for (index, vcpu) in vcpus.into_iter().enumerate() {
         let kicker = vcpu.kicker();
         let io = buses.clone();
         let ctl = control.clone();
+        let ended = ended_tx.clone();
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{}", vcpu.id()))
-            .spawn(move || vcpu_loop(vcpu, &*io, &ctl));
+            .spawn(move || {
+                vcpu_loop(vcpu, &*io, &ctl);
+                let _ = ended.send(index);
+            });
         match handle {
-            Ok(h) => threads.push((h, kicker)),
+            Ok(h) => threads.push((Some(h), kicker)),
             Err(e) => {
                 control.finish(Err(RunError::Spawn(e)));
                 break;
             }
         }
     }
+    drop(ended_tx);
     let outcome = control.wait();
-    for (thread, kicker) in threads {
-        // A kick that lands while the vCPU is outside guest mode is lost; keep kicking.
-        while !thread.is_finished() {
-            kicker.kick();
-            std::thread::sleep(Duration::from_micros(200));
+    let mut running = threads.len();
+    for (_, kicker) in &threads {
+        kicker.kick();
+    }
+    while running > 0 {
+        match ended_rx.recv_timeout(KICK_RETRY) {
+            Ok(index) => {
+                if let Some(h) = threads[index].0.take() {
+                    let _ = h.join();
+                }
+                running -= 1;
+            }
+            // A kick that lands while a vCPU is outside guest mode is lost: kick again.
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                for (h, kicker) in &threads {
+                    if h.is_some() {
+                        kicker.kick();
+                    }
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
         }
-        let _ = thread.join();
     }
     outcome
 }
+
+/// How long to wait for kicked vCPUs before kicking again.
+const KICK_RETRY: Duration = Duration::from_millis(2);
 
 #[cfg(test)]
 mod tests {

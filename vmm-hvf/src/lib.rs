@@ -12,7 +12,7 @@
 //! Does not own: guest layout, boot structures or devices (`vmm-core`, `devices`).
 #![deny(missing_docs)]
 
-use vmm_core::{Hypervisor, HypervisorError, Vm};
+use vmm_core::{GuestMemory, Hypervisor, HypervisorError, Vm};
 
 /// The Apple Hypervisor.framework (HVF) hypervisor.
 #[derive(Debug)]
@@ -34,7 +34,7 @@ impl Hypervisor for HvfHypervisor {
         "hvf"
     }
 
-    fn create_vm(&self) -> Result<Box<dyn Vm>, HypervisorError> {
+    fn create_vm(&self, _memory: &GuestMemory) -> Result<Box<dyn Vm>, HypervisorError> {
         Err(HypervisorError::Unavailable(
             "the Apple Hypervisor.framework (HVF) backend is not implemented yet".into(),
         ))

@@ -72,8 +72,11 @@ impl Hypervisor for KvmHypervisor {
         "kvm"
     }
 
-    fn create_vm(&self) -> Result<Box<dyn Vm>, HypervisorError> {
+    fn create_vm(&self, memory: &GuestMemory) -> Result<Box<dyn Vm>, HypervisorError> {
         let fd = self.kvm.create_vm().map_err(err("KVM_CREATE_VM"))?;
+        // Memory slots before the irqchip and PIT: once those exist, every slot change waits
+        // for an SRCU grace period (5 ms here, most of a VM's start-up).
+        register_memory(&fd, memory)?;
         fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
             .map_err(err("KVM_SET_IDENTITY_MAP_ADDR"))?;
         fd.set_tss_address(KVM_TSS_ADDRESS)
@@ -87,16 +90,35 @@ impl Hypervisor for KvmHypervisor {
         Ok(Box::new(KvmVm {
             fd: Arc::new(fd),
             cpuid: self.supported_cpuid.clone(),
-            memory: None,
+            memory: memory.clone(),
         }))
     }
+}
+
+fn register_memory(fd: &VmFd, memory: &GuestMemory) -> Result<(), HypervisorError> {
+    for (slot, region) in memory.iter().enumerate() {
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|e| HypervisorError::call("guest memory host address", e))?;
+        let mr = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is a live mapping of `memory_size` bytes owned by `memory`, and
+        // the VM keeps a clone of `memory`, so the mapping outlives the memory slot.
+        unsafe { fd.set_user_memory_region(mr) }.map_err(err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(())
 }
 
 /// A KVM VM.
 pub struct KvmVm {
     fd: Arc<VmFd>,
     cpuid: CpuId,
-    memory: Option<GuestMemory>,
+    memory: GuestMemory,
 }
 
 struct KvmIrq(EventFd);
@@ -108,27 +130,6 @@ impl IrqTrigger for KvmIrq {
 }
 
 impl Vm for KvmVm {
-    fn set_memory(&mut self, memory: &GuestMemory) -> Result<(), HypervisorError> {
-        for (slot, region) in memory.iter().enumerate() {
-            let host = region
-                .get_host_address(vm_memory::MemoryRegionAddress(0))
-                .map_err(|e| HypervisorError::call("guest memory host address", e))?;
-            let mr = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: region.start_addr().raw_value(),
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-            };
-            // SAFETY: the region is a live mapping of `memory_size` bytes owned by `memory`, and
-            // we keep a clone of `memory` in this VM so the mapping outlives the memory slot.
-            unsafe { self.fd.set_user_memory_region(mr) }
-                .map_err(err("KVM_SET_USER_MEMORY_REGION"))?;
-        }
-        self.memory = Some(memory.clone());
-        Ok(())
-    }
-
     fn irq_trigger(&self, gsi: u32) -> Result<Arc<dyn IrqTrigger>, HypervisorError> {
         let evt =
             EventFd::new(libc::EFD_NONBLOCK).map_err(|e| HypervisorError::call("eventfd", e))?;
@@ -139,10 +140,7 @@ impl Vm for KvmVm {
     }
 
     fn create_vcpu(&self, id: u8, count: u8) -> Result<Box<dyn Vcpu>, HypervisorError> {
-        let memory = self
-            .memory
-            .clone()
-            .ok_or_else(|| HypervisorError::call("KVM_CREATE_VCPU", "guest memory not set"))?;
+        let memory = self.memory.clone();
         let fd = self
             .fd
             .create_vcpu(u64::from(id))

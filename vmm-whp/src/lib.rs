@@ -12,7 +12,7 @@
 //! Does not own: guest layout, boot structures or devices (`vmm-core`, `devices`).
 #![deny(missing_docs)]
 
-use vmm_core::{Hypervisor, HypervisorError, Vm};
+use vmm_core::{GuestMemory, Hypervisor, HypervisorError, Vm};
 
 /// The Windows Hypervisor Platform (WHP) hypervisor.
 #[derive(Debug)]
@@ -34,7 +34,7 @@ impl Hypervisor for WhpHypervisor {
         "whp"
     }
 
-    fn create_vm(&self) -> Result<Box<dyn Vm>, HypervisorError> {
+    fn create_vm(&self, _memory: &GuestMemory) -> Result<Box<dyn Vm>, HypervisorError> {
         Err(HypervisorError::Unavailable(
             "the Windows Hypervisor Platform (WHP) backend is not implemented yet".into(),
         ))

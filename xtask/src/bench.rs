@@ -73,19 +73,24 @@ fn time_run(cmd: &mut Command, marker: &str, limit: Duration) -> Result<Sample> 
         }
         seen
     });
-    let deadline = started + limit;
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
+    // Wait blocking (polling would add the timer tick to every sample); a watchdog kills a
+    // hung run.
+    let pid = child.id() as libc::pid_t;
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if done_rx.recv_timeout(limit).is_err() {
+            // SAFETY: kill(2) on our own unreaped child's pid.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            return true;
         }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("run exceeded {limit:?}");
-        }
-        std::thread::sleep(Duration::from_micros(200));
-    };
+        false
+    });
+    let status = child.wait()?;
     let exited = started.elapsed();
+    let _ = done_tx.send(());
+    if watchdog.join().unwrap_or(false) {
+        bail!("run exceeded {limit:?}");
+    }
     let output = reader.join().unwrap_or_default();
     let marker_at = rx.try_recv().map_err(|_| {
         let mut err = String::new();
@@ -139,8 +144,8 @@ fn compare(
 ) -> Result<()> {
     let mut samples: Vec<Vec<Sample>> = vmms.iter().map(|_| Vec::new()).collect();
     // One warm-up each (page cache, binary loading), not counted.
-    for (_, make) in vmms.iter_mut() {
-        time_run(&mut make(), marker, limit)?;
+    for (name, make) in vmms.iter_mut() {
+        time_run(&mut make(), marker, limit).with_context(|| format!("{name}, warm-up run"))?;
     }
     for i in 0..runs {
         for (k, (name, make)) in vmms.iter_mut().enumerate() {
@@ -197,6 +202,8 @@ fn qemu_microvm(kernel: &Path, memory_mib: u32) -> Command {
     ])
     .args(["-m", &memory_mib.to_string(), "-smp", "1"])
     .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+    // Ends QEMU when the guest writes its exit status to our exit-status port.
+    .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
     .args(["-serial", "stdio", "-kernel"])
     .arg(kernel);
     c

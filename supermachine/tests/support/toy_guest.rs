@@ -18,13 +18,13 @@ fn code() -> Vec<u8> {
     for b in MARKER.bytes() {
         c.extend_from_slice(&[0xb0, b, 0xee]); // mov al, b; out dx, al
     }
-    c.extend_from_slice(&[0x66, 0xba, 0x10, 0x05]); // mov dx, 0x510
+    c.extend_from_slice(&[0x66, 0xba, 0xf4, 0x00]); // mov dx, 0xf4 (the exit-status port)
     c.extend_from_slice(&[0x31, 0xc0]); // xor eax, eax
     c.push(0xef); // out dx, eax
     c.extend_from_slice(&[0xb0, 0xfe, 0xe6, 0x64]); // mov al, 0xfe; out 0x64, al
     c.push(0xfa); // cli
                   // lidt [zero_idt]: the 6 zero bytes that follow the code.
-    let zero_idt = (LOAD_ADDR + CODE_OFFSET) as u32 + c.len() as u32 + 7 + 3;
+    let zero_idt = (LOAD_ADDR + CODE_OFFSET) as u32 + c.len() as u32 + 7 + 4;
     c.extend_from_slice(&[0x0f, 0x01, 0x1d]);
     c.extend_from_slice(&zero_idt.to_le_bytes());
     c.extend_from_slice(&[0xcc, 0xf4, 0xeb, 0xfd]); // int3 (triple fault); hlt; jmp $-1

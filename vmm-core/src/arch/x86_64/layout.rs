@@ -55,5 +55,6 @@ pub const COM1_PORT: u16 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
 /// The i8042 command port (a write of 0xfe resets the machine).
 pub const I8042_COMMAND_PORT: u16 = 0x64;
-/// The exit-status port: a 32-bit write powers the guest off with that status.
-pub const EXIT_STATUS_PORT: u16 = 0x0510;
+/// The exit-status port: a 32-bit write powers the guest off with that status. The same port
+/// QEMU's `isa-debug-exit,iobase=0xf4,iosize=4` uses, and clear of QEMU's fw_cfg at 0x510.
+pub const EXIT_STATUS_PORT: u16 = 0x00f4;
