@@ -252,8 +252,13 @@ fn bench_toy(runs: usize) -> Result<()> {
 }
 
 fn bench_boot(runs: usize, here: bool) -> Result<()> {
-    prepare_guest()?;
-    let supermachine = build_release()?;
+    // Inside the test host (`--here`) everything was built by the outer run.
+    let supermachine = if here {
+        target_dir().join("release").join("supermachine")
+    } else {
+        prepare_guest()?;
+        build_release()?
+    };
     if !here && !crate::tests::guests_run_locally(&supermachine) {
         let me = std::env::current_exe()?;
         let code = crate::testhost::run_command(
