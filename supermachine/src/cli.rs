@@ -63,7 +63,18 @@ struct BootArgs {
 }
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // A bad flag is supermachine failing to start anything: 125, as Docker does.
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_SUPERMACHINE_FAILED)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
