@@ -10,4 +10,8 @@
 //! nor how interrupts reach the guest (backends).
 #![deny(missing_docs)]
 
+#[cfg(target_os = "linux")]
+pub mod event_loop;
 pub mod legacy;
+#[cfg(target_os = "linux")]
+pub mod virtio;

@@ -113,6 +113,11 @@ impl VmBuilder {
         Ok(self.vm.irq_trigger(gsi)?)
     }
 
+    /// The backend VM, for device wiring such as [`Vm::register_ioevent`].
+    pub fn vm(&self) -> &dyn Vm {
+        self.vm.as_ref()
+    }
+
     /// Places a device on the port-I/O bus at `[base, base + len)`.
     pub fn add_pio_device(
         &mut self,

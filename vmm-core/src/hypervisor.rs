@@ -63,6 +63,19 @@ pub trait IrqTrigger: Send + Sync {
 pub trait Vm: Send + Sync {
     /// Returns a trigger for global system interrupt `gsi`.
     fn irq_trigger(&self, gsi: u32) -> Result<Arc<dyn IrqTrigger>, HypervisorError>;
+    /// Makes a guest write of `datamatch` (4 bytes) to MMIO address `addr` signal the eventfd
+    /// `fd` in the kernel, without a vCPU exit to the VMM. Returns `Ok(false)` where the backend
+    /// has no such mechanism: the write then reaches the device on the MMIO bus.
+    #[cfg(unix)]
+    fn register_ioevent(
+        &self,
+        fd: std::os::fd::BorrowedFd<'_>,
+        addr: u64,
+        datamatch: u32,
+    ) -> Result<bool, HypervisorError> {
+        let _ = (fd, addr, datamatch);
+        Ok(false)
+    }
     /// Creates vCPU `id` of `count`, with the backend's reset state and CPU model.
     fn create_vcpu(&self, id: u8, count: u8) -> Result<Box<dyn Vcpu>, HypervisorError>;
 }

@@ -139,6 +139,22 @@ impl Vm for KvmVm {
         Ok(Arc::new(KvmIrq(evt)))
     }
 
+    fn register_ioevent(
+        &self,
+        fd: std::os::fd::BorrowedFd<'_>,
+        addr: u64,
+        datamatch: u32,
+    ) -> Result<bool, HypervisorError> {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        // SAFETY: `fd` is a valid open descriptor for the duration of this call; ManuallyDrop
+        // keeps the temporary EventFd from closing the caller's descriptor.
+        let evt = std::mem::ManuallyDrop::new(unsafe { EventFd::from_raw_fd(fd.as_raw_fd()) });
+        self.fd
+            .register_ioevent(&*evt, &kvm_ioctls::IoEventAddress::Mmio(addr), datamatch)
+            .map_err(err("KVM_IOEVENTFD"))?;
+        Ok(true)
+    }
+
     fn create_vcpu(&self, id: u8, count: u8) -> Result<Box<dyn Vcpu>, HypervisorError> {
         let memory = self.memory.clone();
         let fd = self
