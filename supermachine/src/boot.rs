@@ -14,6 +14,35 @@ use vmm_core::{Hypervisor, VmBuilder, VmControl, VmExit, VmResources};
 /// or panic, no port-0x80 delays.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 io_delay=none";
 
+/// A disk given to the guest as a virtio-blk device (`/dev/vda`, `/dev/vdb`, … in order).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    /// The backing file (its size must be a whole number of 512-byte sectors).
+    pub path: PathBuf,
+    /// Attach read-only (the guest sees a read-only disk; writes fail with an I/O error).
+    pub read_only: bool,
+}
+
+impl std::str::FromStr for DiskSpec {
+    type Err = String;
+
+    /// `PATH`, `PATH:ro` or `PATH:rw`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (path, read_only) = match s.rsplit_once(':') {
+            Some((p, "ro")) => (p, true),
+            Some((p, "rw")) => (p, false),
+            _ => (s, false),
+        };
+        if path.is_empty() {
+            return Err("empty disk path".into());
+        }
+        Ok(DiskSpec {
+            path: PathBuf::from(path),
+            read_only,
+        })
+    }
+}
+
 /// What to boot.
 pub struct BootOptions {
     /// Guest kernel.
@@ -36,6 +65,8 @@ pub struct BootOptions {
     pub console: Box<dyn Write + Send>,
     /// Forward this reader (usually stdin) to the guest console's input.
     pub console_input: Option<Box<dyn Read + Send>>,
+    /// Disks, in guest order.
+    pub disks: Vec<DiskSpec>,
 }
 
 /// How a boot ended.
@@ -70,6 +101,15 @@ pub enum BootError {
     /// The kernel file does not exist.
     #[error("guest kernel {0} not found (build it with `cargo xtask kernel`, or pass --kernel)")]
     KernelMissing(PathBuf),
+    /// A disk could not be attached.
+    #[error(transparent)]
+    Disk(#[from] devices::virtio::block::BlockError),
+    /// A virtio device could not be set up.
+    #[error("cannot set up a virtio device: {0}")]
+    Device(String),
+    /// More devices than interrupt lines.
+    #[error("too many devices: at most {0} virtio devices")]
+    TooManyDevices(usize),
     /// The initramfs file does not exist.
     #[error(
         "initramfs {0} not found (build it with `cargo xtask initramfs`, or pass --initramfs)"
@@ -157,12 +197,57 @@ pub fn boot(opts: BootOptions) -> Result<BootOutcome, BootError> {
         EXIT_STATUS_PORT,
         4,
     )?;
+    let mut event_loop =
+        devices::event_loop::EventLoop::new().map_err(|e| BootError::Device(e.to_string()))?;
+    attach_disks(&mut builder, &mut event_loop, &opts.disks)?;
     let vm = builder.build()?;
     if let Some(input) = opts.console_input {
         forward_input(input, serial, control.clone());
     }
-    let exit = vmm_core::runner::run(vm, &control)?;
-    Ok(BootOutcome { exit })
+    let devices = event_loop
+        .start()
+        .map_err(|e| BootError::Device(e.to_string()))?;
+    let exit = vmm_core::runner::run(vm, &control);
+    devices.stop();
+    Ok(BootOutcome { exit: exit? })
+}
+
+/// Puts each disk on the MMIO bus as virtio-blk, declares it on the kernel command line, routes
+/// its queue kicks to the event loop through ioeventfds.
+fn attach_disks(
+    builder: &mut VmBuilder,
+    event_loop: &mut devices::event_loop::EventLoop,
+    disks: &[DiskSpec],
+) -> Result<(), BootError> {
+    use devices::virtio::block::Block;
+    use devices::virtio::{MmioTransport, MMIO_SLOT_SIZE, NOTIFY_REG_OFFSET};
+    use vmm_core::arch::x86_64::layout::{IRQ_BASE, IRQ_MAX, VIRTIO_MMIO_START};
+
+    let max = (IRQ_MAX - IRQ_BASE + 1) as usize;
+    if disks.len() > max {
+        return Err(BootError::TooManyDevices(max));
+    }
+    for (i, disk) in disks.iter().enumerate() {
+        let addr = VIRTIO_MMIO_START + i as u64 * MMIO_SLOT_SIZE;
+        let irq = IRQ_BASE + i as u32;
+        let block = Block::open(&disk.path, disk.read_only)?;
+        let transport = MmioTransport::new(
+            Box::new(block),
+            builder.memory().clone(),
+            builder.irq_trigger(irq)?,
+        )
+        .map_err(|e| BootError::Device(e.to_string()))?;
+        for (queue, fd) in transport.queue_events().into_iter().enumerate() {
+            builder
+                .vm()
+                .register_ioevent(fd, addr + NOTIFY_REG_OFFSET, queue as u32)?;
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        builder.add_mmio_device(transport.clone(), addr, MMIO_SLOT_SIZE)?;
+        event_loop.add_transport(transport);
+        builder.append_cmdline(&format!("virtio_mmio.device=4K@{addr:#x}:{irq}"));
+    }
+    Ok(())
 }
 
 /// Feeds `input` to the guest console from a background thread, as fast as its FIFO drains.

@@ -54,6 +54,10 @@ struct BootArgs {
     /// Set an environment variable for COMMAND (NAME=value; repeatable)
     #[arg(long, short = 'e', value_name = "NAME=VALUE")]
     env: Vec<String>,
+    /// Attach a disk image as virtio-blk (/dev/vda, /dev/vdb, … in order); add :ro for
+    /// read-only (repeatable)
+    #[arg(long, value_name = "PATH[:ro]")]
+    disk: Vec<supermachine::DiskSpec>,
     /// Show only COMMAND's output: no kernel log, no init progress
     #[arg(long, short = 'q')]
     quiet: bool,
@@ -78,7 +82,7 @@ pub fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("supermachine: {e:#}");
+            eprintln!("supermachine: {e}");
             ExitCode::from(EXIT_SUPERMACHINE_FAILED)
         }
     }
@@ -107,6 +111,7 @@ fn run_boot(args: BootArgs) -> anyhow::Result<ExitCode> {
         quiet: args.quiet,
         console: Box::new(std::io::stdout()),
         console_input: Some(Box::new(std::io::stdin())),
+        disks: args.disk,
     })?;
     Ok(match outcome.exit {
         VmExit::PowerOff(Some(status)) => ExitCode::from((status & 0xff) as u8),
@@ -149,6 +154,36 @@ mod tests {
         assert_eq!(b.cpus, 2);
         assert_eq!(b.memory, 512);
         assert_eq!(b.command, ["/bin/sh", "-c", "nproc; exit 3"]);
+    }
+
+    #[test]
+    fn disks_keep_their_order_and_mode() {
+        let cli = Cli::try_parse_from([
+            "supermachine",
+            "boot",
+            "--disk",
+            "/a.img:ro",
+            "--disk",
+            "/b:c.img",
+            "--disk",
+            "/d.img:rw",
+        ])
+        .unwrap();
+        let Command::Boot(b) = cli.command;
+        let got: Vec<(String, bool)> = b
+            .disk
+            .iter()
+            .map(|d| (d.path.display().to_string(), d.read_only))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("/a.img".to_string(), true),
+                ("/b:c.img".to_string(), false),
+                ("/d.img".to_string(), false)
+            ]
+        );
+        assert!(Cli::try_parse_from(["supermachine", "boot", "--disk", ":ro"]).is_err());
     }
 
     #[test]

@@ -12,5 +12,5 @@
 pub mod boot;
 pub mod paths;
 
-pub use boot::{boot, BootError, BootOptions, BootOutcome};
+pub use boot::{boot, BootError, BootOptions, BootOutcome, DiskSpec};
 pub use vmm_core::VmExit;

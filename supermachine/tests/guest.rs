@@ -191,3 +191,122 @@ fn non_kernel_file_is_a_clear_error() {
     assert_eq!(run.stderr.trim().lines().count(), 1, "{}", run.stderr);
     assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
 }
+
+/// A scratch directory the emulated test host also sees (it shares this machine's files).
+fn scratch(name: &str) -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[test]
+fn disks_read_only_ext4_and_a_writable_disk_that_keeps_every_byte() {
+    const WRITE_BYTES: usize = 64 << 20;
+    let dir = scratch("disks");
+    let content = dir.join("content");
+    std::fs::create_dir_all(&content).unwrap();
+    std::fs::write(
+        content.join("hello.txt"),
+        "hello from a read-only ext4 disk\n",
+    )
+    .unwrap();
+    let ro = dir.join("ro.img");
+    let mkfs = Command::new("mkfs.ext4")
+        .args(["-q", "-d"])
+        .arg(&content)
+        .arg(&ro)
+        .arg("16M")
+        .status()
+        .expect("mkfs.ext4 (e2fsprogs) is needed for this test");
+    assert!(mkfs.success());
+    let ro_before = sha256_hex(&std::fs::read(&ro).unwrap());
+    let rw = dir.join("rw.img");
+    std::fs::File::create(&rw)
+        .unwrap()
+        .set_len(80 << 20)
+        .unwrap();
+
+    let script = format!(
+        "mount -o ro /dev/vda /mnt && cat /mnt/hello.txt
+         head -c {WRITE_BYTES} /dev/urandom > /tmp/data && sha256sum /tmp/data
+         dd if=/tmp/data of=/dev/vdb bs=1M conv=fsync 2>/dev/null && echo written
+         if dd if=/dev/zero of=/dev/vda bs=4096 count=1 conv=fsync 2>/tmp/err; then
+           echo read-only-write-succeeded
+         else
+           echo read-only-write-failed: $(cat /tmp/err | head -1)
+         fi
+         cat /sys/block/vda/ro /sys/block/vdb/ro
+         echo still-running"
+    );
+    let run = guest(&[
+        "boot",
+        "--quiet",
+        "--disk",
+        &format!("{}:ro", ro.display()),
+        "--disk",
+        rw.to_str().unwrap(),
+        "--",
+        "/bin/sh",
+        "-c",
+        &script,
+    ]);
+    assert_eq!(
+        run.code, 0,
+        "stdout:\n{}\nstderr:\n{}",
+        run.stdout, run.stderr
+    );
+    let out = &run.stdout;
+    assert!(out.contains("hello from a read-only ext4 disk"), "{out}");
+    assert!(out.contains("written"), "{out}");
+    assert!(out.contains("read-only-write-failed"), "{out}");
+    assert!(!out.contains("read-only-write-succeeded"), "{out}");
+    assert!(out.contains("1\n0\nstill-running"), "{out}");
+
+    let guest_hash = out
+        .lines()
+        .find(|l| l.ends_with("/tmp/data"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no checksum in:\n{out}"))
+        .to_string();
+    let disk = std::fs::read(&rw).unwrap();
+    assert_eq!(sha256_hex(&disk[..WRITE_BYTES]), guest_hash);
+    assert!(
+        disk[WRITE_BYTES..].iter().all(|&b| b == 0),
+        "bytes past the write changed"
+    );
+    assert_eq!(
+        sha256_hex(&std::fs::read(&ro).unwrap()),
+        ro_before,
+        "read-only disk changed"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn bad_disk_arguments_are_clear_errors() {
+    let run = supermachine(&["boot", "--disk", "/nonexistent/disk.img", "--", "true"]);
+    assert_eq!(run.code, 125);
+    assert!(
+        run.stderr
+            .contains("cannot open disk /nonexistent/disk.img"),
+        "{}",
+        run.stderr
+    );
+    let dir = scratch("baddisk");
+    let odd = dir.join("odd.img");
+    std::fs::write(&odd, [0u8; 1000]).unwrap();
+    let run = supermachine(&["boot", "--disk", odd.to_str().unwrap(), "--", "true"]);
+    assert_eq!(run.code, 125);
+    assert!(run.stderr.contains("512-byte sectors"), "{}", run.stderr);
+    std::fs::remove_dir_all(&dir).ok();
+}

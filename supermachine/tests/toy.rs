@@ -38,6 +38,7 @@ fn boot_toy(vcpus: u8) -> (VmExit, String) {
         quiet: true,
         console: Box::new(out.clone()),
         console_input: None,
+        disks: vec![],
     })
     .expect("booting the toy guest needs a usable /dev/kvm");
     std::fs::remove_dir_all(&dir).ok();

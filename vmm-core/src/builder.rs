@@ -113,6 +113,15 @@ impl VmBuilder {
         Ok(self.vm.irq_trigger(gsi)?)
     }
 
+    /// Appends kernel parameters (e.g. a device declaration) to the command line.
+    pub fn append_cmdline(&mut self, params: &str) {
+        let cmdline = &mut self.resources.cmdline;
+        if !cmdline.is_empty() && !params.is_empty() {
+            cmdline.push(' ');
+        }
+        cmdline.push_str(params);
+    }
+
     /// The backend VM, for device wiring such as [`Vm::register_ioevent`].
     pub fn vm(&self) -> &dyn Vm {
         self.vm.as_ref()

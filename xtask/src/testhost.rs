@@ -172,7 +172,6 @@ for n in $(ls /sys/class/net); do [ "$n" = lo ] && continue; ip link set "$n" up
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=1048576,cache=loose hostroot /host || { echo "testhost: 9p mount failed"; poweroff -f; }
 for d in proc sys dev; do mount --bind /$d /host/$d; done
 mount -t tmpfs tmpfs /host/run 2>/dev/null
-mount -t tmpfs tmpfs /host/tmp 2>/dev/null
 mount -t devpts devpts /host/dev/pts 2>/dev/null
 [ -c /dev/kvm ] || echo "testhost: no /dev/kvm in the emulated machine (kvm_amd did not load)"
 cmd=$(sed -n 's/.*sm_cmd=\([^ ]*\).*/\1/p' /proc/cmdline)
