@@ -39,6 +39,21 @@ pub enum Which {
         #[arg(long)]
         here: bool,
     },
+    /// virtio-blk throughput and IOPS from inside the guest, next to QEMU microvm's virtio-blk
+    Blk {
+        /// Runs per VMM (the median is reported)
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Disk size and sequential transfer in MiB
+        #[arg(long, default_value_t = 256)]
+        mib: u64,
+        /// Duration of the random-read phase in seconds
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Run here even if this machine's KVM fails the probe (used inside the test host)
+        #[arg(long)]
+        here: bool,
+    },
 }
 
 /// Timestamps of one run.
@@ -195,7 +210,7 @@ fn qemu_microvm(kernel: &Path, memory_mib: u32) -> Command {
     let mut c = Command::new("qemu-system-x86_64");
     c.args([
         "-M",
-        "microvm,x-option-roms=off,rtc=off",
+        "microvm,x-option-roms=off,rtc=off,acpi=off",
         "-enable-kvm",
         "-cpu",
         "host",
@@ -213,6 +228,12 @@ pub fn run(which: Which) -> Result<()> {
     match which {
         Which::Toy { runs } => bench_toy(runs),
         Which::Boot { runs, here } => bench_boot(runs, here),
+        Which::Blk {
+            runs,
+            mib,
+            seconds,
+            here,
+        } => bench_blk(runs, mib, seconds, here),
     }
 }
 
@@ -251,32 +272,58 @@ fn bench_toy(runs: usize) -> Result<()> {
     )
 }
 
-fn bench_boot(runs: usize, here: bool) -> Result<()> {
+/// Builds what the guest benchmarks need, then tells whether to measure here. When this
+/// machine's KVM cannot boot Linux, re-runs `cargo xtask bench ARGS --here` in the emulated host
+/// and returns `None`.
+fn guest_bench_host(here: bool, args: &[String]) -> Result<Option<PathBuf>> {
     // Inside the test host (`--here`) everything was built by the outer run.
-    let supermachine = if here {
-        target_dir().join("release").join("supermachine")
-    } else {
-        prepare_guest()?;
-        build_release()?
-    };
-    if !here && !crate::tests::guests_run_locally(&supermachine) {
-        let me = std::env::current_exe()?;
-        let code = crate::testhost::run_command(
-            &[
-                me.to_string_lossy().into_owned(),
-                "bench".into(),
-                "boot".into(),
-                "--runs".into(),
-                runs.to_string(),
-                "--here".into(),
-            ],
-            &crate::testhost::Options::default(),
-        )?;
-        if code != 0 {
-            bail!("benchmark in the emulated host failed (status {code})");
-        }
-        return Ok(());
+    if here {
+        return Ok(Some(target_dir().join("release").join("supermachine")));
     }
+    prepare_guest()?;
+    let supermachine = build_release()?;
+    if crate::tests::guests_run_locally(&supermachine) {
+        return Ok(Some(supermachine));
+    }
+    let mut command = vec![
+        std::env::current_exe()?.to_string_lossy().into_owned(),
+        "bench".into(),
+    ];
+    command.extend(args.iter().cloned());
+    command.push("--here".into());
+    let code = crate::testhost::run_command(&command, &crate::testhost::Options::default())?;
+    if code != 0 {
+        bail!("benchmark in the emulated host failed (status {code})");
+    }
+    Ok(None)
+}
+
+/// The installed base initramfs with `config` appended, as a file for QEMU's `-initrd`
+/// (we pass the same archive to our VMM in memory).
+fn initramfs_with(config: &guest_init::InitConfig, dir: &Path) -> Result<PathBuf> {
+    let mut combined = std::fs::read(installed_initramfs())?;
+    combined.resize(combined.len().next_multiple_of(4), 0);
+    combined.extend_from_slice(&config.to_initramfs());
+    let path = dir.join(format!("sm-bench-initramfs-{}.cpio", std::process::id()));
+    std::fs::write(&path, &combined)?;
+    Ok(path)
+}
+
+/// QEMU microvm booting our kernel with `initrd`, quiet, ending through the exit-status port.
+fn qemu_linux(kernel: &Path, initrd: &Path, memory_mib: u32) -> Command {
+    let mut c = qemu_microvm(kernel, memory_mib);
+    c.arg("-initrd").arg(initrd).args([
+        "-append",
+        "console=ttyS0 reboot=t panic=-1 io_delay=none quiet",
+    ]);
+    c
+}
+
+fn bench_boot(runs: usize, here: bool) -> Result<()> {
+    let args = ["boot".to_string(), "--runs".into(), runs.to_string()];
+    let Some(supermachine) = guest_bench_host(here, &args)? else {
+        return Ok(());
+    };
     let kernel = installed_kernel();
     let base = installed_initramfs();
     // QEMU gets the same base initramfs with the same init configuration appended.
@@ -285,12 +332,7 @@ fn bench_boot(runs: usize, here: bool) -> Result<()> {
         verbose: true,
         ..Default::default()
     };
-    let mut combined = std::fs::read(&base)?;
-    combined.resize(combined.len().next_multiple_of(4), 0);
-    combined.extend_from_slice(&config.to_initramfs());
-    let combined_path =
-        std::env::temp_dir().join(format!("sm-bench-initramfs-{}.cpio", std::process::id()));
-    std::fs::write(&combined_path, &combined)?;
+    let combined_path = initramfs_with(&config, &std::env::temp_dir())?;
     let marker = "supermachine-init: running";
     let (k1, k2, cp, sm) = (
         kernel.clone(),
@@ -317,19 +359,107 @@ fn bench_boot(runs: usize, here: bool) -> Result<()> {
                     c
                 }),
             ),
-            (
-                "qemu microvm",
-                Box::new(move || {
-                    let mut c = qemu_microvm(&k2, 512);
-                    c.arg("-initrd").arg(&cp).args([
-                        "-append",
-                        "console=ttyS0 reboot=t panic=-1 io_delay=none quiet",
-                    ]);
-                    c
-                }),
-            ),
+            ("qemu microvm", Box::new(move || qemu_linux(&k2, &cp, 512))),
         ],
     );
     let _ = std::fs::remove_file(&combined_path);
     result
+}
+
+/// Runs `cmd`, returns the `RESULT <mode> <value> <unit>` lines as (mode, value, unit).
+fn blk_results(cmd: &mut Command) -> Result<Vec<(String, f64, String)>> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .context("cannot start the VMM")?;
+    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    let results: Vec<(String, f64, String)> = text
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.trim().strip_prefix("RESULT ")?.split_whitespace();
+            Some((
+                w.next()?.to_string(),
+                w.next()?.parse().ok()?,
+                w.next()?.to_string(),
+            ))
+        })
+        .collect();
+    if results.len() != 3 {
+        bail!(
+            "expected 3 results, got:\n{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(results)
+}
+
+fn bench_blk(runs: usize, mib: u64, seconds: u64, here: bool) -> Result<()> {
+    let args = [
+        "blk".to_string(),
+        "--runs".into(),
+        runs.to_string(),
+        "--mib".into(),
+        mib.to_string(),
+        "--seconds".into(),
+        seconds.to_string(),
+    ];
+    let Some(supermachine) = guest_bench_host(here, &args)? else {
+        return Ok(());
+    };
+    // The disk lives in memory (tmpfs) so both VMMs measure their I/O path, not the host disk.
+    let dir = PathBuf::from("/run").join(format!("sm-bench-blk-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let disk = dir.join("disk.img");
+    let script = format!(
+        "sm-blkbench write /dev/vda {mib} && sm-blkbench read /dev/vda {mib} && \
+         sm-blkbench randread /dev/vda {mib} {seconds}"
+    );
+    let config = guest_init::InitConfig {
+        argv: vec!["/bin/sh".into(), "-c".into(), script.clone()],
+        ..Default::default()
+    };
+    let initrd = initramfs_with(&config, &dir)?;
+    let kernel = installed_kernel();
+    let mut results: Vec<Vec<Vec<(String, f64, String)>>> = vec![Vec::new(), Vec::new()];
+    for run in 0..runs {
+        for (k, result) in results.iter_mut().enumerate() {
+            // A fresh, fully allocated disk for every run.
+            std::fs::write(&disk, vec![0u8; (mib << 20) as usize])?;
+            let mut cmd = if k == 0 {
+                let mut c = Command::new(&supermachine);
+                c.args(["boot", "--quiet", "--memory", "512", "--disk"])
+                    .arg(&disk)
+                    .args(["--", "/bin/sh", "-c", &script]);
+                c
+            } else {
+                let mut c = qemu_linux(&kernel, &initrd, 512);
+                c.arg("-drive")
+                    .arg(format!("id=d0,file={},format=raw,if=none", disk.display()))
+                    .args(["-device", "virtio-blk-device,drive=d0"]);
+                c
+            };
+            let r = blk_results(&mut cmd).with_context(|| format!("run {}", run + 1))?;
+            result.push(r);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    println!(
+        "\nvirtio-blk from the guest (O_DIRECT, {mib} MiB disk in host memory, median of {runs} runs)\n"
+    );
+    println!("| VMM | seq write MiB/s | seq read MiB/s | 4 KiB random read IOPS |");
+    println!("|---|---:|---:|---:|");
+    let mut medians = Vec::new();
+    for (k, name) in ["supermachine", "qemu microvm"].iter().enumerate() {
+        let col = |i: usize| stats(results[k].iter().map(|r| r[i].1).collect()).median;
+        let m = [col(0), col(1), col(2)];
+        println!("| {name} | {:.0} | {:.0} | {:.0} |", m[0], m[1], m[2]);
+        medians.push(m);
+    }
+    println!(
+        "\nsupermachine / qemu: write {:.2}×, read {:.2}×, random read {:.2}×",
+        medians[0][0] / medians[1][0],
+        medians[0][1] / medians[1][1],
+        medians[0][2] / medians[1][2]
+    );
+    Ok(())
 }

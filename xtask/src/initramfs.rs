@@ -12,24 +12,28 @@ use crate::util::{cargo, installed_initramfs, output, run, step, target_dir, wri
 const MUSL: &str = "x86_64-unknown-linux-musl";
 const BUSYBOX: &str = "/bin/busybox";
 
-pub fn guest_init_binary() -> Result<PathBuf> {
-    step("initramfs: building guest-init (static, musl)");
+/// Builds the guest binaries (static, musl): `guest-init` and the `sm-blkbench` tool.
+pub fn guest_binaries() -> Result<PathBuf> {
+    step("initramfs: building guest-init and sm-blkbench (static, musl)");
     run(cargo().args([
         "build",
         "--release",
         "-p",
         "guest-init",
-        "--bin",
-        "guest-init",
+        "--bins",
         "--target",
         MUSL,
     ]))?;
-    Ok(target_dir().join(MUSL).join("release").join("guest-init"))
+    Ok(target_dir().join(MUSL).join("release"))
 }
 
 /// Builds the archive; installs it where the CLI looks for it; returns its path.
 pub fn build() -> Result<PathBuf> {
-    let init = std::fs::read(guest_init_binary()?).context("cannot read the guest-init binary")?;
+    let bins = guest_binaries()?;
+    let init =
+        std::fs::read(bins.join("guest-init")).context("cannot read the guest-init binary")?;
+    let blkbench =
+        std::fs::read(bins.join("sm-blkbench")).context("cannot read the sm-blkbench binary")?;
     let busybox = std::fs::read(BUSYBOX)
         .with_context(|| format!("cannot read {BUSYBOX} (apt-get install busybox-static)"))?;
     let applets = output(Command::new(BUSYBOX).arg("--list-full"))?;
@@ -45,6 +49,7 @@ pub fn build() -> Result<PathBuf> {
     w.char_device("dev/null", 0o666, 1, 3)?;
     w.file("init", 0o755, &init)?;
     w.file("bin/busybox", 0o755, &busybox)?;
+    w.file("usr/bin/sm-blkbench", 0o755, &blkbench)?;
     for applet in applets.lines().map(str::trim) {
         let name = applet.trim_start_matches('/');
         if name.is_empty() || name == "bin/busybox" || name == "init" || name == "linuxrc" {
