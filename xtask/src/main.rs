@@ -6,10 +6,13 @@
 //!   emulated KVM host when this machine's KVM cannot boot Linux
 //! - `testhost -- CMD`: run CMD in the emulated KVM host
 //! - `test`: unit tests, local-KVM tests, guest-booting integration tests, cross-target checks
-//! - `bench toy|boot`: VMM overhead on the toy guest, Linux boot time; both next to QEMU
+//! - `fuzz`: run the device fuzz targets for a fixed time
+//! - `bench toy|boot|blk`: VMM overhead on the toy guest, Linux boot time, virtio-blk I/O; each
+//!   next to QEMU
 
 mod bench;
 mod deps;
+mod fuzz;
 mod initramfs;
 mod kernel;
 mod probe;
@@ -67,6 +70,12 @@ enum Cmd {
         #[arg(long)]
         local: bool,
     },
+    /// Fuzz the device models (cargo-fuzz, libFuzzer + ASan) for SECONDS per target
+    Fuzz {
+        /// Seconds per target
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// Benchmarks, each next to QEMU in the same run
     Bench {
         #[command(subcommand)]
@@ -100,6 +109,7 @@ fn main() -> ExitCode {
             testhost::run_command(&command, &opts)
         }
         Cmd::Test { local } => tests::run_all(local).map(|_| 0),
+        Cmd::Fuzz { seconds } => fuzz::run_all(seconds).map(|_| 0),
         Cmd::Bench { which } => bench::run(which).map(|_| 0),
     };
     match result {

@@ -71,6 +71,9 @@ pub fn run_all(force_local: bool) -> Result<()> {
     step("unit tests and tests on this machine's KVM (cargo test --workspace)");
     run(cargo().args(["test", "--workspace"]))?;
 
+    step("device fuzz targets, 60 s each");
+    crate::fuzz::run_all(60)?;
+
     step("backends for other platforms compile (cargo check --target)");
     run(cargo().args(["check", "-p", "vmm-hvf", "--target", "aarch64-apple-darwin"]))?;
     run(cargo().args([

@@ -1,0 +1,41 @@
+//! `cargo xtask fuzz`: runs the fuzz targets in `fuzz/` with cargo-fuzz (libFuzzer +
+//! AddressSanitizer) for a fixed time each. Installs cargo-fuzz when it is missing.
+//!
+//! cargo-fuzz needs nightly compiler flags; the machine has one stable toolchain, so we set
+//! `RUSTC_BOOTSTRAP=1`, which lets stable rustc accept them.
+
+use std::process::Command;
+
+use anyhow::Result;
+
+use crate::util::{cargo, have_command, run, step, workspace_root};
+
+/// The fuzz targets (`fuzz/fuzz_targets/*.rs`).
+const TARGETS: &[&str] = &["blk_request"];
+
+pub fn run_all(seconds: u64) -> Result<()> {
+    let installed = have_command("cargo-fuzz")
+        || std::env::var_os("HOME")
+            .map(|h| {
+                std::path::Path::new(&h)
+                    .join(".cargo/bin/cargo-fuzz")
+                    .exists()
+            })
+            .unwrap_or(false);
+    if !installed {
+        step("fuzz: installing cargo-fuzz from crates.io");
+        run(cargo().args(["install", "--locked", "cargo-fuzz"]))?;
+    }
+    for target in TARGETS {
+        step(&format!("fuzz: {target} for {seconds} s"));
+        run(
+            Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+                .current_dir(workspace_root())
+                .env("RUSTC_BOOTSTRAP", "1")
+                .args(["fuzz", "run", target, "--"])
+                .arg(format!("-max_total_time={seconds}"))
+                .arg("-rss_limit_mb=4096"),
+        )?;
+    }
+    Ok(())
+}
