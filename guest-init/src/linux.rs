@@ -172,6 +172,13 @@ fn wait_for(main: libc::pid_t) -> i32 {
 fn power_off(status: i32) -> ! {
     let _ = io::stdout().flush();
     let _ = io::stderr().flush();
+    // The workload's last output may still sit in the console driver's transmit buffer; the VM
+    // ends the moment we report the status, so wait until the UART has sent everything.
+    // SAFETY: tcdrain on our standard descriptors; on a non-terminal it fails harmlessly.
+    unsafe {
+        libc::tcdrain(1);
+        libc::tcdrain(2);
+    }
     // SAFETY: sync has no preconditions.
     unsafe { libc::sync() };
     report_exit_status(status);

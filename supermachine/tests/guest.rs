@@ -226,6 +226,7 @@ fn disks_read_only_ext4_and_a_writable_disk_that_keeps_every_byte() {
         .arg(&content)
         .arg(&ro)
         .arg("16M")
+        .stdout(Stdio::null())
         .status()
         .expect("mkfs.ext4 (e2fsprogs) is needed for this test");
     assert!(mkfs.success());
