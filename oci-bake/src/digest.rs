@@ -47,7 +47,11 @@ impl FromStr for Digest {
     fn from_str(s: &str) -> Result<Self, InvalidDigest> {
         let hex = s
             .strip_prefix("sha256:")
-            .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+            .filter(|h| {
+                h.len() == 64
+                    && h.bytes()
+                        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            })
             .ok_or_else(|| InvalidDigest(s.to_string()))?;
         Ok(Digest {
             hex: hex.to_string(),

@@ -18,5 +18,8 @@
 //! Does not own: booting (the `supermachine` facade), snapshots (`snapshot`).
 #![deny(missing_docs)]
 
+pub mod config;
 pub mod digest;
+pub mod manifest;
 pub mod reference;
+pub mod store;

@@ -112,7 +112,8 @@ fn valid_component(c: &str) -> bool {
     // Lowercase alphanumerics separated by `.`, `_`, `__` or `-`s (distribution's grammar,
     // simplified: we only refuse what a registry would refuse anyway).
     !c.is_empty()
-        && c.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+        && c.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
         && c.as_bytes()[0].is_ascii_alphanumeric()
         && c.as_bytes()[c.len() - 1].is_ascii_alphanumeric()
 }
@@ -120,7 +121,8 @@ fn valid_component(c: &str) -> bool {
 fn valid_tag(t: &str) -> bool {
     !t.is_empty()
         && t.len() <= 128
-        && t.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        && t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
         && (t.as_bytes()[0].is_ascii_alphanumeric() || t.as_bytes()[0] == b'_')
 }
 
@@ -136,7 +138,10 @@ impl FromStr for RegistryRef {
         let (rest, digest) = match s.split_once('@') {
             Some((r, d)) => (
                 r,
-                Some(d.parse::<Digest>().map_err(|e| invalid(input, &e.to_string()))?),
+                Some(
+                    d.parse::<Digest>()
+                        .map_err(|e| invalid(input, &e.to_string()))?,
+                ),
             ),
             None => (s, None),
         };
@@ -175,7 +180,10 @@ impl FromStr for RegistryRef {
             repository
         };
         if !repository.split('/').all(valid_component) {
-            return Err(invalid(input, "invalid repository name (lowercase letters, digits, . _ -)"));
+            return Err(invalid(
+                input,
+                "invalid repository name (lowercase letters, digits, . _ -)",
+            ));
         }
         let tag = match (tag, &digest) {
             (Some(t), _) => Some(t.to_string()),
@@ -195,9 +203,10 @@ impl FromStr for RegistryRef {
 /// them need a suffix, as in containers-transports).
 fn path_and_suffix(s: &str) -> (PathBuf, Option<String>) {
     match s.rsplit_once(':') {
-        Some((p, suffix)) if !p.is_empty() && !suffix.contains('/') => {
-            (PathBuf::from(p), Some(suffix.to_string()).filter(|s| !s.is_empty()))
-        }
+        Some((p, suffix)) if !p.is_empty() && !suffix.contains('/') => (
+            PathBuf::from(p),
+            Some(suffix.to_string()).filter(|s| !s.is_empty()),
+        ),
         _ => (PathBuf::from(s), None),
     }
 }
@@ -218,7 +227,10 @@ impl FromStr for ImageRef {
             // The reference itself may contain ':' (name:tag): split at the first ':' that
             // follows the archive's file name.
             let (path, reference) = match rest.find(".tar:") {
-                Some(i) => (PathBuf::from(&rest[..i + 4]), Some(rest[i + 5..].to_string())),
+                Some(i) => (
+                    PathBuf::from(&rest[..i + 4]),
+                    Some(rest[i + 5..].to_string()),
+                ),
                 None => {
                     let (p, r) = path_and_suffix(rest);
                     (p, r)
@@ -227,8 +239,14 @@ impl FromStr for ImageRef {
             return Ok(ImageRef::DockerArchive { path, reference });
         }
         if let Some((transport, _)) = input.split_once(':') {
-            if matches!(transport, "dir" | "containers-storage" | "docker-daemon" | "ostree" | "sif") {
-                return Err(invalid(input, &format!("the {transport}: transport is not supported")));
+            if matches!(
+                transport,
+                "dir" | "containers-storage" | "docker-daemon" | "ostree" | "sif"
+            ) {
+                return Err(invalid(
+                    input,
+                    &format!("the {transport}: transport is not supported"),
+                ));
             }
         }
         Ok(ImageRef::Registry(input.parse()?))
@@ -267,18 +285,38 @@ mod tests {
         assert_eq!(reg("alpine"), "docker.io/library/alpine:latest");
         assert_eq!(reg("docker://alpine:3.20"), "docker.io/library/alpine:3.20");
         assert_eq!(reg("org/app"), "docker.io/org/app:latest");
-        assert_eq!(reg("index.docker.io/library/busybox"), "docker.io/library/busybox:latest");
+        assert_eq!(
+            reg("index.docker.io/library/busybox"),
+            "docker.io/library/busybox:latest"
+        );
         assert_eq!(reg("quay.io/org/app:v1"), "quay.io/org/app:v1");
-        assert_eq!(reg("127.0.0.1:5000/test/img:t1"), "127.0.0.1:5000/test/img:t1");
+        assert_eq!(
+            reg("127.0.0.1:5000/test/img:t1"),
+            "127.0.0.1:5000/test/img:t1"
+        );
         assert_eq!(reg("localhost/img"), "localhost/img:latest");
         let d = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
-        assert_eq!(reg(&format!("alpine@{d}")), format!("docker.io/library/alpine@{d}"));
-        assert_eq!(reg(&format!("alpine:3@{d}")), format!("docker.io/library/alpine:3@{d}"));
+        assert_eq!(
+            reg(&format!("alpine@{d}")),
+            format!("docker.io/library/alpine@{d}")
+        );
+        assert_eq!(
+            reg(&format!("alpine:3@{d}")),
+            format!("docker.io/library/alpine:3@{d}")
+        );
     }
 
     #[test]
     fn rejects_bad_references() {
-        for bad in ["", "Alpine", "alpine:", "alpine@sha256:123", "a//b", "alpine:bad/tag", "dir:/x"] {
+        for bad in [
+            "",
+            "Alpine",
+            "alpine:",
+            "alpine@sha256:123",
+            "a//b",
+            "alpine:bad/tag",
+            "dir:/x",
+        ] {
             assert!(bad.parse::<ImageRef>().is_err(), "{bad}");
         }
     }
@@ -307,7 +345,9 @@ mod tests {
             }
         );
         assert_eq!(
-            "docker-archive:/x/img.tar:busybox:latest".parse::<ImageRef>().unwrap(),
+            "docker-archive:/x/img.tar:busybox:latest"
+                .parse::<ImageRef>()
+                .unwrap(),
             ImageRef::DockerArchive {
                 path: "/x/img.tar".into(),
                 reference: Some("busybox:latest".into())

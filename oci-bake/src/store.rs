@@ -1,0 +1,437 @@
+//! The content-addressed store: blobs by digest, image records, root filesystem images.
+//!
+//! ```text
+//! $SUPERMACHINE_HOME (or ~/.local/share/supermachine)
+//!   blobs/sha256/<hex>     manifests, configs, layers: verified, immutable
+//!   images/<hash>.json     one record per image name
+//!   rootfs/<key>.squashfs  merged root filesystems, keyed by their layers
+//!   tmp/                   partial downloads and builds (renamed into place when complete)
+//! ```
+//! Every file appears atomically (written to `tmp/`, fsynced, renamed), so a crash or a bad
+//! download never leaves a half-written blob where a good one is expected, and concurrent
+//! pulls of the same blob each write their own temporary file.
+
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::RunConfig;
+use crate::digest::{Digest, HashingWriter};
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A filesystem operation failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// On which file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// Content did not match its digest.
+    #[error("content of {expected} does not match its digest (got {actual}): corrupt or tampered")]
+    DigestMismatch {
+        /// The digest it should have.
+        expected: Digest,
+        /// The digest it has.
+        actual: Digest,
+    },
+    /// Content is larger than allowed.
+    #[error("blob {digest} is larger than {limit} bytes")]
+    TooLarge {
+        /// The blob.
+        digest: Digest,
+        /// The limit.
+        limit: u64,
+    },
+    /// Content is shorter than its descriptor says.
+    #[error("blob {digest} is truncated: {got} of {expected} bytes")]
+    Truncated {
+        /// The blob.
+        digest: Digest,
+        /// Bytes received.
+        got: u64,
+        /// Bytes expected.
+        expected: u64,
+    },
+    /// An image record is unreadable.
+    #[error("image record {path} is corrupt: {detail}")]
+    CorruptRecord {
+        /// The file.
+        path: PathBuf,
+        /// The parse error.
+        detail: String,
+    },
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// What the store knows about a pulled image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    /// The normalised reference it was pulled by.
+    pub name: String,
+    /// The manifest digest (for archives without one, the digest of our synthesized manifest).
+    pub manifest: Digest,
+    /// The configuration blob.
+    pub config: Digest,
+    /// Layer blobs, bottom first.
+    pub layers: Vec<Digest>,
+    /// Compressed size of the layers.
+    pub size: u64,
+    /// The root filesystem image's key (file `rootfs/<key>.squashfs`).
+    pub rootfs: String,
+    /// How to run it.
+    pub run_config: RunConfig,
+    /// Seconds since the epoch when it was pulled.
+    pub pulled_at: u64,
+}
+
+/// The store at a root directory.
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl Store {
+    /// `$SUPERMACHINE_HOME`, else `$XDG_DATA_HOME/supermachine`, else
+    /// `~/.local/share/supermachine`.
+    pub fn default_root() -> PathBuf {
+        if let Some(h) = std::env::var_os("SUPERMACHINE_HOME") {
+            return PathBuf::from(h);
+        }
+        if let Some(d) = std::env::var_os("XDG_DATA_HOME") {
+            return PathBuf::from(d).join("supermachine");
+        }
+        PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+            .join(".local/share/supermachine")
+    }
+
+    /// Opens (creating) the store at `root`.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Store, StoreError> {
+        let root = root.into();
+        for dir in ["blobs/sha256", "images", "rootfs", "tmp"] {
+            let p = root.join(dir);
+            fs::create_dir_all(&p).map_err(io_err("cannot create", &p))?;
+        }
+        Ok(Store { root })
+    }
+
+    /// The store's root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where the blob `digest` lives.
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.root.join("blobs/sha256").join(digest.hex())
+    }
+
+    /// Whether the blob is present.
+    pub fn has_blob(&self, digest: &Digest) -> bool {
+        self.blob_path(digest).is_file()
+    }
+
+    /// A fresh path in `tmp/` (not created).
+    pub fn temp_path(&self, hint: &str) -> PathBuf {
+        let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        self.root
+            .join("tmp")
+            .join(format!("{hint}.{}.{n}", std::process::id()))
+    }
+
+    /// Streams `reader` into the blob `expected`, verifying size (`expected_size`, if known,
+    /// also the limit) and digest before it becomes visible.
+    pub fn put_blob(
+        &self,
+        expected: &Digest,
+        expected_size: Option<u64>,
+        limit: u64,
+        reader: impl Read,
+    ) -> Result<PathBuf, StoreError> {
+        let dest = self.blob_path(expected);
+        if dest.is_file() {
+            return Ok(dest);
+        }
+        let tmp = self.temp_path(expected.hex());
+        let result = self.write_verified(expected, expected_size, limit, reader, &tmp, &dest);
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result.map(|_| dest)
+    }
+
+    fn write_verified(
+        &self,
+        expected: &Digest,
+        expected_size: Option<u64>,
+        limit: u64,
+        reader: impl Read,
+        tmp: &Path,
+        dest: &Path,
+    ) -> Result<(), StoreError> {
+        let file = File::create(tmp).map_err(io_err("cannot create", tmp))?;
+        let mut w = HashingWriter::new(io::BufWriter::new(file));
+        let max = expected_size.unwrap_or(limit).min(limit);
+        // Read one byte past the limit to tell "exactly at the limit" from "over it".
+        let copied = io::copy(&mut reader.take(max + 1), &mut w)
+            .map_err(io_err("cannot download into", tmp))?;
+        if copied > max {
+            return Err(StoreError::TooLarge {
+                digest: expected.clone(),
+                limit: max,
+            });
+        }
+        if let Some(size) = expected_size {
+            if copied < size {
+                return Err(StoreError::Truncated {
+                    digest: expected.clone(),
+                    got: copied,
+                    expected: size,
+                });
+            }
+        }
+        let (actual, buf) = w.finish();
+        if &actual != expected {
+            return Err(StoreError::DigestMismatch {
+                expected: expected.clone(),
+                actual,
+            });
+        }
+        let file = buf.into_inner().map_err(|e| StoreError::Io {
+            what: "cannot write",
+            path: tmp.to_owned(),
+            source: e.into_error(),
+        })?;
+        file.sync_all().map_err(io_err("cannot sync", tmp))?;
+        fs::rename(tmp, dest).map_err(io_err("cannot install", dest))
+    }
+
+    /// Stores `bytes` and returns their digest.
+    pub fn put_bytes(&self, bytes: &[u8]) -> Result<Digest, StoreError> {
+        let d = Digest::of(bytes);
+        self.put_blob(&d, Some(bytes.len() as u64), bytes.len() as u64, bytes)?;
+        Ok(d)
+    }
+
+    /// Reads a (small) blob, at most `limit` bytes.
+    pub fn read_blob(&self, digest: &Digest, limit: u64) -> Result<Vec<u8>, StoreError> {
+        let path = self.blob_path(digest);
+        let mut f = File::open(&path).map_err(io_err("cannot open", &path))?;
+        let mut v = Vec::new();
+        Read::by_ref(&mut f)
+            .take(limit + 1)
+            .read_to_end(&mut v)
+            .map_err(io_err("cannot read", &path))?;
+        if v.len() as u64 > limit {
+            return Err(StoreError::TooLarge {
+                digest: digest.clone(),
+                limit,
+            });
+        }
+        Ok(v)
+    }
+
+    /// Writes `bytes` to `dest` atomically (via `tmp/`, fsync, rename).
+    pub fn write_atomic(&self, dest: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+        let tmp = self.temp_path("write");
+        let result = (|| {
+            let mut f = File::create(&tmp).map_err(io_err("cannot create", &tmp))?;
+            f.write_all(bytes).map_err(io_err("cannot write", &tmp))?;
+            f.sync_all().map_err(io_err("cannot sync", &tmp))?;
+            fs::rename(&tmp, dest).map_err(io_err("cannot install", dest))
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    /// Where the root filesystem image `key` lives.
+    pub fn rootfs_path(&self, key: &str) -> PathBuf {
+        self.root.join("rootfs").join(format!("{key}.squashfs"))
+    }
+
+    fn record_path(&self, name: &str) -> PathBuf {
+        self.root
+            .join("images")
+            .join(format!("{}.json", &Digest::of(name.as_bytes()).hex()[..32]))
+    }
+
+    /// Saves (replaces) the record for `record.name`.
+    pub fn save_image(&self, record: &ImageRecord) -> Result<(), StoreError> {
+        let json = serde_json::to_vec_pretty(record).unwrap_or_default();
+        self.write_atomic(&self.record_path(&record.name), &json)
+    }
+
+    /// The record for `name`, if pulled.
+    pub fn image(&self, name: &str) -> Result<Option<ImageRecord>, StoreError> {
+        let path = self.record_path(name);
+        match fs::read(&path) {
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| StoreError::CorruptRecord {
+                        path,
+                        detail: e.to_string(),
+                    })
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err("cannot read", &path)(e)),
+        }
+    }
+
+    /// Every image record, sorted by name (unreadable records are skipped).
+    pub fn images(&self) -> Result<Vec<ImageRecord>, StoreError> {
+        let dir = self.root.join("images");
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(io_err("cannot list", &dir))? {
+            let Ok(entry) = entry else { continue };
+            if let Ok(bytes) = fs::read(entry.path()) {
+                if let Ok(r) = serde_json::from_slice::<ImageRecord>(&bytes) {
+                    out.push(r);
+                }
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// Forgets the image `name`; returns whether it existed. Blobs stay until [`Store::prune`].
+    pub fn remove_image(&self, name: &str) -> Result<bool, StoreError> {
+        let path = self.record_path(name);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_err("cannot remove", &path)(e)),
+        }
+    }
+
+    /// Deletes blobs and root filesystems no image refers to, and stale temporary files;
+    /// returns (files removed, bytes freed).
+    pub fn prune(&self) -> Result<(usize, u64), StoreError> {
+        let images = self.images()?;
+        let mut keep_blobs = std::collections::HashSet::new();
+        let mut keep_rootfs = std::collections::HashSet::new();
+        for r in &images {
+            keep_blobs.insert(r.manifest.hex().to_string());
+            keep_blobs.insert(r.config.hex().to_string());
+            keep_blobs.extend(r.layers.iter().map(|d| d.hex().to_string()));
+            keep_rootfs.insert(format!("{}.squashfs", r.rootfs));
+        }
+        let mut removed = 0;
+        let mut freed = 0;
+        let mut sweep = |dir: PathBuf, keep: &dyn Fn(&str) -> bool| -> Result<(), StoreError> {
+            for entry in fs::read_dir(&dir).map_err(io_err("cannot list", &dir))? {
+                let Ok(entry) = entry else { continue };
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if keep(&name) {
+                    continue;
+                }
+                let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
+                if fs::remove_file(entry.path()).is_ok() {
+                    removed += 1;
+                    freed += size;
+                }
+            }
+            Ok(())
+        };
+        sweep(self.root.join("blobs/sha256"), &|n| keep_blobs.contains(n))?;
+        sweep(self.root.join("rootfs"), &|n| keep_rootfs.contains(n))?;
+        // Temporary files of processes that are gone (ours carry the pid).
+        sweep(self.root.join("tmp"), &|n| {
+            n.split('.')
+                .rev()
+                .nth(1)
+                .and_then(|pid| pid.parse::<i32>().ok())
+                // SAFETY: kill with signal 0 only checks whether the process exists.
+                .is_some_and(|pid| unsafe { libc::kill(pid, 0) } == 0)
+        })?;
+        Ok((removed, freed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> Store {
+        let dir = std::env::temp_dir().join(format!(
+            "oci-store-{}-{}",
+            std::process::id(),
+            TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        Store::open(dir).unwrap()
+    }
+
+    #[test]
+    fn blobs_are_verified_before_they_appear() {
+        let s = store();
+        let good = Digest::of(b"hello");
+        let p = s.put_blob(&good, Some(5), 1 << 20, &b"hello"[..]).unwrap();
+        assert_eq!(fs::read(p).unwrap(), b"hello");
+        let other = Digest::of(b"other");
+        let err = s
+            .put_blob(&other, Some(5), 1 << 20, &b"hellx"[..])
+            .unwrap_err();
+        assert!(matches!(err, StoreError::DigestMismatch { .. }), "{err}");
+        assert!(!s.has_blob(&other));
+        let err = s
+            .put_blob(&other, Some(10), 1 << 20, &b"other"[..])
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Truncated { .. }), "{err}");
+        let err = s.put_blob(&other, None, 3, &b"other"[..]).unwrap_err();
+        assert!(matches!(err, StoreError::TooLarge { .. }), "{err}");
+        // Nothing half-written is left behind.
+        assert_eq!(fs::read_dir(s.root().join("tmp")).unwrap().count(), 0);
+        fs::remove_dir_all(s.root()).ok();
+    }
+
+    #[test]
+    fn records_round_trip_and_prune_keeps_what_is_referenced() {
+        let s = store();
+        let layer = s.put_bytes(b"layer").unwrap();
+        let config = s.put_bytes(b"config").unwrap();
+        let manifest = s.put_bytes(b"manifest").unwrap();
+        let orphan = s.put_bytes(b"orphan").unwrap();
+        fs::write(s.rootfs_path("k1"), b"fs").unwrap();
+        fs::write(s.rootfs_path("old"), b"fs").unwrap();
+        let rec = ImageRecord {
+            name: "docker.io/library/x:latest".into(),
+            manifest,
+            config,
+            layers: vec![layer.clone()],
+            size: 5,
+            rootfs: "k1".into(),
+            run_config: RunConfig::default(),
+            pulled_at: 0,
+        };
+        s.save_image(&rec).unwrap();
+        assert_eq!(s.image(&rec.name).unwrap(), Some(rec.clone()));
+        assert_eq!(s.images().unwrap(), vec![rec.clone()]);
+        let (removed, _) = s.prune().unwrap();
+        assert_eq!(removed, 2);
+        assert!(s.has_blob(&layer) && !s.has_blob(&orphan));
+        assert!(s.rootfs_path("k1").exists() && !s.rootfs_path("old").exists());
+        assert!(s.remove_image(&rec.name).unwrap());
+        assert!(!s.remove_image(&rec.name).unwrap());
+        s.prune().unwrap();
+        assert!(!s.has_blob(&layer));
+        fs::remove_dir_all(s.root()).ok();
+    }
+}
