@@ -20,6 +20,7 @@
 
 pub mod config;
 pub mod digest;
+pub mod layers;
 pub mod manifest;
 pub mod reference;
 pub mod store;
