@@ -252,7 +252,12 @@ impl Tree {
     }
 
     /// Applies one decompressed layer tar on top of the tree.
-    pub fn apply_layer(&mut self, layer: usize, tar: impl Read, limits: &Limits) -> Result<(), LayerError> {
+    pub fn apply_layer(
+        &mut self,
+        layer: usize,
+        tar: impl Read,
+        limits: &Limits,
+    ) -> Result<(), LayerError> {
         let corrupt = |e: io::Error| LayerError::Corrupt {
             layer,
             detail: e.to_string(),
@@ -391,7 +396,8 @@ impl Tree {
                     continue;
                 }
                 self.ensure_parents(layer, &path)?;
-                let replaces_dir = matches!(self.nodes.get(&path), Some(n) if n.kind == NodeKind::Dir);
+                let replaces_dir =
+                    matches!(self.nodes.get(&path), Some(n) if n.kind == NodeKind::Dir);
                 if replaces_dir && node.kind != NodeKind::Dir {
                     self.remove_below(&path);
                 }
@@ -561,7 +567,13 @@ pub(crate) mod tests {
         );
         let p = &t.nodes["etc/passwd"];
         assert_eq!((p.uid, p.mode), (1000, 0o600));
-        assert!(matches!(p.kind, NodeKind::File { data: DataRef { layer: 2, .. }, size: 5 }));
+        assert!(matches!(
+            p.kind,
+            NodeKind::File {
+                data: DataRef { layer: 2, .. },
+                size: 5
+            }
+        ));
     }
 
     #[test]
@@ -606,7 +618,10 @@ pub(crate) mod tests {
         let l1 = layer(&[E::File("etc/shadow", b"x", 0, 0o600)]);
         assert!(matches!(apply(&[l0, l1]), Err(LayerError::Escape { .. })));
         let dangling = layer(&[E::Hard("x", "nonexistent")]);
-        assert!(matches!(apply(&[dangling]), Err(LayerError::BadHardLink { .. })));
+        assert!(matches!(
+            apply(&[dangling]),
+            Err(LayerError::BadHardLink { .. })
+        ));
     }
 
     #[test]
@@ -623,7 +638,10 @@ pub(crate) mod tests {
             max_bytes: 100,
             max_entries: 10,
         };
-        assert!(matches!(t.apply_layer(0, &l[..], &small), Err(LayerError::TooLarge { .. })));
+        assert!(matches!(
+            t.apply_layer(0, &l[..], &small),
+            Err(LayerError::TooLarge { .. })
+        ));
     }
 
     #[test]

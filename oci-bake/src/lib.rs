@@ -23,4 +23,5 @@ pub mod digest;
 pub mod layers;
 pub mod manifest;
 pub mod reference;
+pub mod rootfs;
 pub mod store;
