@@ -23,5 +23,6 @@ pub mod digest;
 pub mod layers;
 pub mod manifest;
 pub mod reference;
+pub mod registry;
 pub mod rootfs;
 pub mod store;
