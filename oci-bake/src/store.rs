@@ -222,6 +222,35 @@ impl Store {
         fs::rename(tmp, dest).map_err(io_err("cannot install", dest))
     }
 
+    /// Streams `reader` into the store under the digest of its content (for sources that do not
+    /// name their blobs by digest, like `docker save` archives); returns (digest, size).
+    pub fn import(&self, reader: impl Read, limit: u64) -> Result<(Digest, u64), StoreError> {
+        let tmp = self.temp_path("import");
+        let result = (|| {
+            let file = File::create(&tmp).map_err(io_err("cannot create", &tmp))?;
+            let mut w = HashingWriter::new(io::BufWriter::new(file));
+            let copied = io::copy(&mut reader.take(limit + 1), &mut w)
+                .map_err(io_err("cannot import into", &tmp))?;
+            let (digest, buf) = w.finish();
+            if copied > limit {
+                return Err(StoreError::TooLarge { digest, limit });
+            }
+            let file = buf.into_inner().map_err(|e| StoreError::Io {
+                what: "cannot write",
+                path: tmp.clone(),
+                source: e.into_error(),
+            })?;
+            file.sync_all().map_err(io_err("cannot sync", &tmp))?;
+            let dest = self.blob_path(&digest);
+            fs::rename(&tmp, &dest).map_err(io_err("cannot install", &dest))?;
+            Ok((digest, copied))
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+
     /// Stores `bytes` and returns their digest.
     pub fn put_bytes(&self, bytes: &[u8]) -> Result<Digest, StoreError> {
         let d = Digest::of(bytes);
