@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use supermachine::boot::{boot, BootOptions};
-use supermachine::paths;
 use supermachine::VmExit;
+use supermachine::{images, paths};
 
 /// Exit status when supermachine itself failed (as Docker's 125).
 const EXIT_SUPERMACHINE_FAILED: u8 = 125;
@@ -24,6 +24,35 @@ enum Command {
     /// Boot a kernel and initramfs and run COMMAND with our init as PID 1; exits with
     /// COMMAND's exit status.
     Boot(BootArgs),
+    /// Pull an image (docker://REF or bare REF, oci:PATH[:TAG], oci-archive:PATH[:TAG],
+    /// docker-archive:PATH[:REF]) and build its root filesystem image
+    Pull(PullArgs),
+    /// List pulled images
+    Images,
+    /// Remove images (their blobs go with the next `prune`)
+    Rmi {
+        /// Images to remove
+        #[arg(required = true, value_name = "IMAGE")]
+        images: Vec<String>,
+    },
+    /// Delete blobs and root filesystems no image uses
+    Prune,
+}
+
+#[derive(Debug, Args)]
+struct PullArgs {
+    /// Platform to pull from a multi-platform image, OS/ARCH
+    #[arg(long, value_name = "OS/ARCH")]
+    platform: Option<String>,
+    /// Talk plain HTTP to this registry (host[:port]); loopback registries always are
+    #[arg(long, value_name = "HOST")]
+    insecure_registry: Vec<String>,
+    /// No progress bars
+    #[arg(long, short = 'q')]
+    quiet: bool,
+    /// The image
+    #[arg(value_name = "IMAGE")]
+    image: String,
 }
 
 #[derive(Debug, Args)]
@@ -91,7 +120,80 @@ pub fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Boot(args) => run_boot(args),
+        Command::Pull(args) => image_command(|| run_pull(args)),
+        Command::Images => image_command(run_images),
+        Command::Rmi { images } => image_command(|| run_rmi(&images)),
+        Command::Prune => image_command(run_prune),
     }
+}
+
+/// Image commands fail with status 1, as Docker's do.
+fn image_command(f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<ExitCode> {
+    match f() {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            eprintln!("supermachine: {e}");
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+fn run_pull(args: PullArgs) -> anyhow::Result<()> {
+    let mut opts = images::PullOptions::default();
+    if let Some(p) = &args.platform {
+        let (os, arch) = p
+            .split_once('/')
+            .ok_or_else(|| anyhow::anyhow!("--platform wants OS/ARCH, e.g. linux/amd64"))?;
+        opts.platform = (os.to_string(), arch.to_string());
+    }
+    opts.client.insecure_registries = args.insecure_registry;
+    opts.progress = !args.quiet;
+    let store = images::store()?;
+    let record = images::pull(&store, &args.image, &opts)?;
+    println!("{}", record.name);
+    println!("digest: {}", record.manifest);
+    println!("rootfs: {}", store.rootfs_path(&record.rootfs).display());
+    Ok(())
+}
+
+fn run_images() -> anyhow::Result<()> {
+    let store = images::store()?;
+    println!("{:<60} {:<14} {:>10}", "IMAGE", "DIGEST", "SIZE");
+    for r in store.images()? {
+        println!(
+            "{:<60} {:<14} {:>10}",
+            r.name,
+            r.manifest.short(),
+            images::human_size(r.size)
+        );
+    }
+    Ok(())
+}
+
+fn run_rmi(names: &[String]) -> anyhow::Result<()> {
+    let store = images::store()?;
+    let mut missing = Vec::new();
+    for name in names {
+        let record = images::find(&store, name)?;
+        match record {
+            Some(r) if store.remove_image(&r.name)? => println!("Untagged: {}", r.name),
+            _ => missing.push(name.as_str()),
+        }
+    }
+    if !missing.is_empty() {
+        anyhow::bail!("no such image: {}", missing.join(", "));
+    }
+    Ok(())
+}
+
+fn run_prune() -> anyhow::Result<()> {
+    let store = images::store()?;
+    let (files, bytes) = store.prune()?;
+    println!(
+        "Deleted {files} files, reclaimed {}",
+        images::human_size(bytes)
+    );
+    Ok(())
 }
 
 fn run_boot(args: BootArgs) -> anyhow::Result<ExitCode> {
@@ -150,7 +252,9 @@ mod tests {
             "nproc; exit 3",
         ])
         .unwrap();
-        let Command::Boot(b) = cli.command;
+        let Command::Boot(b) = cli.command else {
+            panic!()
+        };
         assert_eq!(b.cpus, 2);
         assert_eq!(b.memory, 512);
         assert_eq!(b.command, ["/bin/sh", "-c", "nproc; exit 3"]);
@@ -169,7 +273,9 @@ mod tests {
             "/d.img:rw",
         ])
         .unwrap();
-        let Command::Boot(b) = cli.command;
+        let Command::Boot(b) = cli.command else {
+            panic!()
+        };
         let got: Vec<(String, bool)> = b
             .disk
             .iter()

@@ -5,11 +5,12 @@
 //! command-line tool built on it.
 //!
 //! Today it boots a kernel and initramfs with our `guest-init` as PID 1 and carries the guest
-//! command's exit status back ([`boot`]). Image handling, snapshots and the `Vm`/`Pool` API
-//! arrive with their crates.
+//! command's exit status back ([`boot`]), and pulls OCI images into root filesystem images
+//! ([`images`]). Running images, snapshots and the `Vm`/`Pool` API arrive with their issues.
 #![deny(missing_docs)]
 
 pub mod boot;
+pub mod images;
 pub mod paths;
 
 pub use boot::{boot, BootError, BootOptions, BootOutcome, DiskSpec};

@@ -20,6 +20,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("libelf-dev", "/usr/include/libelf.h"),
     ("libssl-dev", "/usr/include/openssl/ssl.h"),
     ("xz-utils", "/usr/bin/xz"),
+    ("docker-registry", "/usr/bin/docker-registry"),
+    ("skopeo", "/usr/bin/skopeo"),
+    ("apache2-utils", "/usr/bin/htpasswd"),
 ];
 
 const RUST_TARGETS: &[&str] = &[
