@@ -311,3 +311,65 @@ fn bad_disk_arguments_are_clear_errors() {
     assert!(run.stderr.contains("512-byte sectors"), "{}", run.stderr);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[path = "support/test_image.rs"]
+mod test_image;
+
+#[test]
+fn the_guest_kernel_mounts_a_pulled_image_root_filesystem() {
+    let dir = scratch("rootfs");
+    let layout = dir.join("layout");
+    test_image::build_layout(&layout, "v1");
+    let home = dir.join("home");
+    let pull = Command::new(env!("CARGO_BIN_EXE_supermachine"))
+        .args(["pull", "-q", &format!("oci:{}:v1", layout.display())])
+        .env("SUPERMACHINE_HOME", &home)
+        .output()
+        .unwrap();
+    assert!(
+        pull.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pull.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&pull.stdout);
+    let rootfs = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("rootfs: "))
+        .unwrap_or_else(|| panic!("no rootfs path in:\n{stdout}"))
+        .to_string();
+    let script = "mount -t squashfs -o ro /dev/vda /mnt || exit 9
+        cat /mnt/opt/app/new; echo
+        test -e /mnt/etc/gone && echo whiteout-ignored
+        test -e /mnt/opt/app/old && echo opaque-ignored
+        readlink /mnt/bin/sh
+        stat -c '%a %u:%g %n' /mnt/bin/busybox /mnt/home/user/notes
+        stat -c '%t:%T %n' /mnt/dev/null
+        grep -c user /mnt/etc/passwd";
+    let run = guest(&[
+        "boot",
+        "--quiet",
+        "--disk",
+        &format!("{rootfs}:ro"),
+        "--",
+        "/bin/sh",
+        "-c",
+        script,
+    ]);
+    assert_eq!(
+        run.code, 0,
+        "stdout:\n{}\nstderr:\n{}",
+        run.stdout, run.stderr
+    );
+    let out = &run.stdout;
+    for want in [
+        "new\n",
+        "busybox\n",
+        "4755 0:0 /mnt/bin/busybox",
+        "600 1000:1000 /mnt/home/user/notes",
+        "1:3 /mnt/dev/null",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in:\n{out}");
+    }
+    assert!(!out.contains("ignored"), "{out}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -3,11 +3,13 @@
 //! archive (made from the layout with `skopeo`). Needs `docker-registry`, `skopeo` and
 //! `htpasswd` (`cargo xtask deps` installs them); fails with that reason without them.
 
-use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+#[path = "support/test_image.rs"]
+mod test_image;
 
 use oci_bake::registry::ClientOptions;
 use oci_bake::rootfs::listing;
@@ -28,136 +30,6 @@ fn need(tool: &str) {
         found,
         "{tool} is needed for this test (cargo xtask deps installs it)"
     );
-}
-
-// ---------- a test image, built here as an OCI layout ----------
-
-fn sha(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-enum E<'a> {
-    Dir(&'a str, u32),
-    File(&'a str, &'a [u8], u32, u32),
-    Sym(&'a str, &'a str),
-    Hard(&'a str, &'a str),
-    Char(&'a str, u32, u32),
-}
-
-fn layer(entries: &[E]) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    for e in entries {
-        let mut h = tar::Header::new_gnu();
-        h.set_mtime(1_700_000_000);
-        h.set_size(0);
-        match e {
-            E::Dir(p, m) => {
-                h.set_entry_type(tar::EntryType::Directory);
-                h.set_mode(*m);
-                b.append_data(&mut h, p, &[][..]).unwrap();
-            }
-            E::File(p, d, id, m) => {
-                h.set_entry_type(tar::EntryType::Regular);
-                h.set_mode(*m);
-                h.set_uid(u64::from(*id));
-                h.set_gid(u64::from(*id));
-                h.set_size(d.len() as u64);
-                b.append_data(&mut h, p, *d).unwrap();
-            }
-            E::Sym(p, t) => {
-                h.set_entry_type(tar::EntryType::Symlink);
-                h.set_mode(0o777);
-                b.append_link(&mut h, p, t).unwrap();
-            }
-            E::Hard(p, t) => {
-                h.set_entry_type(tar::EntryType::Link);
-                b.append_link(&mut h, p, t).unwrap();
-            }
-            E::Char(p, maj, min) => {
-                h.set_entry_type(tar::EntryType::Char);
-                h.set_mode(0o666);
-                h.set_device_major(*maj).unwrap();
-                h.set_device_minor(*min).unwrap();
-                b.append_data(&mut h, p, &[][..]).unwrap();
-            }
-        }
-    }
-    let tar = b.into_inner().unwrap();
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(&tar).unwrap();
-    gz.finish().unwrap()
-}
-
-fn put(dir: &Path, bytes: &[u8]) -> (String, usize) {
-    let h = sha(bytes);
-    std::fs::write(dir.join("blobs/sha256").join(&h), bytes).unwrap();
-    (format!("sha256:{h}"), bytes.len())
-}
-
-/// Three layers exercising whiteouts, opaque directories, links, devices, modes and owners.
-fn build_layout(dir: &Path, tag: &str) {
-    std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
-    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-    let big: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
-    let layers = [
-        layer(&[
-            E::Dir("etc", 0o755),
-            E::File("etc/passwd", b"root:x:0:0::/root:/bin/sh\n", 0, 0o644),
-            E::File("etc/gone", b"to be whited out", 0, 0o644),
-            E::Dir("opt/app", 0o750),
-            E::File("opt/app/old", b"old", 0, 0o644),
-            E::File("opt/app/sub/deep", b"deep", 0, 0o644),
-            E::File("bin/busybox", &big, 0, 0o4755),
-            E::Sym("bin/sh", "busybox"),
-            E::Hard("bin/ls", "bin/busybox"),
-            E::Char("dev/null", 1, 3),
-        ]),
-        layer(&[
-            E::File("etc/.wh.gone", b"", 0, 0o644),
-            E::File("opt/app/.wh..wh..opq", b"", 0, 0o644),
-            E::File("opt/app/new", b"new", 0, 0o644),
-            E::File("home/user/notes", b"private", 1000, 0o600),
-        ]),
-        layer(&[E::File(
-            "etc/passwd",
-            b"root:x:0:0::/root:/bin/sh\nuser:x:1000:1000::/home/user:/bin/sh\n",
-            0,
-            0o644,
-        )]),
-    ];
-    let descs: Vec<_> = layers.iter().map(|l| put(dir, l)).collect();
-    let diff_ids: Vec<String> = layers
-        .iter()
-        .map(|l| {
-            let mut d = flate2::read::GzDecoder::new(&l[..]);
-            let mut raw = Vec::new();
-            std::io::Read::read_to_end(&mut d, &mut raw).unwrap();
-            format!("sha256:{}", sha(&raw))
-        })
-        .collect();
-    let config = serde_json::json!({
-        "architecture": "amd64", "os": "linux",
-        "config": {"Entrypoint": ["/bin/sh", "-c"], "Cmd": ["echo hi"], "Env": ["PATH=/bin", "A=1"],
-                   "WorkingDir": "/home/user", "User": "1000:1000", "ExposedPorts": {"80/tcp": {}},
-                   "StopSignal": "SIGQUIT"},
-        "rootfs": {"type": "layers", "diff_ids": diff_ids},
-    });
-    let (cd, cs) = put(dir, &serde_json::to_vec(&config).unwrap());
-    let manifest = serde_json::json!({
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": cs},
-        "layers": descs.iter().map(|(d, s)| serde_json::json!({
-            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d, "size": s})).collect::<Vec<_>>(),
-    });
-    let (md, ms) = put(dir, &serde_json::to_vec(&manifest).unwrap());
-    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
-        "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": ms,
-        "annotations": {"org.opencontainers.image.ref.name": tag}}]});
-    std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
 }
 
 // ---------- a registry on loopback ----------
@@ -248,7 +120,7 @@ fn pull(store: &Store, r: &str, o: &PullOptions) -> Result<oci_bake::ImageRecord
 fn every_source_gives_the_same_root_filesystem() {
     let dir = scratch("sources");
     let layout = dir.join("layout");
-    build_layout(&layout, "v1");
+    test_image::build_layout(&layout, "v1");
     let reg = start_registry(&dir, None);
     let remote = format!("127.0.0.1:{}/test/img:v1", reg.port);
     skopeo(&[
@@ -338,7 +210,7 @@ fn every_source_gives_the_same_root_filesystem() {
 fn failures_are_distinct_clear_errors_and_leave_the_store_usable() {
     let dir = scratch("failures");
     let layout = dir.join("layout");
-    build_layout(&layout, "v1");
+    test_image::build_layout(&layout, "v1");
     let reg = start_registry(&dir, None);
     let remote = format!("127.0.0.1:{}/test/img", reg.port);
     skopeo(&[
@@ -445,7 +317,7 @@ fn registries_with_passwords() {
     need("htpasswd");
     let dir = scratch("auth");
     let layout = dir.join("layout");
-    build_layout(&layout, "v1");
+    test_image::build_layout(&layout, "v1");
     let htpasswd = dir.join("htpasswd");
     let out = Command::new("htpasswd")
         .args(["-Bbn", "alice", "s3cret"])
@@ -510,7 +382,7 @@ fn registries_with_passwords() {
 fn cli_pull_images_rmi_prune() {
     let dir = scratch("cli");
     let layout = dir.join("layout");
-    build_layout(&layout, "v1");
+    test_image::build_layout(&layout, "v1");
     let home = dir.join("home");
     let sm = |args: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_supermachine"))
