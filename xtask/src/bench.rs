@@ -39,6 +39,18 @@ pub enum Which {
         #[arg(long)]
         here: bool,
     },
+    /// Pull of a 100+ MiB multi-layer image from a local registry, cold and warm, next to skopeo
+    Pull {
+        /// Runs (the median is reported)
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Layers in the test image
+        #[arg(long, default_value_t = 4)]
+        layers: usize,
+        /// MiB of files per layer
+        #[arg(long, default_value_t = 32)]
+        layer_mib: usize,
+    },
     /// virtio-blk throughput and IOPS from inside the guest, next to QEMU microvm's virtio-blk
     Blk {
         /// Runs per VMM (the median is reported)
@@ -228,6 +240,11 @@ pub fn run(which: Which) -> Result<()> {
     match which {
         Which::Toy { runs } => bench_toy(runs),
         Which::Boot { runs, here } => bench_boot(runs, here),
+        Which::Pull {
+            runs,
+            layers,
+            layer_mib,
+        } => crate::bench_pull::bench(runs, layers, layer_mib),
         Which::Blk {
             runs,
             mib,

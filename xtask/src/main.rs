@@ -11,6 +11,7 @@
 //!   next to QEMU
 
 mod bench;
+mod bench_pull;
 mod deps;
 mod fuzz;
 mod initramfs;
