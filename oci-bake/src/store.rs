@@ -189,7 +189,7 @@ impl Store {
         let mut w = HashingWriter::new(io::BufWriter::new(file));
         let max = expected_size.unwrap_or(limit).min(limit);
         // Read one byte past the limit to tell "exactly at the limit" from "over it".
-        let copied = io::copy(&mut reader.take(max + 1), &mut w)
+        let copied = io::copy(&mut reader.take(max.saturating_add(1)), &mut w)
             .map_err(io_err("cannot download into", tmp))?;
         if copied > max {
             return Err(StoreError::TooLarge {
@@ -229,7 +229,7 @@ impl Store {
         let result = (|| {
             let file = File::create(&tmp).map_err(io_err("cannot create", &tmp))?;
             let mut w = HashingWriter::new(io::BufWriter::new(file));
-            let copied = io::copy(&mut reader.take(limit + 1), &mut w)
+            let copied = io::copy(&mut reader.take(limit.saturating_add(1)), &mut w)
                 .map_err(io_err("cannot import into", &tmp))?;
             let (digest, buf) = w.finish();
             if copied > limit {
@@ -264,7 +264,7 @@ impl Store {
         let mut f = File::open(&path).map_err(io_err("cannot open", &path))?;
         let mut v = Vec::new();
         Read::by_ref(&mut f)
-            .take(limit + 1)
+            .take(limit.saturating_add(1))
             .read_to_end(&mut v)
             .map_err(io_err("cannot read", &path))?;
         if v.len() as u64 > limit {
@@ -427,6 +427,24 @@ mod tests {
         let err = s.put_blob(&other, None, 3, &b"other"[..]).unwrap_err();
         assert!(matches!(err, StoreError::TooLarge { .. }), "{err}");
         // Nothing half-written is left behind.
+        assert_eq!(fs::read_dir(s.root().join("tmp")).unwrap().count(), 0);
+        fs::remove_dir_all(s.root()).ok();
+    }
+
+    #[test]
+    fn concurrent_pulls_of_one_blob_do_not_corrupt_it() {
+        let s = store();
+        let data: Vec<u8> = (0..2_000_000u32).map(|i| (i % 251) as u8).collect();
+        let d = Digest::of(&data);
+        std::thread::scope(|scope| {
+            for _ in 0..8 {
+                scope.spawn(|| {
+                    s.put_blob(&d, Some(data.len() as u64), u64::MAX, &data[..])
+                        .unwrap();
+                });
+            }
+        });
+        assert_eq!(fs::read(s.blob_path(&d)).unwrap(), data);
         assert_eq!(fs::read_dir(s.root().join("tmp")).unwrap().count(), 0);
         fs::remove_dir_all(s.root()).ok();
     }

@@ -48,7 +48,7 @@ pub enum Which {
         #[arg(long, default_value_t = 4)]
         layers: usize,
         /// MiB of files per layer
-        #[arg(long, default_value_t = 32)]
+        #[arg(long, default_value_t = 40)]
         layer_mib: usize,
     },
     /// virtio-blk throughput and IOPS from inside the guest, next to QEMU microvm's virtio-blk
