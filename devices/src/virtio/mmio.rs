@@ -113,6 +113,16 @@ impl MmioTransport {
             .collect()
     }
 
+    /// The device's own host-side event sources.
+    pub fn device_events(&self) -> Vec<std::os::fd::RawFd> {
+        self.device.event_fds()
+    }
+
+    /// Handles device event source `index`.
+    pub fn process_device_event(&mut self, index: usize) {
+        self.device.process_event(index);
+    }
+
     /// Handles a kick of queue `index` that arrived on its eventfd.
     pub fn process_queue_event(&mut self, index: usize) {
         if let Some(evt) = self.queue_events.get(index) {

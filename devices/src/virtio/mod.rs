@@ -6,6 +6,7 @@
 //! [`EventLoop`](crate::event_loop::EventLoop) thread, off the vCPU threads.
 
 pub mod block;
+pub mod console;
 mod mmio;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
@@ -45,6 +46,8 @@ pub mod features {
 pub mod device_type {
     /// Block device.
     pub const BLOCK: u32 = 2;
+    /// Console.
+    pub const CONSOLE: u32 = 3;
 }
 
 /// Interrupt status bit: a queue's used ring changed.
@@ -136,6 +139,12 @@ pub trait VirtioDevice: Send {
     fn process_queue(&mut self, index: usize);
     /// Stops the device and forgets its queues (the driver wrote 0 to the status register).
     fn reset(&mut self);
+    /// Host-side event sources beyond the queues (e.g. "input arrived"), for the event loop.
+    fn event_fds(&self) -> Vec<std::os::fd::RawFd> {
+        Vec::new()
+    }
+    /// `event_fds()[index]` became readable; the device must drain it, active or not.
+    fn process_event(&mut self, _index: usize) {}
 }
 
 /// Copies `src` (a config-space image) into `data` from `offset`, zero-filling past its end.
