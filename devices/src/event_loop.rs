@@ -27,10 +27,16 @@ fn os(e: impl std::fmt::Display) -> EventLoopError {
 
 struct TransportSubscriber(Arc<Mutex<MmioTransport>>);
 
+/// Event data at and above this tag are the device's own sources, below it its queues.
+const DEVICE_EVENT_BASE: u32 = 0x1_0000;
+
 impl MutEventSubscriber for TransportSubscriber {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         let mut t = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        t.process_queue_event(events.data() as usize);
+        match events.data() {
+            d if d >= DEVICE_EVENT_BASE => t.process_device_event((d - DEVICE_EVENT_BASE) as usize),
+            d => t.process_queue_event(d as usize),
+        }
     }
 
     fn init(&mut self, ops: &mut EventOps) {
@@ -40,6 +46,13 @@ impl MutEventSubscriber for TransportSubscriber {
             let _ = ops.add(Events::with_data_raw(
                 fd.as_raw_fd(),
                 i as u32,
+                EventSet::IN,
+            ));
+        }
+        for (i, fd) in t.device_events().into_iter().enumerate() {
+            let _ = ops.add(Events::with_data_raw(
+                fd,
+                DEVICE_EVENT_BASE + i as u32,
                 EventSet::IN,
             ));
         }

@@ -46,6 +46,72 @@ pub struct InitConfig {
     /// Print init's own progress lines on the console.
     #[serde(default)]
     pub verbose: bool,
+    /// Run the command as a container in an image's root filesystem (else in the initramfs).
+    #[serde(default)]
+    pub container: Option<ContainerConfig>,
+}
+
+/// How to run a container workload: the image's root filesystem, identity and stdio.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerConfig {
+    /// The block device holding the image's read-only root filesystem.
+    pub rootfs_device: String,
+    /// Its filesystem type (`squashfs`).
+    pub rootfs_type: String,
+    /// `user`, `uid`, `user:group` or `uid:gid` (empty: root), resolved in the image.
+    #[serde(default)]
+    pub user: String,
+    /// The guest's host name.
+    pub hostname: String,
+    /// Give the workload a terminal (the stdout console) instead of pipes.
+    #[serde(default)]
+    pub tty: bool,
+    /// Connect the host's stdin to the workload's.
+    #[serde(default)]
+    pub interactive: bool,
+    /// Console carrying the workload's stdout (and stdin).
+    pub stdout_device: String,
+    /// Console carrying the workload's stderr.
+    pub stderr_device: String,
+    /// Console carrying control messages from the host ([`ControlMessage`]).
+    pub control_device: String,
+}
+
+/// What init writes on the control console once the workload's consoles are set up (raw
+/// mode): host input sent earlier could be echoed or mangled by the terminal layer.
+pub const GUEST_READY: &str = "ready\n";
+
+/// Messages the host sends on the control console, one per line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlMessage {
+    /// Deliver signal N to the workload's process group.
+    Signal(i32),
+    /// The host's stdin ended: close the workload's.
+    StdinEof,
+}
+
+impl ControlMessage {
+    /// The line for the control console (with its newline).
+    pub fn encode(&self) -> String {
+        match self {
+            ControlMessage::Signal(n) => format!("signal {n}\n"),
+            ControlMessage::StdinEof => "stdin-eof\n".into(),
+        }
+    }
+
+    /// Parses one line (without its newline); unknown lines are `None`.
+    pub fn decode(line: &str) -> Option<ControlMessage> {
+        match line.trim().split_once(' ') {
+            Some(("signal", n)) => n
+                .parse()
+                .ok()
+                .filter(|n| (1..=64).contains(n))
+                .map(ControlMessage::Signal),
+            None if line.trim() == "stdin-eof" => Some(ControlMessage::StdinEof),
+            _ => None,
+        }
+    }
 }
 
 impl InitConfig {
@@ -86,10 +152,29 @@ mod tests {
             workdir: Some("/tmp".into()),
             clock_seconds: Some(1_800_000_000),
             verbose: true,
+            container: None,
         };
         assert_eq!(InitConfig::from_json(&c.to_json()).unwrap(), c);
         assert!(InitConfig::from_json(br#"{"argv":[],"bogus":1}"#).is_err());
         assert!(InitConfig::from_json(b"not json").is_err());
+    }
+
+    #[test]
+    fn control_messages_round_trip_and_reject_garbage() {
+        for m in [ControlMessage::Signal(15), ControlMessage::StdinEof] {
+            assert_eq!(ControlMessage::decode(&m.encode()), Some(m));
+        }
+        for bad in [
+            "",
+            "signal",
+            "signal 0",
+            "signal 999",
+            "signal x",
+            "reboot",
+            "stdin-eof now",
+        ] {
+            assert_eq!(ControlMessage::decode(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -33,6 +33,9 @@ fn run() -> Result<i32, String> {
         println!("supermachine-init: running {:?}", config.argv);
         let _ = io::stdout().flush();
     }
+    if let Some(container) = &config.container {
+        return Ok(crate::container::run(&config, container));
+    }
     Ok(run_command(&config))
 }
 
@@ -146,7 +149,7 @@ fn run_command(config: &InitConfig) -> i32 {
 }
 
 /// Reaps every child until `main` exits; returns its status the way a shell reports it.
-fn wait_for(main: libc::pid_t) -> i32 {
+pub(crate) fn wait_for(main: libc::pid_t) -> i32 {
     loop {
         let mut status = 0;
         // SAFETY: `status` is a valid out-pointer.

@@ -21,6 +21,7 @@
 pub mod config;
 pub mod digest;
 pub mod layers;
+pub mod layout;
 pub mod manifest;
 pub mod reference;
 pub mod registry;

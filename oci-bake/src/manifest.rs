@@ -98,27 +98,28 @@ pub struct ImageConfigFile {
 /// The `config` object of an image configuration (Docker's field names).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
+#[serde(default)]
 pub struct ContainerConfig {
     /// Entrypoint.
-    #[serde(default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub entrypoint: Option<Vec<String>>,
     /// Default arguments.
-    #[serde(default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub cmd: Option<Vec<String>>,
     /// Environment, `NAME=value`.
-    #[serde(default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub env: Option<Vec<String>>,
     /// Working directory.
-    #[serde(default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub working_dir: Option<String>,
     /// User (`name`, `uid`, `uid:gid`, …).
-    #[serde(default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
     /// Exposed ports (`80/tcp` → `{}`).
-    #[serde(default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub exposed_ports: Option<BTreeMap<String, serde_json::Value>>,
     /// Stop signal.
-    #[serde(default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub stop_signal: Option<String>,
 }
 

@@ -65,8 +65,23 @@ pub struct BootOptions {
     pub console: Box<dyn Write + Send>,
     /// Forward this reader (usually stdin) to the guest console's input.
     pub console_input: Option<Box<dyn Read + Send>>,
+    /// Working directory for the command.
+    pub workdir: Option<String>,
     /// Disks, in guest order.
     pub disks: Vec<DiskSpec>,
+    /// Run COMMAND as a container in an image's root filesystem.
+    pub container: Option<guest_init::ContainerConfig>,
+    /// Extra single-port virtio consoles (`/dev/hvc0`, `/dev/hvc1`, … in order).
+    pub consoles: Vec<ConsoleSpec>,
+}
+
+/// A virtio console: where guest output goes; host input arrives through the handle the
+/// `on_ready` callback receives.
+pub struct ConsoleSpec {
+    /// Where the guest's writes go.
+    pub output: Box<dyn Write + Send>,
+    /// Called with the console's input handle once the device exists.
+    pub on_ready: Option<Box<dyn FnOnce(devices::virtio::console::ConsoleInput) + Send>>,
 }
 
 /// How a boot ended.
@@ -152,9 +167,10 @@ pub fn boot(opts: BootOptions) -> Result<BootOutcome, BootError> {
         let config = InitConfig {
             argv: opts.command.clone(),
             env: opts.env.clone(),
-            workdir: None,
+            workdir: opts.workdir.clone(),
             clock_seconds: now_seconds(),
             verbose: !opts.quiet,
+            container: opts.container.clone(),
         };
         initramfs.push(InitramfsPart::Bytes(config.to_initramfs()));
     }
@@ -200,6 +216,12 @@ pub fn boot(opts: BootOptions) -> Result<BootOutcome, BootError> {
     let mut event_loop =
         devices::event_loop::EventLoop::new().map_err(|e| BootError::Device(e.to_string()))?;
     attach_disks(&mut builder, &mut event_loop, &opts.disks)?;
+    attach_consoles(
+        &mut builder,
+        &mut event_loop,
+        opts.disks.len(),
+        opts.consoles,
+    )?;
     let vm = builder.build()?;
     if let Some(input) = opts.console_input {
         forward_input(input, serial, control.clone());
@@ -212,40 +234,64 @@ pub fn boot(opts: BootOptions) -> Result<BootOutcome, BootError> {
     Ok(BootOutcome { exit: exit? })
 }
 
-/// Puts each disk on the MMIO bus as virtio-blk, declares it on the kernel command line, routes
-/// its queue kicks to the event loop through ioeventfds.
+/// Puts a virtio device in MMIO slot `slot`: bus, interrupt line, ioeventfds for its queues,
+/// the event loop, and its declaration on the kernel command line.
+fn attach_virtio(
+    builder: &mut VmBuilder,
+    event_loop: &mut devices::event_loop::EventLoop,
+    slot: usize,
+    device: Box<dyn devices::virtio::VirtioDevice>,
+) -> Result<(), BootError> {
+    use devices::virtio::{MmioTransport, MMIO_SLOT_SIZE, NOTIFY_REG_OFFSET};
+    use vmm_core::arch::x86_64::layout::{IRQ_BASE, IRQ_MAX, VIRTIO_MMIO_START};
+
+    let max = (IRQ_MAX - IRQ_BASE + 1) as usize;
+    if slot >= max {
+        return Err(BootError::TooManyDevices(max));
+    }
+    let addr = VIRTIO_MMIO_START + slot as u64 * MMIO_SLOT_SIZE;
+    let irq = IRQ_BASE + slot as u32;
+    let transport = MmioTransport::new(device, builder.memory().clone(), builder.irq_trigger(irq)?)
+        .map_err(|e| BootError::Device(e.to_string()))?;
+    for (queue, fd) in transport.queue_events().into_iter().enumerate() {
+        builder
+            .vm()
+            .register_ioevent(fd, addr + NOTIFY_REG_OFFSET, queue as u32)?;
+    }
+    let transport = Arc::new(Mutex::new(transport));
+    builder.add_mmio_device(transport.clone(), addr, MMIO_SLOT_SIZE)?;
+    event_loop.add_transport(transport);
+    builder.append_cmdline(&format!("virtio_mmio.device=4K@{addr:#x}:{irq}"));
+    Ok(())
+}
+
+/// Each disk as virtio-blk, in order (`/dev/vda`, …).
 fn attach_disks(
     builder: &mut VmBuilder,
     event_loop: &mut devices::event_loop::EventLoop,
     disks: &[DiskSpec],
 ) -> Result<(), BootError> {
-    use devices::virtio::block::Block;
-    use devices::virtio::{MmioTransport, MMIO_SLOT_SIZE, NOTIFY_REG_OFFSET};
-    use vmm_core::arch::x86_64::layout::{IRQ_BASE, IRQ_MAX, VIRTIO_MMIO_START};
-
-    let max = (IRQ_MAX - IRQ_BASE + 1) as usize;
-    if disks.len() > max {
-        return Err(BootError::TooManyDevices(max));
-    }
     for (i, disk) in disks.iter().enumerate() {
-        let addr = VIRTIO_MMIO_START + i as u64 * MMIO_SLOT_SIZE;
-        let irq = IRQ_BASE + i as u32;
-        let block = Block::open(&disk.path, disk.read_only)?;
-        let transport = MmioTransport::new(
-            Box::new(block),
-            builder.memory().clone(),
-            builder.irq_trigger(irq)?,
-        )
-        .map_err(|e| BootError::Device(e.to_string()))?;
-        for (queue, fd) in transport.queue_events().into_iter().enumerate() {
-            builder
-                .vm()
-                .register_ioevent(fd, addr + NOTIFY_REG_OFFSET, queue as u32)?;
+        let block = devices::virtio::block::Block::open(&disk.path, disk.read_only)?;
+        attach_virtio(builder, event_loop, i, Box::new(block))?;
+    }
+    Ok(())
+}
+
+/// Each console as a single-port virtio-console, in order (`/dev/hvc0`, …), after the disks.
+fn attach_consoles(
+    builder: &mut VmBuilder,
+    event_loop: &mut devices::event_loop::EventLoop,
+    first_slot: usize,
+    consoles: Vec<ConsoleSpec>,
+) -> Result<(), BootError> {
+    for (i, spec) in consoles.into_iter().enumerate() {
+        let console = devices::virtio::console::Console::new(spec.output)
+            .map_err(|e| BootError::Device(e.to_string()))?;
+        if let Some(ready) = spec.on_ready {
+            ready(console.input());
         }
-        let transport = Arc::new(Mutex::new(transport));
-        builder.add_mmio_device(transport.clone(), addr, MMIO_SLOT_SIZE)?;
-        event_loop.add_transport(transport);
-        builder.append_cmdline(&format!("virtio_mmio.device=4K@{addr:#x}:{irq}"));
+        attach_virtio(builder, event_loop, first_slot + i, Box::new(console))?;
     }
     Ok(())
 }

@@ -24,6 +24,8 @@ enum Command {
     /// Boot a kernel and initramfs and run COMMAND with our init as PID 1; exits with
     /// COMMAND's exit status.
     Boot(BootArgs),
+    /// Run an image in a new microVM, as `docker run` does
+    Run(RunArgs),
     /// Pull an image (docker://REF or bare REF, oci:PATH[:TAG], oci-archive:PATH[:TAG],
     /// docker-archive:PATH[:REF]) and build its root filesystem image
     Pull(PullArgs),
@@ -37,6 +39,93 @@ enum Command {
     },
     /// Delete blobs and root filesystems no image uses
     Prune,
+}
+
+#[derive(Debug, Args)]
+#[command(trailing_var_arg = true)]
+struct RunArgs {
+    /// Keep STDIN open and connect it to the workload
+    #[arg(short, long)]
+    interactive: bool,
+    /// Give the workload a terminal
+    #[arg(short, long)]
+    tty: bool,
+    /// Set an environment variable (NAME=VALUE, or NAME to pass the host's value)
+    #[arg(short, long, value_name = "NAME[=VALUE]")]
+    env: Vec<String>,
+    /// Read environment variables from a file (NAME=VALUE lines; # comments)
+    #[arg(long, value_name = "FILE")]
+    env_file: Vec<std::path::PathBuf>,
+    /// Override the image's entrypoint ("" clears it)
+    #[arg(long, value_name = "CMD")]
+    entrypoint: Option<String>,
+    /// Working directory inside the container
+    #[arg(short, long, value_name = "DIR")]
+    workdir: Option<String>,
+    /// User: name, uid, name:group or uid:gid
+    #[arg(short, long, value_name = "USER")]
+    user: Option<String>,
+    /// Host name of the guest
+    #[arg(long)]
+    hostname: Option<String>,
+    /// Guest memory (bytes, or with a b/k/m/g suffix: 512m, 2g)
+    #[arg(short, long, value_name = "SIZE", default_value = "512m", value_parser = parse_memory)]
+    memory: u32,
+    /// Number of vCPUs (fractions round up)
+    #[arg(long, value_name = "N", default_value = "1", value_parser = parse_cpus)]
+    cpus: u8,
+    /// A name for the VM (shown in the guest as its host name when --hostname is not given)
+    #[arg(long)]
+    name: Option<String>,
+    /// Remove the VM when it exits (always the case for foreground VMs today)
+    #[arg(long)]
+    rm: bool,
+    /// When to pull the image
+    #[arg(long, value_enum, default_value = "missing")]
+    pull: PullPolicyArg,
+    /// Show the guest kernel's log on stderr
+    #[arg(long)]
+    debug: bool,
+    /// The image
+    #[arg(value_name = "IMAGE")]
+    image: String,
+    /// Command and arguments (replace the image's Cmd)
+    #[arg(value_name = "COMMAND", allow_hyphen_values = true)]
+    command: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum PullPolicyArg {
+    Missing,
+    Always,
+    Never,
+}
+
+fn parse_memory(s: &str) -> Result<u32, String> {
+    let s = s.trim().to_ascii_lowercase();
+    let (num, mult) = match s.chars().last() {
+        Some('b') => (&s[..s.len() - 1], 1u64),
+        Some('k') => (&s[..s.len() - 1], 1 << 10),
+        Some('m') => (&s[..s.len() - 1], 1 << 20),
+        Some('g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (&s[..], 1 << 20),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid size {s:?} (e.g. 512m, 2g)"))?;
+    let mib = n.saturating_mul(mult) >> 20;
+    if !(64..=1 << 20).contains(&mib) {
+        return Err(format!("{s} is out of range (64m..1024g)"));
+    }
+    Ok(mib as u32)
+}
+
+fn parse_cpus(s: &str) -> Result<u8, String> {
+    let n: f64 = s.parse().map_err(|_| format!("invalid CPU count {s:?}"))?;
+    if !(n > 0.0 && n <= 64.0) {
+        return Err(format!("{s} is out of range (0..64]"));
+    }
+    Ok(n.ceil() as u8)
 }
 
 #[derive(Debug, Args)]
@@ -120,6 +209,7 @@ pub fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Boot(args) => run_boot(args),
+        Command::Run(args) => run_run(args),
         Command::Pull(args) => image_command(|| run_pull(args)),
         Command::Images => image_command(run_images),
         Command::Rmi { images } => image_command(|| run_rmi(&images)),
@@ -136,6 +226,54 @@ fn image_command(f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<ExitC
             Ok(ExitCode::from(1))
         }
     }
+}
+
+fn run_run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    use supermachine::run::{run, PullPolicy, RunOptions};
+    let mut env = Vec::new();
+    for file in &args.env_file {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| anyhow::anyhow!("--env-file {}: {e}", file.display()))?;
+        env.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(str::to_string),
+        );
+    }
+    env.extend(args.env);
+    let opts = RunOptions {
+        image: args.image,
+        pull: match args.pull {
+            PullPolicyArg::Missing => PullPolicy::Missing,
+            PullPolicyArg::Always => PullPolicy::Always,
+            PullPolicyArg::Never => PullPolicy::Never,
+        },
+        command: args.command,
+        entrypoint: args.entrypoint,
+        env,
+        workdir: args.workdir,
+        user: args.user,
+        hostname: args.hostname.or(args.name),
+        memory_mib: args.memory,
+        vcpus: args.cpus,
+        interactive: args.interactive,
+        tty: args.tty,
+        debug: args.debug,
+    };
+    let _ = args.rm;
+    let stdin: Option<Box<dyn std::io::Read + Send>> = if opts.interactive {
+        Some(Box::new(std::io::stdin()))
+    } else {
+        None
+    };
+    let status = run(
+        &opts,
+        Box::new(std::io::stdout()),
+        Box::new(std::io::stderr()),
+        stdin,
+    )?;
+    Ok(ExitCode::from((status & 0xff) as u8))
 }
 
 fn run_pull(args: PullArgs) -> anyhow::Result<()> {
@@ -213,7 +351,10 @@ fn run_boot(args: BootArgs) -> anyhow::Result<ExitCode> {
         quiet: args.quiet,
         console: Box::new(std::io::stdout()),
         console_input: Some(Box::new(std::io::stdin())),
+        workdir: None,
         disks: args.disk,
+        container: None,
+        consoles: Vec::new(),
     })?;
     Ok(match outcome.exit {
         VmExit::PowerOff(Some(status)) => ExitCode::from((status & 0xff) as u8),
@@ -290,6 +431,42 @@ mod tests {
             ]
         );
         assert!(Cli::try_parse_from(["supermachine", "boot", "--disk", ":ro"]).is_err());
+    }
+
+    #[test]
+    fn run_takes_docker_style_flags() {
+        let cli = Cli::try_parse_from([
+            "supermachine",
+            "run",
+            "-i",
+            "-e",
+            "A=1",
+            "-w",
+            "/tmp",
+            "-u",
+            "1000:1000",
+            "--memory",
+            "1g",
+            "--cpus",
+            "1.5",
+            "--entrypoint",
+            "",
+            "img",
+            "sh",
+            "-c",
+            "echo -n hi",
+        ])
+        .unwrap();
+        let Command::Run(r) = cli.command else {
+            panic!()
+        };
+        assert!(r.interactive && !r.tty);
+        assert_eq!((r.memory, r.cpus), (1024, 2));
+        assert_eq!(r.entrypoint.as_deref(), Some(""));
+        assert_eq!(r.image, "img");
+        assert_eq!(r.command, ["sh", "-c", "echo -n hi"]);
+        assert!(Cli::try_parse_from(["supermachine", "run", "--memory", "1k", "img"]).is_err());
+        assert!(Cli::try_parse_from(["supermachine", "run", "--cpus", "0", "img"]).is_err());
     }
 
     #[test]

@@ -12,6 +12,7 @@
 pub mod boot;
 pub mod images;
 pub mod paths;
+pub mod run;
 
 pub use boot::{boot, BootError, BootOptions, BootOutcome, DiskSpec};
 pub use vmm_core::VmExit;

@@ -38,7 +38,10 @@ fn boot_toy(vcpus: u8) -> (VmExit, String) {
         quiet: true,
         console: Box::new(out.clone()),
         console_input: None,
+        workdir: None,
         disks: vec![],
+        container: None,
+        consoles: vec![],
     })
     .expect("booting the toy guest needs a usable /dev/kvm");
     std::fs::remove_dir_all(&dir).ok();

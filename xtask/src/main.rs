@@ -44,6 +44,8 @@ enum Cmd {
     Kernel,
     /// Build the initramfs: guest-init as /init plus busybox
     Initramfs,
+    /// Build the busybox OCI image (from Debian's busybox-static) at target/images/busybox
+    Image,
     /// Set up everything and boot a guest: `cargo xtask boot -- /bin/sh -c 'nproc; exit 3'`
     Boot {
         /// Arguments for `supermachine boot`
@@ -90,6 +92,10 @@ fn main() -> ExitCode {
         Cmd::Deps => deps::ensure().map(|_| 0),
         Cmd::Kernel => kernel::build().map(|_| 0),
         Cmd::Initramfs => initramfs::build().map(|_| 0),
+        Cmd::Image => tests::busybox_image().map(|p| {
+            println!("oci:{}:latest", p.display());
+            0
+        }),
         Cmd::Boot { args } => tests::boot(&args),
         Cmd::Testhost {
             memory,

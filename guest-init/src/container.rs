@@ -1,0 +1,585 @@
+//! Container mode of PID 1: the image's root filesystem under an overlay with a tmpfs upper
+//! layer, switched to as `/`; the workload started as the image's user with its stdio on
+//! virtio consoles (pipes relayed by init, or the console itself as a terminal with `-t`);
+//! signals from the host forwarded to the workload's process group.
+
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+
+use guest_init::{
+    ContainerConfig, ControlMessage, InitConfig, EXIT_INIT_FAILED, EXIT_NOT_EXECUTABLE,
+    EXIT_NOT_FOUND,
+};
+
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+const NEWROOT: &str = "/newroot";
+
+fn cstr(s: &str) -> Result<CString, String> {
+    CString::new(s).map_err(|_| format!("{s:?} contains a NUL byte"))
+}
+
+fn mount(
+    src: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> Result<(), String> {
+    let _ = std::fs::create_dir_all(target);
+    let (s, t, f) = (cstr(src)?, cstr(target)?, cstr(fstype)?);
+    let d = data.map(cstr).transpose()?;
+    let dp = d
+        .as_ref()
+        .map(|d| d.as_ptr() as *const libc::c_void)
+        .unwrap_or(std::ptr::null());
+    // SAFETY: valid NUL-terminated strings outliving the call; `dp` is null or a C string.
+    let rc = unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), flags, dp) };
+    if rc != 0 {
+        return Err(format!(
+            "mount {fstype} {src} on {target}: {}",
+            io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+fn setup_root(c: &ContainerConfig) -> Result<(), String> {
+    mount(
+        &c.rootfs_device,
+        "/run/sm/lower",
+        &c.rootfs_type,
+        libc::MS_RDONLY,
+        None,
+    )?;
+    mount("tmpfs", "/run/sm/rw", "tmpfs", 0, Some("mode=0755"))?;
+    for d in ["/run/sm/rw/upper", "/run/sm/rw/work"] {
+        std::fs::create_dir_all(d).map_err(|e| format!("{d}: {e}"))?;
+    }
+    mount(
+        "overlay",
+        NEWROOT,
+        "overlay",
+        0,
+        Some("lowerdir=/run/sm/lower,upperdir=/run/sm/rw/upper,workdir=/run/sm/rw/work"),
+    )?;
+    let nosuid = libc::MS_NOSUID | libc::MS_NODEV;
+    mount(
+        "proc",
+        &format!("{NEWROOT}/proc"),
+        "proc",
+        nosuid | libc::MS_NOEXEC,
+        None,
+    )?;
+    mount(
+        "sysfs",
+        &format!("{NEWROOT}/sys"),
+        "sysfs",
+        nosuid | libc::MS_NOEXEC,
+        None,
+    )?;
+    mount(
+        "devtmpfs",
+        &format!("{NEWROOT}/dev"),
+        "devtmpfs",
+        libc::MS_NOSUID,
+        None,
+    )?;
+    mount(
+        "devpts",
+        &format!("{NEWROOT}/dev/pts"),
+        "devpts",
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        Some("ptmxmode=0666,newinstance"),
+    )?;
+    mount(
+        "tmpfs",
+        &format!("{NEWROOT}/dev/shm"),
+        "tmpfs",
+        nosuid,
+        Some("mode=1777"),
+    )?;
+    mount(
+        "tmpfs",
+        &format!("{NEWROOT}/tmp"),
+        "tmpfs",
+        nosuid,
+        Some("mode=1777"),
+    )?;
+    mount(
+        "tmpfs",
+        &format!("{NEWROOT}/run"),
+        "tmpfs",
+        nosuid,
+        Some("mode=0755"),
+    )?;
+    // switch_root: make the overlay `/` and forget the initramfs.
+    std::env::set_current_dir(NEWROOT).map_err(|e| format!("chdir {NEWROOT}: {e}"))?;
+    mount(".", "/", "", libc::MS_MOVE, None)?;
+    let dot = cstr(".")?;
+    // SAFETY: chroot to the current directory with a valid C string.
+    if unsafe { libc::chroot(dot.as_ptr()) } != 0 {
+        return Err(format!("chroot: {}", io::Error::last_os_error()));
+    }
+    std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))
+}
+
+/// /etc/hosts, /etc/hostname and /etc/resolv.conf, where the image has none of its own.
+fn write_etc(hostname: &str) {
+    let _ = std::fs::create_dir_all("/etc");
+    let files = [
+        ("/etc/hostname", format!("{hostname}\n")),
+        (
+            "/etc/hosts",
+            format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"),
+        ),
+        ("/etc/resolv.conf", "nameserver 10.0.2.3\n".to_string()),
+    ];
+    for (path, content) in files {
+        if std::fs::symlink_metadata(path).is_err() {
+            let _ = std::fs::write(path, content);
+        }
+    }
+    if let Ok(h) = cstr(hostname) {
+        // SAFETY: valid pointer and length.
+        unsafe { libc::sethostname(h.as_ptr(), hostname.len()) };
+    }
+}
+
+/// Brings up `lo` (socket ioctl; no netlink needed for one flag).
+fn loopback_up() {
+    // SAFETY: plain socket/ioctl calls on a zeroed ifreq we own; the fd is closed below.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return;
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (i, b) in b"lo".iter().enumerate() {
+            req.ifr_name[i] = *b as libc::c_char;
+        }
+        if libc::ioctl(fd, libc::SIOCGIFFLAGS as _, &mut req) == 0 {
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            libc::ioctl(fd, libc::SIOCSIFFLAGS as _, &req);
+        }
+        libc::close(fd);
+    }
+}
+
+/// A resolved identity.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    pub home: String,
+}
+
+/// Resolves Docker's `--user` forms against passwd and group file contents.
+pub fn resolve_user(spec: &str, passwd: &str, group: &str) -> Result<Identity, String> {
+    let users: Vec<Vec<&str>> = passwd
+        .lines()
+        .map(|l| l.split(':').collect())
+        .filter(|f: &Vec<&str>| f.len() >= 7)
+        .collect();
+    let groups: Vec<Vec<&str>> = group
+        .lines()
+        .map(|l| l.split(':').collect())
+        .filter(|f: &Vec<&str>| f.len() >= 4)
+        .collect();
+    let (user_part, group_part) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    let user_part = if user_part.is_empty() { "0" } else { user_part };
+    let entry = users
+        .iter()
+        .find(|f| f[0] == user_part || (user_part.parse::<u32>().is_ok() && f[2] == user_part));
+    let uid = match (user_part.parse::<u32>(), entry) {
+        (Ok(n), _) => n,
+        (Err(_), Some(f)) => f[2]
+            .parse()
+            .map_err(|_| format!("bad uid for user {user_part} in /etc/passwd"))?,
+        (Err(_), None) => {
+            return Err(format!(
+                "unable to find user {user_part}: no matching entries in passwd file"
+            ))
+        }
+    };
+    let gid = match group_part {
+        Some(g) => match g.parse::<u32>() {
+            Ok(n) => n,
+            Err(_) => groups
+                .iter()
+                .find(|f| f[0] == g)
+                .and_then(|f| f[2].parse().ok())
+                .ok_or_else(|| {
+                    format!("unable to find group {g}: no matching entries in group file")
+                })?,
+        },
+        None => entry.and_then(|f| f[3].parse().ok()).unwrap_or(0),
+    };
+    let name = entry.map(|f| f[0]).unwrap_or("");
+    let mut supplementary: Vec<u32> = if group_part.is_none() && !name.is_empty() {
+        groups
+            .iter()
+            .filter(|f| f[3].split(',').any(|m| m == name))
+            .filter_map(|f| f[2].parse().ok())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    supplementary.retain(|g| *g != gid);
+    supplementary.insert(0, gid);
+    let home = entry
+        .map(|f| f[5].to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "/".into());
+    Ok(Identity {
+        uid,
+        gid,
+        groups: supplementary,
+        home,
+    })
+}
+
+fn open_console(path: &str, write_only: bool) -> Result<File, String> {
+    OpenOptions::new()
+        .read(!write_only)
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("{path}: {e}"))
+}
+
+/// No line discipline: bytes pass unchanged in both directions.
+fn make_raw(f: &File) {
+    // SAFETY: tcgetattr/cfmakeraw/tcsetattr on a valid fd with a termios we own.
+    unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        if libc::tcgetattr(f.as_raw_fd(), &mut t) == 0 {
+            libc::cfmakeraw(&mut t);
+            libc::tcsetattr(f.as_raw_fd(), libc::TCSANOW, &t);
+        }
+    }
+}
+
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for two descriptors.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 returned two fresh descriptors we now own.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn relay(
+    mut from: impl Read + Send + 'static,
+    mut to: impl Write + Send + 'static,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if to.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            }
+        }
+        let _ = to.flush();
+    })
+}
+
+/// Copies host input from the console to the workload's stdin until the console ends or `eof`
+/// becomes readable; dropping the writer then gives the workload end-of-file.
+fn forward_stdin(mut input: File, mut writer: File, eof: OwnedFd) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: input.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: eof.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of two pollfds.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if n < 0 {
+            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            break;
+        }
+        if fds[0].revents & libc::POLLIN != 0 {
+            match input.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if writer.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    // Drain input before honouring EOF, so nothing sent before it is lost.
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            }
+        }
+        if fds[1].revents != 0 {
+            // The host sent everything before its end-of-file, but it travels on another
+            // console: take what is still arriving until the input goes quiet.
+            loop {
+                let mut pfd = libc::pollfd {
+                    fd: input.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd.
+                if unsafe { libc::poll(&mut pfd, 1, 50) } <= 0 {
+                    return;
+                }
+                match input.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if writer.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Runs the container; returns the workload's exit status.
+pub fn run(config: &InitConfig, c: &ContainerConfig) -> i32 {
+    // Until the consoles are open, errors can only go to the kernel console.
+    if let Err(e) = setup_root(c) {
+        eprintln!("supermachine-init: {e}");
+        return EXIT_INIT_FAILED;
+    }
+    write_etc(&c.hostname);
+    loopback_up();
+    let consoles = (
+        open_console(&c.stdout_device, false),
+        open_console(&c.stderr_device, true),
+        open_console(&c.control_device, false),
+    );
+    let (Ok(out_console), Ok(err_console), Ok(control)) = consoles else {
+        eprintln!("supermachine-init: cannot open the workload consoles");
+        return EXIT_INIT_FAILED;
+    };
+    for f in [&err_console, &control] {
+        make_raw(f);
+    }
+    if !c.tty {
+        make_raw(&out_console);
+    }
+    // Tell the host it may send input now.
+    let _ = (&control).write_all(guest_init::GUEST_READY.as_bytes());
+    let mut report = err_console.try_clone().ok();
+    let mut fail = |msg: String, status: i32| {
+        if let Some(r) = report.as_mut() {
+            let _ = writeln!(r, "supermachine: {msg}");
+        }
+        status
+    };
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    let id = match resolve_user(&c.user, &passwd, &group) {
+        Ok(id) => id,
+        Err(e) => return fail(e, EXIT_NOT_EXECUTABLE),
+    };
+    let argv = if config.argv.is_empty() {
+        vec!["/bin/sh".to_string()]
+    } else {
+        config.argv.clone()
+    };
+    let mut env: Vec<(String, String)> = Vec::new();
+    let mut set = |k: &str, v: &str| {
+        env.retain(|(key, _)| key != k);
+        env.push((k.to_string(), v.to_string()));
+    };
+    set("PATH", DEFAULT_PATH);
+    set("HOSTNAME", &c.hostname);
+    set("HOME", &id.home);
+    if c.tty {
+        set("TERM", "xterm");
+    }
+    for kv in &config.env {
+        let (k, v) = kv.split_once('=').unwrap_or((kv.as_str(), ""));
+        if !k.is_empty() {
+            set(k, v);
+        }
+    }
+    let workdir = config
+        .workdir
+        .clone()
+        .filter(|w| !w.is_empty())
+        .unwrap_or_else(|| "/".into());
+    let _ = std::fs::create_dir_all(&workdir);
+
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&workdir);
+    // PATH lookup happens in the parent with the child's PATH (std does that when env is set).
+    let mut relays = Vec::new();
+    let (stdin_writer, out_reader, err_reader);
+    if c.tty {
+        let (Ok(i), Ok(o), Ok(e)) = (
+            out_console.try_clone(),
+            out_console.try_clone(),
+            out_console.try_clone(),
+        ) else {
+            return fail("cannot share the terminal".into(), EXIT_INIT_FAILED);
+        };
+        cmd.stdin(i).stdout(o).stderr(e);
+        stdin_writer = None;
+        out_reader = None;
+        err_reader = None;
+    } else {
+        let (Ok((or, ow)), Ok((er, ew))) = (pipe(), pipe()) else {
+            return fail("cannot create pipes".into(), EXIT_INIT_FAILED);
+        };
+        cmd.stdout(Stdio::from(ow)).stderr(Stdio::from(ew));
+        if c.interactive {
+            let Ok((ir, iw)) = pipe() else {
+                return fail("cannot create pipes".into(), EXIT_INIT_FAILED);
+            };
+            cmd.stdin(Stdio::from(ir));
+            stdin_writer = Some(iw);
+        } else {
+            cmd.stdin(Stdio::null());
+            stdin_writer = None;
+        }
+        out_reader = Some(or);
+        err_reader = Some(er);
+    }
+    let tty = c.tty;
+    let (uid, gid, groups) = (id.uid, id.gid, id.groups.clone());
+    // SAFETY: only async-signal-safe calls (setsid, setpgid, ioctl, setgroups, setgid, setuid).
+    unsafe {
+        cmd.pre_exec(move || {
+            if tty {
+                libc::setsid();
+                libc::ioctl(0, libc::TIOCSCTTY, 1);
+            } else {
+                libc::setpgid(0, 0);
+            }
+            if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                || libc::setgid(gid) != 0
+                || libc::setuid(uid) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            let status = match e.kind() {
+                io::ErrorKind::NotFound => EXIT_NOT_FOUND,
+                _ => EXIT_NOT_EXECUTABLE,
+            };
+            let what = if e.kind() == io::ErrorKind::NotFound {
+                format!("exec: {:?}: executable file not found in $PATH", argv[0])
+            } else {
+                format!("exec: {:?}: {e}", argv[0])
+            };
+            return fail(what, status);
+        }
+    };
+    drop(cmd);
+    let pid = child.id() as libc::pid_t;
+    // Output relays end when every writer (the workload and its children) is gone.
+    if let (Some(or), Some(er)) = (out_reader, err_reader) {
+        if let Ok(o) = out_console.try_clone() {
+            relays.push(relay(File::from(or), o));
+        }
+        relays.push(relay(File::from(er), err_console));
+    }
+    // Host input, until the host says its stdin ended (a byte on `eof`).
+    let Ok((eof_r, eof_w)) = pipe() else {
+        return fail("cannot create pipes".into(), EXIT_INIT_FAILED);
+    };
+    if let (Some(iw), Ok(input)) = (stdin_writer, out_console.try_clone()) {
+        std::thread::spawn(move || forward_stdin(input, File::from(iw), eof_r));
+    }
+    let mut eof_w = File::from(eof_w);
+    std::thread::spawn(move || {
+        for line in BufReader::new(control).lines() {
+            let Ok(line) = line else { break };
+            match ControlMessage::decode(&line) {
+                Some(ControlMessage::Signal(n)) => {
+                    // SAFETY: signalling the workload's process group (its pid is the pgid).
+                    unsafe { libc::kill(-pid, n) };
+                }
+                Some(ControlMessage::StdinEof) => {
+                    let _ = eof_w.write_all(b"x");
+                }
+                None => {}
+            }
+        }
+    });
+    let status = crate::linux::wait_for(pid);
+    // The workload is gone: so is everything it left running, as in a container.
+    // SAFETY: kill(-1) from PID 1 signals every other process; init itself is exempt.
+    unsafe { libc::kill(-1, libc::SIGKILL) };
+    for r in relays {
+        let _ = r.join();
+    }
+    status
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1000::/home/alice:/bin/sh\n";
+    const GROUP: &str = "root:x:0:\nusers:x:100:alice\nalice:x:1000:\nwheel:x:10:bob,alice\n";
+
+    #[test]
+    fn resolves_docker_user_forms() {
+        let r = |s| resolve_user(s, PASSWD, GROUP);
+        assert_eq!(
+            r("").unwrap(),
+            Identity {
+                uid: 0,
+                gid: 0,
+                groups: vec![0],
+                home: "/root".into()
+            }
+        );
+        let alice = r("alice").unwrap();
+        assert_eq!(
+            (alice.uid, alice.gid, alice.home.as_str()),
+            (1000, 1000, "/home/alice")
+        );
+        assert_eq!(alice.groups, vec![1000, 100, 10]);
+        assert_eq!(r("1000").unwrap().gid, 1000);
+        let n = r("1234:5678").unwrap();
+        assert_eq!((n.uid, n.gid, n.home.as_str()), (1234, 5678, "/"));
+        assert_eq!(r("alice:wheel").unwrap().gid, 10);
+        assert!(r("mallory")
+            .unwrap_err()
+            .contains("unable to find user mallory"));
+        assert!(r("alice:nogroup")
+            .unwrap_err()
+            .contains("unable to find group"));
+    }
+}

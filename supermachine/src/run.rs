@@ -1,0 +1,345 @@
+//! `run`: an OCI image as a microVM with container semantics. The image's root filesystem is a
+//! read-only disk, `guest-init` mounts it under an overlay and starts the workload; stdout and
+//! stderr come back on separate virtio consoles, stdin goes in on the first, and the workload's
+//! exit status is the VM's.
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::sync::{Arc, Mutex};
+
+use guest_init::{ContainerConfig, ControlMessage};
+
+use crate::boot::{boot, BootError, BootOptions, ConsoleSpec, DiskSpec};
+use crate::images::{self, ImageRecord, PullError, PullOptions};
+use crate::paths;
+use crate::VmExit;
+
+/// When to pull.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PullPolicy {
+    /// Only when the image is not in the store.
+    #[default]
+    Missing,
+    /// Every time.
+    Always,
+    /// Never: fail if missing.
+    Never,
+}
+
+/// What to run and how (Docker's `run` options).
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// The image reference.
+    pub image: String,
+    /// When to pull it.
+    pub pull: PullPolicy,
+    /// Overrides the image's Cmd (arguments after the image name).
+    pub command: Vec<String>,
+    /// Overrides the image's Entrypoint (`Some("")` clears it).
+    pub entrypoint: Option<String>,
+    /// `NAME=value`, or `NAME` to take the host's value.
+    pub env: Vec<String>,
+    /// Working directory.
+    pub workdir: Option<String>,
+    /// User.
+    pub user: Option<String>,
+    /// Host name (default: a random 12-hex-digit id).
+    pub hostname: Option<String>,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Keep stdin open and connected.
+    pub interactive: bool,
+    /// Give the workload a terminal.
+    pub tty: bool,
+    /// Show the kernel log on stderr.
+    pub debug: bool,
+}
+
+/// Why `run` failed before the workload could report a status.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The image could not be found or pulled.
+    #[error(transparent)]
+    Pull(#[from] PullError),
+    /// `--pull never` and the image is not in the store.
+    #[error("image {0} not found locally (and --pull never)")]
+    NotLocal(String),
+    /// Neither the image nor the command line says what to run.
+    #[error("no command specified (the image has no Entrypoint or Cmd)")]
+    NoCommand,
+    /// Booting the VM failed.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// The guest ended without reporting the workload's status.
+    #[error("the VM ended without the workload's exit status ({why}){tail}")]
+    NoStatus {
+        /// How it ended.
+        why: String,
+        /// The last lines of the guest's kernel console.
+        tail: String,
+    },
+}
+
+/// Watches the control console's output for init's "ready" line.
+#[derive(Clone, Default)]
+struct ReadySignal(Arc<(Mutex<(bool, Vec<u8>)>, std::sync::Condvar)>);
+
+impl Write for ReadySignal {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let (lock, cv) = &*self.0;
+        let mut st = lock.lock().unwrap_or_else(|e| e.into_inner());
+        if !st.0 {
+            st.1.extend_from_slice(b);
+            let marker = guest_init::GUEST_READY.as_bytes();
+            if st.1.windows(marker.len()).any(|w| w == marker) {
+                st.0 = true;
+                st.1.clear();
+                cv.notify_all();
+            } else if st.1.len() > 4096 {
+                st.1.clear();
+            }
+        }
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl ReadySignal {
+    fn wait(&self) {
+        let (lock, cv) = &*self.0;
+        let mut st = lock.lock().unwrap_or_else(|e| e.into_inner());
+        while !st.0 {
+            st = cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// A bounded buffer of the guest's kernel console, for error messages.
+#[derive(Clone, Default)]
+struct ConsoleTail(Arc<Mutex<VecDeque<u8>>>);
+
+impl Write for ConsoleTail {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let mut t = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        t.extend(b);
+        let excess = t.len().saturating_sub(64 << 10);
+        t.drain(..excess);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl ConsoleTail {
+    fn last_lines(&self, n: usize) -> String {
+        let t = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let text =
+            String::from_utf8_lossy(&t.iter().copied().collect::<Vec<u8>>()).replace('\r', "");
+        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        let panic = lines.iter().find(|l| l.contains("Kernel panic"));
+        let start = lines.len().saturating_sub(n);
+        let mut out = String::new();
+        if let Some(p) = panic {
+            out.push_str(&format!("\n  {p}"));
+        }
+        for l in &lines[start..] {
+            out.push_str(&format!("\n  | {l}"));
+        }
+        out
+    }
+}
+
+fn random_id() -> String {
+    let mut b = [0u8; 6];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = f.read_exact(&mut b);
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The image record for `opts.image`, pulled as the policy says.
+pub fn resolve_image(
+    opts: &RunOptions,
+    progress: bool,
+) -> Result<(images::Store, ImageRecord), RunError> {
+    let store = images::store()?;
+    let local = images::find(&store, &opts.image)?;
+    let record = match (opts.pull, local) {
+        (PullPolicy::Never, None) => return Err(RunError::NotLocal(opts.image.clone())),
+        (PullPolicy::Missing | PullPolicy::Never, Some(r)) => r,
+        (PullPolicy::Always, _) | (PullPolicy::Missing, None) => {
+            let pull = PullOptions {
+                progress,
+                ..Default::default()
+            };
+            images::pull(&store, &opts.image, &pull)?
+        }
+    };
+    Ok((store, record))
+}
+
+/// Entrypoint + Cmd with Docker's override rules.
+pub fn command_line(image: &oci_bake::config::RunConfig, opts: &RunOptions) -> Vec<String> {
+    let entrypoint: Vec<String> = match &opts.entrypoint {
+        Some(e) if e.is_empty() => Vec::new(),
+        Some(e) => vec![e.clone()],
+        None => image.entrypoint.clone(),
+    };
+    let cmd = if !opts.command.is_empty() {
+        opts.command.clone()
+    } else if opts.entrypoint.is_some() {
+        Vec::new()
+    } else {
+        image.cmd.clone()
+    };
+    entrypoint.into_iter().chain(cmd).collect()
+}
+
+/// Runs the image; returns the workload's exit status.
+pub fn run(
+    opts: &RunOptions,
+    stdout: Box<dyn Write + Send>,
+    stderr: Box<dyn Write + Send>,
+    stdin: Option<Box<dyn Read + Send>>,
+) -> Result<i32, RunError> {
+    let (store, record) = resolve_image(opts, true)?;
+    let argv = command_line(&record.run_config, opts);
+    if argv.is_empty() {
+        return Err(RunError::NoCommand);
+    }
+    let mut env = record.run_config.env.clone();
+    for e in &opts.env {
+        match e.split_once('=') {
+            Some(_) => env.push(e.clone()),
+            None => {
+                if let Ok(v) = std::env::var(e) {
+                    env.push(format!("{e}={v}"));
+                }
+            }
+        }
+    }
+    let workdir = opts
+        .workdir
+        .clone()
+        .or_else(|| Some(record.run_config.working_dir.clone()).filter(|w| !w.is_empty()));
+    let container = ContainerConfig {
+        rootfs_device: "/dev/vda".into(),
+        rootfs_type: "squashfs".into(),
+        user: opts
+            .user
+            .clone()
+            .unwrap_or_else(|| record.run_config.user.clone()),
+        hostname: opts.hostname.clone().unwrap_or_else(random_id),
+        tty: opts.tty,
+        interactive: opts.interactive,
+        stdout_device: "/dev/hvc0".into(),
+        stderr_device: "/dev/hvc1".into(),
+        control_device: "/dev/hvc2".into(),
+    };
+    let tail = ConsoleTail::default();
+    let serial: Box<dyn Write + Send> = if opts.debug {
+        Box::new(std::io::stderr())
+    } else {
+        Box::new(tail.clone())
+    };
+    let control_input: Arc<Mutex<Option<devices::virtio::console::ConsoleInput>>> = Arc::default();
+    let ci = control_input.clone();
+    let ready = ReadySignal::default();
+    let guest_ready = ready.clone();
+    let stdin_task: Option<Box<dyn FnOnce(devices::virtio::console::ConsoleInput) + Send>> =
+        match stdin {
+            Some(mut input) if opts.interactive => Some(Box::new(
+                move |console: devices::virtio::console::ConsoleInput| {
+                    let control = ci;
+                    std::thread::spawn(move || {
+                        // Input sent before init set its consoles to raw mode would be echoed.
+                        guest_ready.wait();
+                        let mut buf = vec![0u8; 64 << 10];
+                        while let Ok(n) = input.read(&mut buf) {
+                            if n == 0 {
+                                break;
+                            }
+                            let mut rest = &buf[..n];
+                            while !rest.is_empty() {
+                                let taken = console.push(rest);
+                                rest = &rest[taken..];
+                                if taken == 0 {
+                                    std::thread::sleep(std::time::Duration::from_millis(1));
+                                }
+                            }
+                        }
+                        // Everything queued reaches the guest before the end-of-file does.
+                        while console.pending() > 0 {
+                            std::thread::sleep(std::time::Duration::from_millis(1));
+                        }
+                        loop {
+                            if let Some(c) =
+                                control.lock().unwrap_or_else(|e| e.into_inner()).as_ref()
+                            {
+                                c.push(ControlMessage::StdinEof.encode().as_bytes());
+                                break;
+                            }
+                            // The control console is attached right after this one.
+                            std::thread::sleep(std::time::Duration::from_millis(1));
+                        }
+                    });
+                },
+            )),
+            _ => None,
+        };
+    let consoles = vec![
+        ConsoleSpec {
+            output: stdout,
+            on_ready: stdin_task,
+        },
+        ConsoleSpec {
+            output: stderr,
+            on_ready: None,
+        },
+        ConsoleSpec {
+            output: Box::new(ready),
+            on_ready: Some(Box::new(move |c| {
+                *control_input.lock().unwrap_or_else(|e| e.into_inner()) = Some(c);
+            })),
+        },
+    ];
+    let outcome = boot(BootOptions {
+        kernel: paths::default_kernel(),
+        initramfs: Some(paths::default_initramfs()),
+        extra_cmdline: if opts.debug {
+            String::new()
+        } else {
+            "quiet".into()
+        },
+        memory_mib: opts.memory_mib,
+        vcpus: opts.vcpus,
+        command: argv,
+        env,
+        quiet: !opts.debug,
+        console: serial,
+        console_input: None,
+        workdir,
+        disks: vec![DiskSpec {
+            path: store.rootfs_path(&record.rootfs),
+            read_only: true,
+        }],
+        container: Some(container),
+        consoles,
+    })?;
+    match outcome.exit {
+        VmExit::PowerOff(Some(status)) => Ok(status),
+        other => Err(RunError::NoStatus {
+            why: match other {
+                VmExit::Reset => "the guest reset; a kernel panic or init failure".into(),
+                VmExit::Shutdown => "triple fault".into(),
+                _ => "powered off".into(),
+            },
+            tail: tail.last_lines(8),
+        }),
+    }
+}
