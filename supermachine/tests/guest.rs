@@ -373,3 +373,189 @@ fn the_guest_kernel_mounts_a_pulled_image_root_filesystem() {
     assert!(!out.contains("ignored"), "{out}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+// ---------- supermachine run ----------
+
+/// The busybox image (from the host's busybox-static) in a scratch layout, and a store for it.
+struct RunEnv {
+    dir: std::path::PathBuf,
+    image: String,
+}
+
+impl RunEnv {
+    fn new(name: &str) -> RunEnv {
+        let dir = scratch(name);
+        let layout = dir.join("busybox");
+        let layer = oci_bake::layout::busybox_layer(std::path::Path::new("/bin/busybox"))
+            .expect("busybox-static is needed (cargo xtask deps installs it)");
+        oci_bake::layout::write_layout(
+            &layout,
+            "latest",
+            &[layer],
+            &oci_bake::layout::busybox_config(),
+        )
+        .unwrap();
+        RunEnv {
+            image: format!("oci:{}:latest", layout.display()),
+            dir,
+        }
+    }
+
+    fn run(&self, args: &[&str], stdin: Option<&[u8]>) -> (i32, Vec<u8>, String) {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_supermachine"));
+        cmd.arg("run")
+            .args(args)
+            .env("SUPERMACHINE_HOME", self.dir.join("home"))
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        if let Some(data) = stdin {
+            let mut w = child.stdin.take().unwrap();
+            let data = data.to_vec();
+            std::thread::spawn(move || {
+                use std::io::Write;
+                let _ = w.write_all(&data);
+            });
+        }
+        let started = Instant::now();
+        let mut out = child.stdout.take().unwrap();
+        let mut err = child.stderr.take().unwrap();
+        let o = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            out.read_to_end(&mut v).ok();
+            v
+        });
+        let e = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            err.read_to_end(&mut v).ok();
+            v
+        });
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if started.elapsed() > HANG_LIMIT {
+                child.kill().ok();
+                panic!("run {args:?} hung");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let stderr = String::from_utf8_lossy(&e.join().unwrap()).into_owned();
+        assert!(
+            !stderr.contains("could not emulate"),
+            "this machine's KVM cannot boot Linux; use cargo xtask test:\n{stderr}"
+        );
+        (status.code().unwrap_or(-1), o.join().unwrap(), stderr)
+    }
+}
+
+impl Drop for RunEnv {
+    fn drop(&mut self) {
+        std::fs::remove_dir_all(&self.dir).ok();
+    }
+}
+
+#[test]
+fn run_streams_stdout_and_stderr_separately_and_byte_exact() {
+    let env = RunEnv::new("run-streams");
+    let (code, out, err) = env.run(
+        &[&env.image, "sh", "-c", "head -c 1048576 /dev/urandom > /tmp/x; sha256sum /tmp/x >&2; cat /tmp/x; echo done >&2"],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.len(), 1 << 20, "stdout length; stderr:\n{err}");
+    let guest_hash = err.split_whitespace().next().unwrap_or("");
+    assert_eq!(
+        sha256_hex(&out),
+        guest_hash,
+        "stdout differs from what the guest wrote"
+    );
+    assert!(err.trim_end().ends_with("done"), "{err}");
+}
+
+#[test]
+fn run_returns_the_workload_exit_status() {
+    let env = RunEnv::new("run-status");
+    for (script, want) in [
+        ("exit 0", 0),
+        ("exit 1", 1),
+        ("exit 42", 42),
+        ("kill -INT $$", 130),
+    ] {
+        let (code, _, err) = env.run(&[&env.image, "sh", "-c", script], None);
+        assert_eq!(code, want, "{script}: {err}");
+    }
+    let (code, _, err) = env.run(&[&env.image, "/no/such/entrypoint"], None);
+    assert_eq!(code, 127);
+    assert!(err.contains("/no/such/entrypoint"), "{err}");
+}
+
+#[test]
+fn run_options_env_workdir_user_entrypoint_and_command() {
+    let env = RunEnv::new("run-options");
+    let (code, out, err) = env.run(
+        &[
+            "-e",
+            "GREETING=hi there",
+            "-w",
+            "/tmp/work",
+            "-u",
+            "1000:1000",
+            &env.image,
+            "sh",
+            "-c",
+            "echo \"$GREETING\"; pwd; id -u; id -g",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        "hi there\n/tmp/work\n1000\n1000\n"
+    );
+    let (code, out, err) = env.run(
+        &[
+            "--entrypoint",
+            "/bin/echo",
+            &env.image,
+            "from",
+            "entrypoint",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(String::from_utf8_lossy(&out), "from entrypoint\n");
+}
+
+#[test]
+fn run_root_is_writable_but_nothing_persists_and_daemons_do_not_keep_it_alive() {
+    let env = RunEnv::new("run-ephemeral");
+    let (code, out, err) = env.run(
+        &[
+            &env.image,
+            "sh",
+            "-c",
+            "echo data > /written && cat /written && (sleep 1000 &) && echo started",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(String::from_utf8_lossy(&out), "data\nstarted\n");
+    let (code, _, _) = env.run(&[&env.image, "test", "-e", "/written"], None);
+    assert_eq!(code, 1, "a write from the last run persisted");
+}
+
+#[test]
+fn run_interactive_pipes_stdin_through() {
+    let env = RunEnv::new("run-stdin");
+    let input: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let (code, out, err) = env.run(&["-i", &env.image, "cat"], Some(&input));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.len(), input.len());
+    assert!(out == input, "stdin came back changed");
+}
