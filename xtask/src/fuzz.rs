@@ -34,6 +34,8 @@ pub fn run_all(seconds: u64) -> Result<()> {
                 .env("RUSTC_BOOTSTRAP", "1")
                 .args(["fuzz", "run", target, "--"])
                 .arg(format!("-max_total_time={seconds}"))
+                // A single input running this long is a hang: fail loudly.
+                .arg("-timeout=10")
                 .arg("-rss_limit_mb=4096"),
         )?;
     }

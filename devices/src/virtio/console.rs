@@ -133,7 +133,9 @@ impl Console {
             if q.disable_notification(&a.mem).is_err() {
                 break;
             }
+            let mut progressed = false;
             while let Some(chain) = q.pop_descriptor_chain(&a.mem) {
+                progressed = true;
                 let head = chain.head_index();
                 let mem = chain.memory();
                 for desc in chain.clone().readable() {
@@ -148,8 +150,9 @@ impl Console {
                 }
                 used = true;
             }
+            // Nothing popped although more is "available": a broken ring; do not spin.
             match q.enable_notification(&a.mem) {
-                Ok(true) => continue,
+                Ok(true) if progressed => continue,
                 _ => break,
             }
         }

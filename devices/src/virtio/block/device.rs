@@ -310,7 +310,9 @@ impl VirtioDevice for Block {
             if active.queue.disable_notification(&active.mem).is_err() {
                 break;
             }
+            let mut progressed = false;
             while let Some(chain) = active.queue.pop_descriptor_chain(&active.mem) {
+                progressed = true;
                 let head = chain.head_index();
                 let used_len = match parse_request(chain) {
                     Ok(req) => {
@@ -332,8 +334,10 @@ impl VirtioDevice for Block {
                 }
                 used_any = true;
             }
+            // "More available" while nothing could be popped means the driver's ring is
+            // broken (e.g. an index past the queue): stop rather than spin on it.
             match active.queue.enable_notification(&active.mem) {
-                Ok(true) => continue,
+                Ok(true) if progressed => continue,
                 _ => break,
             }
         }
@@ -616,6 +620,17 @@ mod tests {
                 "{name}: the chain must be returned"
             );
         }
+    }
+
+    #[test]
+    fn an_available_index_far_ahead_does_not_spin() {
+        // Found by the fuzzer: the ring claims thousands of entries the queue cannot hold;
+        // popping fails, and "more available" must not loop forever.
+        let mut r = rig(false, &three(true, 512));
+        let avail_idx_addr = GuestAddress(u64::from(QSIZE) * 16 + 2);
+        r.mem.write_obj(0x8000u16, avail_idx_addr).unwrap();
+        header(&r.mem, 0, 0);
+        r.blk.process_queue(0);
     }
 
     #[test]
