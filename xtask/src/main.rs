@@ -4,6 +4,8 @@
 //! - `kernel`, `initramfs`: build the guest kernel (cached) and the initramfs
 //! - `boot [ARGS]`: build what is missing and boot a guest (`supermachine boot ARGS`), in the
 //!   emulated KVM host when this machine's KVM cannot boot Linux
+//! - `run [FLAGS] -- CMD`: the same for `supermachine run` on the busybox image
+//! - `image`: build the busybox OCI image from Debian's busybox-static
 //! - `testhost -- CMD`: run CMD in the emulated KVM host
 //! - `test`: unit tests, local-KVM tests, guest-booting integration tests, cross-target checks
 //! - `fuzz`: run the device fuzz targets for a fixed time
@@ -44,6 +46,12 @@ enum Cmd {
     Kernel,
     /// Build the initramfs: guest-init as /init plus busybox
     Initramfs,
+    /// Set up everything and run the busybox image: `cargo xtask run [RUN-FLAGS] -- COMMAND...`
+    Run {
+        /// `supermachine run` flags, then `--` and the command
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Build the busybox OCI image (from Debian's busybox-static) at target/images/busybox
     Image,
     /// Set up everything and boot a guest: `cargo xtask boot -- /bin/sh -c 'nproc; exit 3'`
@@ -97,6 +105,7 @@ fn main() -> ExitCode {
             0
         }),
         Cmd::Boot { args } => tests::boot(&args),
+        Cmd::Run { args } => tests::run_image(&args),
         Cmd::Testhost {
             memory,
             cpus,

@@ -140,7 +140,34 @@ pub fn boot(args: &[String]) -> Result<i32> {
         "boot".to_string(),
     ];
     command.extend(args.iter().cloned());
-    if guests_run_locally(&supermachine) {
+    run_supermachine(&supermachine, command)
+}
+
+/// `cargo xtask run FLAGS -- COMMAND`: everything a fresh machine needs, the busybox image,
+/// then `supermachine run FLAGS oci:…/busybox:latest COMMAND`.
+pub fn run_image(_parsed: &[String]) -> Result<i32> {
+    // clap drops a leading `--`; the split between flags and command needs the raw words.
+    let args: Vec<String> = std::env::args().skip_while(|a| a != "run").skip(1).collect();
+    let args = &args[..];
+    prepare_guest()?;
+    let image = busybox_image()?;
+    let supermachine = build_supermachine(true)?;
+    let (flags, command) = match args.iter().position(|a| a == "--") {
+        Some(i) => (&args[..i], &args[i + 1..]),
+        None => (args, &[][..]),
+    };
+    let mut full = vec![
+        supermachine.to_string_lossy().into_owned(),
+        "run".to_string(),
+    ];
+    full.extend(flags.iter().cloned());
+    full.push(format!("oci:{}:latest", image.display()));
+    full.extend(command.iter().cloned());
+    run_supermachine(&supermachine, full)
+}
+
+fn run_supermachine(supermachine: &std::path::Path, command: Vec<String>) -> Result<i32> {
+    if guests_run_locally(supermachine) {
         let code = status(Command::new(&command[0]).args(&command[1..]))
             .context("cannot run supermachine")?
             .code()
