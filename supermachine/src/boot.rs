@@ -73,6 +73,8 @@ pub struct BootOptions {
     pub container: Option<guest_init::ContainerConfig>,
     /// Extra single-port virtio consoles (`/dev/hvc0`, `/dev/hvc1`, … in order).
     pub consoles: Vec<ConsoleSpec>,
+    /// A control handle the caller keeps to stop the VM from outside (default: a fresh one).
+    pub control: Option<VmControl>,
 }
 
 /// A virtio console: where guest output goes; host input arrives through the handle the
@@ -196,7 +198,7 @@ pub fn boot(opts: BootOptions) -> Result<BootOutcome, BootError> {
         memory_mib: opts.memory_mib,
         vcpus: opts.vcpus,
     };
-    let control = VmControl::new();
+    let control = opts.control.clone().unwrap_or_default();
     let mut builder = VmBuilder::new(hypervisor.as_ref(), resources)?;
     let serial = Arc::new(Mutex::new(SerialConsole::new(
         builder.irq_trigger(COM1_IRQ)?,

@@ -355,6 +355,7 @@ fn run_boot(args: BootArgs) -> anyhow::Result<ExitCode> {
         disks: args.disk,
         container: None,
         consoles: Vec::new(),
+        control: None,
     })?;
     Ok(match outcome.exit {
         VmExit::PowerOff(Some(status)) => ExitCode::from((status & 0xff) as u8),

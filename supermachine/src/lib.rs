@@ -15,4 +15,4 @@ pub mod paths;
 pub mod run;
 
 pub use boot::{boot, BootError, BootOptions, BootOutcome, DiskSpec};
-pub use vmm_core::VmExit;
+pub use vmm_core::{VmControl, VmExit};

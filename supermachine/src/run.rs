@@ -183,6 +183,57 @@ pub fn resolve_image(
     Ok((store, record))
 }
 
+/// How long the workload has to exit after its stop signal before the VM is powered off.
+pub const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Signal number of a stop signal name (`SIGTERM`, `TERM`, `15`); SIGTERM when unknown.
+pub fn signal_number(name: &str) -> i32 {
+    let n = name.trim().trim_start_matches("SIG");
+    if let Ok(num) = n.parse::<i32>() {
+        return num;
+    }
+    match n {
+        "HUP" => 1,
+        "INT" => 2,
+        "QUIT" => 3,
+        "KILL" => 9,
+        "USR1" => 10,
+        "USR2" => 12,
+        "TERM" | "" => 15,
+        "WINCH" => 28,
+        _ => 15,
+    }
+}
+
+/// SIGINT/SIGTERM to this process: the image's stop signal (SIGINT stays SIGINT, as Docker
+/// forwards it) to the workload; if it has not exited after [`STOP_GRACE`], power the VM off.
+fn forward_host_signals(
+    stop_signal: &str,
+    control: Arc<Mutex<Option<devices::virtio::console::ConsoleInput>>>,
+    vm: crate::VmControl,
+) {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let stop = signal_number(stop_signal);
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) else {
+        return;
+    };
+    let _ = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                let deliver = if sig == SIGINT { SIGINT } else { stop };
+                if let Some(c) = control.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                    c.push(ControlMessage::Signal(deliver).encode().as_bytes());
+                }
+                let vm = vm.clone();
+                std::thread::spawn(move || {
+                    std::thread::sleep(STOP_GRACE);
+                    vm.request_exit(VmExit::Stopped);
+                });
+            }
+        });
+}
+
 /// Entrypoint + Cmd with Docker's override rules.
 pub fn command_line(image: &oci_bake::config::RunConfig, opts: &RunOptions) -> Vec<String> {
     let entrypoint: Vec<String> = match &opts.entrypoint {
@@ -249,6 +300,7 @@ pub fn run(
     };
     let control_input: Arc<Mutex<Option<devices::virtio::console::ConsoleInput>>> = Arc::default();
     let ci = control_input.clone();
+    let signal_control = control_input.clone();
     let ready = ReadySignal::default();
     let guest_ready = ready.clone();
     let stdin_task: Option<Box<dyn FnOnce(devices::virtio::console::ConsoleInput) + Send>> =
@@ -308,6 +360,12 @@ pub fn run(
             })),
         },
     ];
+    let vm_control = crate::VmControl::new();
+    forward_host_signals(
+        &record.run_config.stop_signal,
+        signal_control,
+        vm_control.clone(),
+    );
     let outcome = boot(BootOptions {
         kernel: paths::default_kernel(),
         initramfs: Some(paths::default_initramfs()),
@@ -330,9 +388,12 @@ pub fn run(
         }],
         container: Some(container),
         consoles,
+        control: Some(vm_control),
     })?;
     match outcome.exit {
         VmExit::PowerOff(Some(status)) => Ok(status),
+        // Stopped from the host after the grace period: as `docker stop` reports a kill.
+        VmExit::Stopped => Ok(128 + 9),
         other => Err(RunError::NoStatus {
             why: match other {
                 VmExit::Reset => "the guest reset; a kernel panic or init failure".into(),
@@ -341,5 +402,42 @@ pub fn run(
             },
             tail: tail.last_lines(8),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_signal_names_and_numbers() {
+        assert_eq!(signal_number("SIGTERM"), 15);
+        assert_eq!(signal_number("SIGQUIT"), 3);
+        assert_eq!(signal_number("INT"), 2);
+        assert_eq!(signal_number("9"), 9);
+        assert_eq!(signal_number(""), 15);
+        assert_eq!(signal_number("SIGBOGUS"), 15);
+    }
+
+    #[test]
+    fn docker_override_rules_for_the_command() {
+        let image = oci_bake::config::RunConfig {
+            entrypoint: vec!["/entry".into()],
+            cmd: vec!["default".into()],
+            ..Default::default()
+        };
+        let opts = |command: &[&str], entrypoint: Option<&str>| RunOptions {
+            command: command.iter().map(|s| s.to_string()).collect(),
+            entrypoint: entrypoint.map(str::to_string),
+            ..Default::default()
+        };
+        assert_eq!(
+            command_line(&image, &opts(&[], None)),
+            ["/entry", "default"]
+        );
+        assert_eq!(command_line(&image, &opts(&["x"], None)), ["/entry", "x"]);
+        assert_eq!(command_line(&image, &opts(&[], Some("/other"))), ["/other"]);
+        assert_eq!(command_line(&image, &opts(&["a"], Some(""))), ["a"]);
+        assert!(command_line(&image, &opts(&[], Some(""))).is_empty());
     }
 }

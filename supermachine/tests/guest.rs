@@ -559,3 +559,46 @@ fn run_interactive_pipes_stdin_through() {
     assert_eq!(out.len(), input.len());
     assert!(out == input, "stdin came back changed");
 }
+
+#[test]
+fn run_forwards_sigterm_as_the_stop_signal() {
+    let env = RunEnv::new("run-signal");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_supermachine"))
+        .args([
+            "run",
+            &env.image,
+            "sh",
+            "-c",
+            "trap 'echo got-term; exit 7' TERM; echo ready; while true; do sleep 1; done",
+        ])
+        .env("SUPERMACHINE_HOME", env.dir.join("home"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    let started = Instant::now();
+    while !String::from_utf8_lossy(&seen).contains("ready") {
+        assert!(started.elapsed() < HANG_LIMIT, "never ready");
+        let n = out.read(&mut buf).unwrap();
+        assert!(n > 0, "output ended before ready");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    // As `docker stop` would: SIGTERM to supermachine reaches the workload as its stop signal.
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    out.read_to_end(&mut seen).unwrap();
+    let status = child.wait().unwrap();
+    assert!(
+        String::from_utf8_lossy(&seen).contains("got-term"),
+        "{}",
+        String::from_utf8_lossy(&seen)
+    );
+    assert_eq!(status.code(), Some(7));
+}

@@ -42,6 +42,7 @@ fn boot_toy(vcpus: u8) -> (VmExit, String) {
         disks: vec![],
         container: None,
         consoles: vec![],
+        control: None,
     })
     .expect("booting the toy guest needs a usable /dev/kvm");
     std::fs::remove_dir_all(&dir).ok();

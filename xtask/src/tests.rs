@@ -147,7 +147,10 @@ pub fn boot(args: &[String]) -> Result<i32> {
 /// then `supermachine run FLAGS oci:…/busybox:latest COMMAND`.
 pub fn run_image(_parsed: &[String]) -> Result<i32> {
     // clap drops a leading `--`; the split between flags and command needs the raw words.
-    let args: Vec<String> = std::env::args().skip_while(|a| a != "run").skip(1).collect();
+    let args: Vec<String> = std::env::args()
+        .skip_while(|a| a != "run")
+        .skip(1)
+        .collect();
     let args = &args[..];
     prepare_guest()?;
     let image = busybox_image()?;
