@@ -82,9 +82,12 @@ pub enum RunError {
     },
 }
 
-/// Watches the control console's output for init's "ready" line.
+/// Watches the control console's output for init's "ready" line (and notes when it came).
 #[derive(Clone, Default)]
-struct ReadySignal(Arc<(Mutex<(bool, Vec<u8>)>, std::sync::Condvar)>);
+struct ReadySignal(
+    Arc<(Mutex<(bool, Vec<u8>)>, std::sync::Condvar)>,
+    Arc<Mutex<Option<std::time::Instant>>>,
+);
 
 impl Write for ReadySignal {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
@@ -95,6 +98,7 @@ impl Write for ReadySignal {
             let marker = guest_init::GUEST_READY.as_bytes();
             if st.1.windows(marker.len()).any(|w| w == marker) {
                 st.0 = true;
+                *self.1.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
                 st.1.clear();
                 cv.notify_all();
             } else if st.1.len() > 4096 {
@@ -258,6 +262,7 @@ pub fn run(
     stderr: Box<dyn Write + Send>,
     stdin: Option<Box<dyn Read + Send>>,
 ) -> Result<i32, RunError> {
+    let started = std::time::Instant::now();
     let (store, record) = resolve_image(opts, true)?;
     let argv = command_line(&record.run_config, opts);
     if argv.is_empty() {
@@ -303,6 +308,7 @@ pub fn run(
     let signal_control = control_input.clone();
     let ready = ReadySignal::default();
     let guest_ready = ready.clone();
+    let ready_at = ready.1.clone();
     let stdin_task: Option<Box<dyn FnOnce(devices::virtio::console::ConsoleInput) + Send>> =
         match stdin {
             Some(mut input) if opts.interactive => Some(Box::new(
@@ -366,6 +372,7 @@ pub fn run(
         signal_control,
         vm_control.clone(),
     );
+    let booting = std::time::Instant::now();
     let outcome = boot(BootOptions {
         kernel: paths::default_kernel(),
         initramfs: Some(paths::default_initramfs()),
@@ -390,6 +397,23 @@ pub fn run(
         consoles,
         control: Some(vm_control),
     })?;
+    if std::env::var_os("SUPERMACHINE_TIMINGS").is_some() {
+        // For `cargo xtask bench run`: host preparation, VM start + kernel + init setup,
+        // workload (init ready → VM end).
+        let ended = std::time::Instant::now();
+        let ready = ready_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or(ended);
+        let ms =
+            |a: std::time::Instant, b: std::time::Instant| b.duration_since(a).as_secs_f64() * 1e3;
+        eprintln!(
+            "timings: prepare={:.1} boot={:.1} workload={:.1}",
+            ms(started, booting),
+            ms(booting, ready),
+            ms(ready, ended)
+        );
+    }
     match outcome.exit {
         VmExit::PowerOff(Some(status)) => Ok(status),
         // Stopped from the host after the grace period: as `docker stop` reports a kill.

@@ -39,6 +39,16 @@ pub enum Which {
         #[arg(long)]
         here: bool,
     },
+    /// `supermachine run IMAGE true` (cached busybox image), split into phases, next to QEMU
+    /// microvm running the same kernel, initramfs, image and init to the same end
+    Run {
+        /// Runs per VMM
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+        /// Run here even if this machine's KVM fails the probe (used inside the test host)
+        #[arg(long)]
+        here: bool,
+    },
     /// Pull of a 100+ MiB multi-layer image from a local registry, cold and warm, next to skopeo
     Pull {
         /// Runs (the median is reported)
@@ -240,6 +250,7 @@ pub fn run(which: Which) -> Result<()> {
     match which {
         Which::Toy { runs } => bench_toy(runs),
         Which::Boot { runs, here } => bench_boot(runs, here),
+        Which::Run { runs, here } => bench_run(runs, here),
         Which::Pull {
             runs,
             layers,
@@ -477,6 +488,131 @@ fn bench_blk(runs: usize, mib: u64, seconds: u64, here: bool) -> Result<()> {
         medians[0][0] / medians[1][0],
         medians[0][1] / medians[1][1],
         medians[0][2] / medians[1][2]
+    );
+    Ok(())
+}
+
+fn bench_run(runs: usize, here: bool) -> Result<()> {
+    let args = ["run".to_string(), "--runs".into(), runs.to_string()];
+    if !here {
+        crate::tests::busybox_image()?;
+    }
+    let Some(supermachine) = guest_bench_host(here, &args)? else {
+        return Ok(());
+    };
+    let layout = target_dir().join("images/busybox");
+    let image = format!("oci:{}:latest", layout.display());
+    let dir = PathBuf::from("/run").join(format!("sm-bench-run-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let home = dir.join("home");
+    // Pull once (not measured); QEMU gets the same root filesystem image.
+    let pulled = Command::new(&supermachine)
+        .args(["pull", "-q", &image])
+        .env("SUPERMACHINE_HOME", &home)
+        .output()?;
+    if !pulled.status.success() {
+        bail!("pull failed: {}", String::from_utf8_lossy(&pulled.stderr));
+    }
+    let rootfs = String::from_utf8_lossy(&pulled.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("rootfs: ").map(str::to_string))
+        .context("pull printed no rootfs")?;
+    let config = guest_init::InitConfig {
+        argv: vec!["true".into()],
+        container: Some(guest_init::ContainerConfig {
+            rootfs_device: "/dev/vda".into(),
+            rootfs_type: "squashfs".into(),
+            user: String::new(),
+            hostname: "bench".into(),
+            tty: false,
+            interactive: false,
+            stdout_device: "/dev/hvc0".into(),
+            stderr_device: "/dev/hvc1".into(),
+            control_device: "/dev/hvc2".into(),
+        }),
+        ..Default::default()
+    };
+    let initrd = initramfs_with(&config, &dir)?;
+    let kernel = installed_kernel();
+    let (mut ours, mut qemu) = (Vec::new(), Vec::new());
+    let mut phases: Vec<[f64; 3]> = Vec::new();
+    for i in 0..=runs {
+        let started = Instant::now();
+        let out = Command::new(&supermachine)
+            .args(["run", "--pull", "never", &image, "true"])
+            .env("SUPERMACHINE_HOME", &home)
+            .env("SUPERMACHINE_TIMINGS", "1")
+            .stdin(Stdio::null())
+            .output()?;
+        let wall = ms(started.elapsed());
+        if !out.status.success() {
+            bail!("run failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        let line = err
+            .lines()
+            .find(|l| l.starts_with("timings:"))
+            .context("no timings")?;
+        let get = |k: &str| -> f64 {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{k}=")))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(f64::NAN)
+        };
+        let mut q = qemu_linux(&kernel, &initrd, 512);
+        q.arg("-drive")
+            .arg(format!(
+                "id=root,file={rootfs},format=raw,if=none,readonly=on"
+            ))
+            .args(["-device", "virtio-blk-device,drive=root"])
+            .args(["-device", "virtio-serial-device"]);
+        for c in 0..3 {
+            q.args(["-chardev", &format!("null,id=c{c}")])
+                .args(["-device", &format!("virtconsole,chardev=c{c}")]);
+        }
+        let started = Instant::now();
+        let qout = q.stdin(Stdio::null()).output()?;
+        let qwall = ms(started.elapsed());
+        // isa-debug-exit turns the workload's status 0 into QEMU's exit code 1.
+        if qout.status.code() != Some(1) {
+            bail!(
+                "qemu's workload did not exit 0 through the exit port ({}): {}",
+                qout.status,
+                String::from_utf8_lossy(&qout.stdout)
+            );
+        }
+        if i == 0 {
+            continue; // warm-up
+        }
+        ours.push(wall);
+        qemu.push(qwall);
+        phases.push([get("prepare"), get("boot"), get("workload")]);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let col = |k: usize| stats(phases.iter().map(|p| p[k]).collect()).median;
+    let o = stats(ours);
+    let q = stats(qemu);
+    println!(
+        "\n`run IMAGE true` on the cached busybox image, 512 MiB, 1 vCPU ({runs} runs each, ms)\n"
+    );
+    println!("| | total median | min | max | host preparation | VM + kernel + init setup | workload to VM end |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| supermachine run | {:.0} | {:.0} | {:.0} | {:.1} | {:.0} | {:.0} |",
+        o.median,
+        o.min,
+        o.max,
+        col(0),
+        col(1),
+        col(2)
+    );
+    println!(
+        "| qemu microvm, same kernel/initramfs/image/init | {:.0} | {:.0} | {:.0} | | | |",
+        q.median, q.min, q.max
+    );
+    println!(
+        "\nsupermachine is {:.1}× faster end to end.",
+        q.median / o.median
     );
     Ok(())
 }
