@@ -113,6 +113,24 @@ impl Write for ReadySignal {
 }
 
 impl ReadySignal {
+    /// Waits until init is ready or `limit` passes; true if ready.
+    fn wait_timeout(&self, limit: std::time::Duration) -> bool {
+        let (lock, cv) = &*self.0;
+        let deadline = std::time::Instant::now() + limit;
+        let mut st = lock.lock().unwrap_or_else(|e| e.into_inner());
+        while !st.0 {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            st = cv
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+
     fn wait(&self) {
         let (lock, cv) = &*self.0;
         let mut st = lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -186,6 +204,9 @@ pub fn resolve_image(
     };
     Ok((store, record))
 }
+
+/// How long the guest may take to come up (kernel boot and init's setup) before `run` gives up.
+pub const COME_UP_LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// How long the workload has to exit after its stop signal before the VM is powered off.
 pub const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
@@ -308,6 +329,7 @@ pub fn run(
     let signal_control = control_input.clone();
     let ready = ReadySignal::default();
     let guest_ready = ready.clone();
+    let ready_watch = ready.clone();
     let ready_at = ready.1.clone();
     let stdin_task: Option<Box<dyn FnOnce(devices::virtio::console::ConsoleInput) + Send>> =
         match stdin {
@@ -373,6 +395,17 @@ pub fn run(
         vm_control.clone(),
     );
     let booting = std::time::Instant::now();
+    // A guest that never comes up (a hung kernel, a broken init) is stopped, not waited on.
+    let never_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let (ready, vm, never_up) = (ready_watch, vm_control.clone(), never_up.clone());
+        std::thread::spawn(move || {
+            if !ready.wait_timeout(COME_UP_LIMIT) && !vm.is_stopping() {
+                never_up.store(true, std::sync::atomic::Ordering::SeqCst);
+                vm.request_exit(VmExit::Stopped);
+            }
+        });
+    }
     let outcome = boot(BootOptions {
         kernel: paths::default_kernel(),
         initramfs: Some(paths::default_initramfs()),
@@ -416,6 +449,15 @@ pub fn run(
     }
     match outcome.exit {
         VmExit::PowerOff(Some(status)) => Ok(status),
+        VmExit::Stopped if never_up.load(std::sync::atomic::Ordering::SeqCst) => {
+            Err(RunError::NoStatus {
+                why: format!(
+                    "the guest did not come up within {} s",
+                    COME_UP_LIMIT.as_secs()
+                ),
+                tail: tail.last_lines(8),
+            })
+        }
         // Stopped from the host after the grace period: as `docker stop` reports a kill.
         VmExit::Stopped => Ok(128 + 9),
         other => Err(RunError::NoStatus {
