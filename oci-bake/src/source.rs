@@ -57,6 +57,21 @@ pub struct Fetched {
     pub layers: Vec<(Digest, u64)>,
 }
 
+impl Fetched {
+    fn from_manifest(name: String, manifest: Digest, m: &Manifest) -> Fetched {
+        Fetched {
+            name,
+            manifest,
+            config: m.config.digest.clone(),
+            layers: m
+                .layers
+                .iter()
+                .map(|l| (l.digest.clone(), l.size))
+                .collect(),
+        }
+    }
+}
+
 /// The name an image is recorded under: normalised reference, or transport + absolute path.
 pub fn canonical_name(image: &ImageRef) -> String {
     let abs = |p: &Path| fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
@@ -192,16 +207,7 @@ fn from_registry(
     for l in &m.layers {
         fetch_blob(l, MAX_LAYER, l.digest.short().to_string())?;
     }
-    Ok(Fetched {
-        name,
-        manifest,
-        config: m.config.digest.clone(),
-        layers: m
-            .layers
-            .iter()
-            .map(|l| (l.digest.clone(), l.size))
-            .collect(),
-    })
+    Ok(Fetched::from_manifest(name, manifest, &m))
 }
 
 fn from_layout(
@@ -252,16 +258,7 @@ fn from_layout(
     for l in &m.layers {
         copy(l, MAX_LAYER)?;
     }
-    Ok(Fetched {
-        name,
-        manifest,
-        config: m.config.digest.clone(),
-        layers: m
-            .layers
-            .iter()
-            .map(|l| (l.digest.clone(), l.size))
-            .collect(),
-    })
+    Ok(Fetched::from_manifest(name, manifest, &m))
 }
 
 /// `docker save`'s `manifest.json` entries.
