@@ -116,6 +116,23 @@ fn setup_root(c: &ContainerConfig) -> Result<(), String> {
         nosuid,
         Some("mode=0755"),
     )?;
+    for m in &c.mounts {
+        let target = inside(NEWROOT, &m.target).ok_or_else(|| {
+            format!(
+                "volume target {:?} must be an absolute path inside the container",
+                m.target
+            )
+        })?;
+        let flags = if m.read_only { libc::MS_RDONLY } else { 0 };
+        if let Err(e) = mount(&m.device, &target, &m.fstype, flags, None) {
+            // A read-only disk whose journal needs recovery (its last user was killed) cannot
+            // replay it: mount without the journal rather than not at all.
+            if !m.read_only || mount(&m.device, &target, &m.fstype, flags, Some("noload")).is_err()
+            {
+                return Err(e);
+            }
+        }
+    }
     // switch_root: make the overlay `/` and forget the initramfs.
     std::env::set_current_dir(NEWROOT).map_err(|e| format!("chdir {NEWROOT}: {e}"))?;
     mount(".", "/", "", libc::MS_MOVE, None)?;
@@ -125,6 +142,15 @@ fn setup_root(c: &ContainerConfig) -> Result<(), String> {
         return Err(format!("chroot: {}", io::Error::last_os_error()));
     }
     std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))
+}
+
+/// `root` + `path` for an absolute container path without `..` (None otherwise).
+pub fn inside(root: &str, path: &str) -> Option<String> {
+    if !path.starts_with('/') || path.split('/').any(|c| c == "..") {
+        return None;
+    }
+    let rel = path.trim_end_matches('/');
+    Some(format!("{root}{rel}"))
 }
 
 /// /etc/hosts, /etc/hostname and /etc/resolv.conf, where the image has none of its own.
@@ -542,6 +568,14 @@ pub fn run(config: &InitConfig, c: &ContainerConfig) -> i32 {
     unsafe { libc::kill(-1, libc::SIGKILL) };
     for r in relays {
         let _ = r.join();
+    }
+    // Unmount volumes so their filesystems are clean for the next user (a read-only mount of a
+    // dirty ext4 cannot replay its journal).
+    for m in c.mounts.iter().rev() {
+        if let Ok(t) = cstr(&m.target) {
+            // SAFETY: umount2 with a valid C string; failure leaves the volume as it is.
+            unsafe { libc::umount2(t.as_ptr(), 0) };
+        }
     }
     status
 }

@@ -76,6 +76,24 @@ pub struct ContainerConfig {
     pub stderr_device: String,
     /// Console carrying control messages from the host ([`ControlMessage`]).
     pub control_device: String,
+    /// Volumes to mount in the container before the workload starts.
+    #[serde(default)]
+    pub mounts: Vec<MountSpec>,
+}
+
+/// A block volume mounted in the container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MountSpec {
+    /// The block device (`/dev/vdb`, …).
+    pub device: String,
+    /// Where it appears in the container (absolute).
+    pub target: String,
+    /// Its filesystem (`ext4`).
+    pub fstype: String,
+    /// Mount read-only.
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 /// What init writes on the control console once the workload's consoles are set up (raw

@@ -39,6 +39,29 @@ enum Command {
     },
     /// Delete blobs and root filesystems no image uses
     Prune,
+    /// Named block volumes
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum VolumeCommand {
+    /// Create a named volume (sparse, ext4)
+    Create {
+        /// Size
+        #[arg(long, default_value = "1g", value_parser = parse_memory)]
+        size: u32,
+        /// Name
+        name: String,
+    },
+    /// List named volumes
+    Ls,
+    /// Remove named volumes
+    Rm {
+        /// Names
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -80,6 +103,12 @@ struct RunArgs {
     /// Remove the VM when it exits (always the case for foreground VMs today)
     #[arg(long)]
     rm: bool,
+    /// Block volume: FILE:PATH or NAME:PATH, ":ro" for read-only (created ext4 when missing)
+    #[arg(short, long, value_name = "SRC:DST[:ro]")]
+    volume: Vec<supermachine::volumes::VolumeSpec>,
+    /// Size of volumes created on first use
+    #[arg(long, value_name = "SIZE", default_value = "1g", value_parser = parse_memory)]
+    volume_size: u32,
     /// When to pull the image
     #[arg(long, value_enum, default_value = "missing")]
     pull: PullPolicyArg,
@@ -214,6 +243,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Images => image_command(run_images),
         Command::Rmi { images } => image_command(|| run_rmi(&images)),
         Command::Prune => image_command(run_prune),
+        Command::Volume(v) => image_command(|| run_volume(v)),
     }
 }
 
@@ -260,6 +290,8 @@ fn run_run(args: RunArgs) -> anyhow::Result<ExitCode> {
         interactive: args.interactive,
         tty: args.tty,
         debug: args.debug,
+        volumes: args.volume,
+        volume_size: u64::from(args.volume_size) << 20,
     };
     let _ = args.rm;
     let stdin: Option<Box<dyn std::io::Read + Send>> = if opts.interactive {
@@ -320,6 +352,34 @@ fn run_rmi(names: &[String]) -> anyhow::Result<()> {
     }
     if !missing.is_empty() {
         anyhow::bail!("no such image: {}", missing.join(", "));
+    }
+    Ok(())
+}
+
+fn run_volume(cmd: VolumeCommand) -> anyhow::Result<()> {
+    use supermachine::volumes;
+    match cmd {
+        VolumeCommand::Create { size, name } => {
+            let spec: volumes::VolumeSpec = format!("{name}:/x").parse()?;
+            let path = volumes::named_path(&name);
+            if path.exists() {
+                anyhow::bail!("volume {name} already exists");
+            }
+            volumes::prepare(&spec, u64::from(size) << 20)?;
+            println!("{name}");
+        }
+        VolumeCommand::Ls => {
+            println!("{:<30} {:>10}", "VOLUME", "USED");
+            for (name, used) in volumes::list() {
+                println!("{name:<30} {:>10}", images::human_size(used));
+            }
+        }
+        VolumeCommand::Rm { names } => {
+            for n in names {
+                volumes::remove(&n)?;
+                println!("{n}");
+            }
+        }
     }
     Ok(())
 }

@@ -13,6 +13,7 @@ pub mod boot;
 pub mod images;
 pub mod paths;
 pub mod run;
+pub mod volumes;
 
 pub use boot::{boot, BootError, BootOptions, BootOutcome, DiskSpec};
 pub use vmm_core::{VmControl, VmExit};

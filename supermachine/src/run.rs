@@ -55,6 +55,10 @@ pub struct RunOptions {
     pub tty: bool,
     /// Show the kernel log on stderr.
     pub debug: bool,
+    /// Block volumes.
+    pub volumes: Vec<crate::volumes::VolumeSpec>,
+    /// Size of volumes created on first use, in bytes.
+    pub volume_size: u64,
 }
 
 /// Why `run` failed before the workload could report a status.
@@ -66,6 +70,9 @@ pub enum RunError {
     /// `--pull never` and the image is not in the store.
     #[error("image {0} not found locally (and --pull never)")]
     NotLocal(String),
+    /// A volume could not be prepared.
+    #[error(transparent)]
+    Volume(crate::volumes::VolumeError),
     /// Neither the image nor the command line says what to run.
     #[error("no command specified (the image has no Entrypoint or Cmd)")]
     NoCommand,
@@ -304,6 +311,25 @@ pub fn run(
         .workdir
         .clone()
         .or_else(|| Some(record.run_config.working_dir.clone()).filter(|w| !w.is_empty()));
+    let mut disks = vec![DiskSpec {
+        path: store.rootfs_path(&record.rootfs),
+        read_only: true,
+    }];
+    let mut volume_mounts = Vec::new();
+    for v in &opts.volumes {
+        let path = crate::volumes::prepare(v, opts.volume_size).map_err(RunError::Volume)?;
+        // /dev/vda is the image; volumes follow in order.
+        volume_mounts.push(guest_init::MountSpec {
+            device: format!("/dev/vd{}", (b'a' + disks.len() as u8) as char),
+            target: v.target.clone(),
+            fstype: "ext4".into(),
+            read_only: v.read_only,
+        });
+        disks.push(DiskSpec {
+            path,
+            read_only: v.read_only,
+        });
+    }
     let container = ContainerConfig {
         rootfs_device: "/dev/vda".into(),
         rootfs_type: "squashfs".into(),
@@ -317,6 +343,7 @@ pub fn run(
         stdout_device: "/dev/hvc0".into(),
         stderr_device: "/dev/hvc1".into(),
         control_device: "/dev/hvc2".into(),
+        mounts: volume_mounts,
     };
     let tail = ConsoleTail::default();
     let serial: Box<dyn Write + Send> = if opts.debug {
@@ -422,10 +449,7 @@ pub fn run(
         console: serial,
         console_input: None,
         workdir,
-        disks: vec![DiskSpec {
-            path: store.rootfs_path(&record.rootfs),
-            read_only: true,
-        }],
+        disks,
         container: Some(container),
         consoles,
         control: Some(vm_control),

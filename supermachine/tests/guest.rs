@@ -602,3 +602,110 @@ fn run_forwards_sigterm_as_the_stop_signal() {
     );
     assert_eq!(status.code(), Some(7));
 }
+
+#[test]
+fn named_volumes_keep_data_across_runs() {
+    let env = RunEnv::new("run-volume");
+    let (code, _, err) = env.run(
+        &[
+            "-v",
+            "notes:/data",
+            &env.image,
+            "sh",
+            "-c",
+            "echo kept > /data/note && sync",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = env.run(
+        &[
+            "-v",
+            "notes:/data:ro",
+            &env.image,
+            "sh",
+            "-c",
+            "cat /data/note; touch /data/x",
+        ],
+        None,
+    );
+    assert_eq!(String::from_utf8_lossy(&out), "kept\n", "{err}");
+    assert_ne!(code, 0, "a read-only volume took a write");
+    assert!(err.contains("Read-only file system"), "{err}");
+}
+
+#[test]
+fn synced_writes_survive_a_killed_vmm() {
+    let env = RunEnv::new("run-durable");
+    let volume = env.dir.join("db.ext4");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_supermachine"))
+        .args([
+            "run",
+            "--volume-size",
+            "64m",
+            "-v",
+            &format!("{}:/db", volume.display()),
+            &env.image,
+            "sh",
+            "-c",
+            // Append a record, fsync it (busybox sync FILE is fsync), acknowledge it.
+            "i=0; while [ $i -lt 10000 ]; do i=$((i+1)); echo record-$i >> /db/log; sync /db/log; echo $i; done",
+        ])
+        .env("SUPERMACHINE_HOME", env.dir.join("home"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut acknowledged = 0u32;
+    let mut line = String::new();
+    let started = Instant::now();
+    use std::io::BufRead;
+    while acknowledged < 300 {
+        assert!(started.elapsed() < HANG_LIMIT, "too slow");
+        line.clear();
+        if out.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        if let Ok(n) = line.trim().parse() {
+            acknowledged = n;
+        }
+    }
+    child.kill().unwrap(); // SIGKILL: no flush, no unmount
+    child.wait().unwrap();
+    assert!(
+        acknowledged >= 300,
+        "the guest stopped early at {acknowledged}"
+    );
+    // Replay the journal on a copy, then read the log back.
+    let copy = env.dir.join("copy.ext4");
+    std::fs::copy(&volume, &copy).unwrap();
+    let fsck = Command::new("e2fsck")
+        .args(["-fy"])
+        .arg(&copy)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(
+        fsck.code().unwrap_or(8) < 4,
+        "e2fsck could not repair the volume: {fsck}"
+    );
+    let dump = Command::new("debugfs")
+        .args(["-R", "cat /log"])
+        .arg(&copy)
+        .stderr(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&dump.stdout);
+    let records: Vec<&str> = text.lines().collect();
+    assert!(
+        records.len() as u32 >= acknowledged,
+        "{} records on disk, {acknowledged} acknowledged",
+        records.len()
+    );
+    for (i, r) in records.iter().take(acknowledged as usize).enumerate() {
+        assert_eq!(*r, format!("record-{}", i + 1));
+    }
+}

@@ -529,6 +529,7 @@ fn bench_run(runs: usize, here: bool) -> Result<()> {
             stdout_device: "/dev/hvc0".into(),
             stderr_device: "/dev/hvc1".into(),
             control_device: "/dev/hvc2".into(),
+            mounts: Vec::new(),
         }),
         ..Default::default()
     };
