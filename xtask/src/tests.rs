@@ -118,6 +118,9 @@ pub fn run_all(force_local: bool) -> Result<()> {
             &[
                 guest_tests.to_string_lossy().into_owned(),
                 "--color=never".into(),
+                // One guest at a time: the emulated host's nested KVM is not robust under load
+                // (its own kernel has crashed running two 2-vCPU guests at once).
+                "--test-threads=1".into(),
             ],
             &testhost::Options {
                 cwd: crate::util::workspace_root().join("supermachine"),
