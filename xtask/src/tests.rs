@@ -118,8 +118,8 @@ pub fn run_all(force_local: bool) -> Result<()> {
             &[
                 guest_tests.to_string_lossy().into_owned(),
                 "--color=never".into(),
-                // One guest at a time: the emulated host's nested KVM is not robust under load
-                // (its own kernel has crashed running two 2-vCPU guests at once).
+                // One guest at a time: the emulated host is slow, and a nested KVM under TCG is
+                // the least tested part of the chain (see testhost.rs on XSAVE).
                 "--test-threads=1".into(),
             ],
             &testhost::Options {
