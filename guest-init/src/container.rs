@@ -412,6 +412,15 @@ pub fn run(config: &InitConfig, c: &ContainerConfig) -> i32 {
     }
     if !c.tty {
         make_raw(&out_console);
+    } else if let Some((rows, cols)) = c.tty_size {
+        let ws = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ with a valid winsize on the console we own.
+        unsafe { libc::ioctl(out_console.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
     }
     // Tell the host it may send input now.
     let _ = (&control).write_all(guest_init::GUEST_READY.as_bytes());

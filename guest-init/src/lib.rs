@@ -70,6 +70,9 @@ pub struct ContainerConfig {
     /// Connect the host's stdin to the workload's.
     #[serde(default)]
     pub interactive: bool,
+    /// The host terminal's size (rows, columns) for the workload's terminal, with `tty`.
+    #[serde(default)]
+    pub tty_size: Option<(u16, u16)>,
     /// Console carrying the workload's stdout (and stdin).
     pub stdout_device: String,
     /// Console carrying the workload's stderr.

@@ -299,6 +299,11 @@ fn run_run(args: RunArgs) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
+    let _raw = if opts.tty && opts.interactive {
+        Some(supermachine::run::RawTerminal::enable())
+    } else {
+        None
+    };
     let status = run(
         &opts,
         Box::new(std::io::stdout()),

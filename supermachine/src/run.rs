@@ -266,6 +266,57 @@ fn forward_host_signals(
         });
 }
 
+/// The size of the terminal on stdout (or stdin), if there is one.
+fn host_terminal_size() -> Option<(u16, u16)> {
+    for fd in [1, 0] {
+        let mut ws: libc::winsize = empty_winsize();
+        // SAFETY: TIOCGWINSZ writes a winsize into `ws`, which we own.
+        if unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) } == 0 && ws.ws_row > 0 {
+            return Some((ws.ws_row, ws.ws_col));
+        }
+    }
+    None
+}
+
+fn empty_winsize() -> libc::winsize {
+    libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    }
+}
+
+/// Puts the host terminal on stdin in raw mode (keys, ^C included, go to the guest's terminal)
+/// until dropped.
+pub struct RawTerminal(Option<libc::termios>);
+
+impl RawTerminal {
+    /// Raw mode on stdin when it is a terminal; a no-op otherwise.
+    pub fn enable() -> RawTerminal {
+        // SAFETY: tcgetattr/cfmakeraw/tcsetattr on fd 0 with a termios we own.
+        unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            if libc::isatty(0) != 1 || libc::tcgetattr(0, &mut t) != 0 {
+                return RawTerminal(None);
+            }
+            let saved = t;
+            libc::cfmakeraw(&mut t);
+            libc::tcsetattr(0, libc::TCSANOW, &t);
+            RawTerminal(Some(saved))
+        }
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        if let Some(t) = self.0.take() {
+            // SAFETY: restoring the attributes read in `enable`.
+            unsafe { libc::tcsetattr(0, libc::TCSANOW, &t) };
+        }
+    }
+}
+
 /// Entrypoint + Cmd with Docker's override rules.
 pub fn command_line(image: &oci_bake::config::RunConfig, opts: &RunOptions) -> Vec<String> {
     let entrypoint: Vec<String> = match &opts.entrypoint {
@@ -340,6 +391,7 @@ pub fn run(
         hostname: opts.hostname.clone().unwrap_or_else(random_id),
         tty: opts.tty,
         interactive: opts.interactive,
+        tty_size: if opts.tty { host_terminal_size() } else { None },
         stdout_device: "/dev/hvc0".into(),
         stderr_device: "/dev/hvc1".into(),
         control_device: "/dev/hvc2".into(),

@@ -709,3 +709,79 @@ fn synced_writes_survive_a_killed_vmm() {
         assert_eq!(*r, format!("record-{}", i + 1));
     }
 }
+
+#[test]
+fn run_with_a_terminal_passes_keys_and_window_size() {
+    use std::io::Write;
+    use std::os::fd::FromRawFd;
+    let env = RunEnv::new("run-tty");
+    let (mut master, mut slave) = (0, 0);
+    let ws = libc::winsize {
+        ws_row: 33,
+        ws_col: 101,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: openpty writes two descriptors we then own; `ws` is a valid winsize.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            &ws,
+        )
+    };
+    assert_eq!(rc, 0);
+    // SAFETY: fresh descriptors from openpty, owned from here on.
+    let (master, slave) = unsafe {
+        (
+            std::fs::File::from_raw_fd(master),
+            std::fs::File::from_raw_fd(slave),
+        )
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_supermachine"))
+        .args([
+            "run",
+            "-i",
+            "-t",
+            &env.image,
+            "sh",
+            "-c",
+            "stty size; read line; echo got-$line; exit 5",
+        ])
+        .env("SUPERMACHINE_HOME", env.dir.join("home"))
+        .stdin(slave.try_clone().unwrap())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(slave)
+        .spawn()
+        .unwrap();
+    let mut reader = master.try_clone().unwrap();
+    let mut writer = master;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            s2.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    });
+    let started = Instant::now();
+    let text = || String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+    while !text().contains("33 101") {
+        assert!(
+            started.elapsed() < HANG_LIMIT,
+            "no window size in: {}",
+            text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    writer.write_all(b"hello\r").unwrap();
+    let status = child.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(text().contains("got-hello"), "{}", text());
+    assert_eq!(status.code(), Some(5), "{}", text());
+}

@@ -526,6 +526,7 @@ fn bench_run(runs: usize, here: bool) -> Result<()> {
             hostname: "bench".into(),
             tty: false,
             interactive: false,
+            tty_size: None,
             stdout_device: "/dev/hvc0".into(),
             stderr_device: "/dev/hvc1".into(),
             control_device: "/dev/hvc2".into(),
