@@ -90,11 +90,11 @@ pub enum RunError {
 }
 
 /// Watches the control console's output for init's "ready" line (and notes when it came).
+/// (seen, bytes so far) under a lock, with a condition variable to wait on.
+type ReadyState = Arc<(Mutex<(bool, Vec<u8>)>, std::sync::Condvar)>;
+
 #[derive(Clone, Default)]
-struct ReadySignal(
-    Arc<(Mutex<(bool, Vec<u8>)>, std::sync::Condvar)>,
-    Arc<Mutex<Option<std::time::Instant>>>,
-);
+struct ReadySignal(ReadyState, Arc<Mutex<Option<std::time::Instant>>>);
 
 impl Write for ReadySignal {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {

@@ -150,7 +150,7 @@ impl Vm for KvmVm {
         // keeps the temporary EventFd from closing the caller's descriptor.
         let evt = std::mem::ManuallyDrop::new(unsafe { EventFd::from_raw_fd(fd.as_raw_fd()) });
         self.fd
-            .register_ioevent(&*evt, &kvm_ioctls::IoEventAddress::Mmio(addr), datamatch)
+            .register_ioevent(&evt, &kvm_ioctls::IoEventAddress::Mmio(addr), datamatch)
             .map_err(err("KVM_IOEVENTFD"))?;
         Ok(true)
     }

@@ -170,6 +170,9 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// Makes a fresh command for one run of a VMM.
+type CommandFactory = Box<dyn FnMut() -> Command>;
+
 /// Runs each (name, command builder) `runs` times, interleaved, and prints a table.
 fn compare(
     title: &str,
@@ -177,7 +180,7 @@ fn compare(
     marker_label: &str,
     runs: usize,
     limit: Duration,
-    vmms: &mut [(&str, Box<dyn FnMut() -> Command>)],
+    vmms: &mut [(&str, CommandFactory)],
 ) -> Result<()> {
     let mut samples: Vec<Vec<Sample>> = vmms.iter().map(|_| Vec::new()).collect();
     // One warm-up each (page cache, binary loading), not counted.

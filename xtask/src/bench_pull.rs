@@ -28,7 +28,7 @@ fn content(seed: u64, len: usize) -> Vec<u8> {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        if x % 16 == 0 {
+        if x.is_multiple_of(16) {
             out.extend_from_slice(b"the quick brown fox jumps over the lazy dog 0123456789\n");
         } else {
             out.extend_from_slice(&x.to_le_bytes());

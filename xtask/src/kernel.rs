@@ -109,7 +109,7 @@ fn compile(out_dir: &Path) -> Result<()> {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             if line.trim_start().starts_with("CC") {
                 compiled += 1;
-                if compiled % 100 == 0 {
+                if compiled.is_multiple_of(100) {
                     eprintln!("kernel: {compiled} files compiled");
                 }
             } else if line.contains("LD") && line.contains("vmlinux") {

@@ -35,10 +35,7 @@ impl SerialConsole {
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
         let room = self.uart.fifo_capacity();
         let n = bytes.len().min(room);
-        match self.uart.enqueue_raw_bytes(&bytes[..n]) {
-            Ok(n) => n,
-            Err(_) => 0,
-        }
+        self.uart.enqueue_raw_bytes(&bytes[..n]).unwrap_or_default()
     }
 }
 
