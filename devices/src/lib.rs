@@ -13,5 +13,7 @@
 #[cfg(target_os = "linux")]
 pub mod event_loop;
 pub mod legacy;
+#[cfg(test)]
+mod test_support;
 #[cfg(target_os = "linux")]
 pub mod virtio;

@@ -60,7 +60,6 @@ impl BusDevice for SerialConsole {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Mutex;
 
     #[derive(Default)]
     struct CountingIrq(AtomicUsize);
@@ -71,17 +70,7 @@ mod tests {
         }
     }
 
-    #[derive(Clone, Default)]
-    struct Shared(Arc<Mutex<Vec<u8>>>);
-    impl Write for Shared {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::test_support::SharedBuffer as Shared;
 
     #[test]
     fn transmits_to_the_writer_and_receives_input() {

@@ -233,17 +233,7 @@ mod tests {
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::GuestAddress;
 
-    #[derive(Clone, Default)]
-    struct Sink(Arc<Mutex<Vec<u8>>>);
-    impl Write for Sink {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::test_support::SharedBuffer as Sink;
 
     #[test]
     fn guest_output_reaches_the_writer_and_host_input_the_guest() {
