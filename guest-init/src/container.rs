@@ -102,6 +102,16 @@ fn setup_root(c: &ContainerConfig) -> Result<(), String> {
         nosuid,
         Some("mode=1777"),
     )?;
+    // cgroup v2, as container runtimes give it; a kernel without cgroups only loses this.
+    if let Err(e) = mount(
+        "cgroup2",
+        &format!("{NEWROOT}/sys/fs/cgroup"),
+        "cgroup2",
+        nosuid | libc::MS_NOEXEC,
+        None,
+    ) {
+        eprintln!("supermachine-init: no cgroup2: {e}");
+    }
     mount(
         "tmpfs",
         &format!("{NEWROOT}/tmp"),
@@ -292,6 +302,57 @@ fn make_raw(f: &File) {
     }
 }
 
+/// The environment of a process in the container: defaults, then `entries` (`KEY=value`; a
+/// later entry overrides an earlier one).
+pub fn workload_env<'a>(
+    hostname: &str,
+    home: &str,
+    tty: bool,
+    entries: impl Iterator<Item = &'a String>,
+) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = Vec::new();
+    let mut set = |k: &str, v: &str| {
+        env.retain(|(key, _)| key != k);
+        env.push((k.to_string(), v.to_string()));
+    };
+    set("PATH", DEFAULT_PATH);
+    set("HOSTNAME", hostname);
+    set("HOME", home);
+    if tty {
+        set("TERM", "xterm");
+    }
+    for kv in entries {
+        let (k, v) = kv.split_once('=').unwrap_or((kv.as_str(), ""));
+        if !k.is_empty() {
+            set(k, v);
+        }
+    }
+    env
+}
+
+/// Sets the terminal's size; the kernel sends SIGWINCH to its foreground process group.
+pub fn set_window_size(terminal: &File, rows: u16, cols: u16) {
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ with a valid winsize on a terminal we own.
+    unsafe { libc::ioctl(terminal.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+}
+
+/// How many processes the kernel's OOM killer has killed since boot.
+fn oom_kills() -> u64 {
+    std::fs::read_to_string("/proc/vmstat")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("oom_kill ")?.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
     // SAFETY: `fds` has room for two descriptors.
@@ -413,14 +474,21 @@ pub fn run(config: &InitConfig, c: &ContainerConfig) -> i32 {
     if !c.tty {
         make_raw(&out_console);
     } else if let Some((rows, cols)) = c.tty_size {
-        let ws = libc::winsize {
-            ws_row: rows,
-            ws_col: cols,
-            ws_xpixel: 0,
-            ws_ypixel: 0,
-        };
-        // SAFETY: TIOCSWINSZ with a valid winsize on the console we own.
-        unsafe { libc::ioctl(out_console.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+        set_window_size(&out_console, rows, cols);
+    }
+    // The agent (exec, files, published ports) serves from now on; a VM without vsock only
+    // loses those.
+    if let Err(e) = crate::agent::start(crate::agent::ExecDefaults {
+        env: config.env.clone(),
+        workdir: config
+            .workdir
+            .clone()
+            .filter(|w| !w.is_empty())
+            .unwrap_or_else(|| "/".into()),
+        user: c.user.clone(),
+        hostname: c.hostname.clone(),
+    }) {
+        eprintln!("supermachine-init: no agent: {e}");
     }
     // Tell the host it may send input now.
     let _ = (&control).write_all(guest_init::GUEST_READY.as_bytes());
@@ -442,23 +510,7 @@ pub fn run(config: &InitConfig, c: &ContainerConfig) -> i32 {
     } else {
         config.argv.clone()
     };
-    let mut env: Vec<(String, String)> = Vec::new();
-    let mut set = |k: &str, v: &str| {
-        env.retain(|(key, _)| key != k);
-        env.push((k.to_string(), v.to_string()));
-    };
-    set("PATH", DEFAULT_PATH);
-    set("HOSTNAME", &c.hostname);
-    set("HOME", &id.home);
-    if c.tty {
-        set("TERM", "xterm");
-    }
-    for kv in &config.env {
-        let (k, v) = kv.split_once('=').unwrap_or((kv.as_str(), ""));
-        if !k.is_empty() {
-            set(k, v);
-        }
-    }
+    let env = workload_env(&c.hostname, &id.home, c.tty, config.env.iter());
     let workdir = config
         .workdir
         .clone()
@@ -524,8 +576,9 @@ pub fn run(config: &InitConfig, c: &ContainerConfig) -> i32 {
             Ok(())
         });
     }
-    let child = match cmd.spawn() {
-        Ok(child) => child,
+    let oom_before = oom_kills();
+    let (child, exited) = match crate::reaper::spawn(&mut cmd) {
+        Ok(spawned) => spawned,
         Err(e) => {
             let status = match e.kind() {
                 io::ErrorKind::NotFound => EXIT_NOT_FOUND,
@@ -556,6 +609,11 @@ pub fn run(config: &InitConfig, c: &ContainerConfig) -> i32 {
         std::thread::spawn(move || forward_stdin(input, File::from(iw), eof_r));
     }
     let mut eof_w = File::from(eof_w);
+    let terminal = if c.tty {
+        out_console.try_clone().ok()
+    } else {
+        None
+    };
     std::thread::spawn(move || {
         for line in BufReader::new(control).lines() {
             let Ok(line) = line else { break };
@@ -567,16 +625,30 @@ pub fn run(config: &InitConfig, c: &ContainerConfig) -> i32 {
                 Some(ControlMessage::StdinEof) => {
                     let _ = eof_w.write_all(b"x");
                 }
+                Some(ControlMessage::Resize(rows, cols)) => {
+                    if let Some(t) = &terminal {
+                        set_window_size(t, rows, cols);
+                    }
+                }
                 None => {}
             }
         }
     });
-    let status = crate::linux::wait_for(pid);
+    let status = crate::reaper::shell_status(exited.recv().unwrap_or(0));
+    let out_of_memory = status == 128 + libc::SIGKILL && oom_kills() > oom_before;
     // The workload is gone: so is everything it left running, as in a container.
     // SAFETY: kill(-1) from PID 1 signals every other process; init itself is exempt.
     unsafe { libc::kill(-1, libc::SIGKILL) };
     for r in relays {
         let _ = r.join();
+    }
+    if out_of_memory {
+        // Docker reports this as OOMKilled with status 137; say it where the user looks.
+        fail(
+            "the workload was killed: out of memory (raise the guest's memory with --memory)"
+                .into(),
+            status,
+        );
     }
     // Unmount volumes so their filesystems are clean for the next user (a read-only mount of a
     // dirty ext4 cannot replay its journal).

@@ -110,6 +110,8 @@ pub enum ControlMessage {
     Signal(i32),
     /// The host's stdin ended: close the workload's.
     StdinEof,
+    /// The host terminal's size changed: (rows, columns) for the workload's terminal.
+    Resize(u16, u16),
 }
 
 impl ControlMessage {
@@ -118,6 +120,7 @@ impl ControlMessage {
         match self {
             ControlMessage::Signal(n) => format!("signal {n}\n"),
             ControlMessage::StdinEof => "stdin-eof\n".into(),
+            ControlMessage::Resize(rows, cols) => format!("resize {rows} {cols}\n"),
         }
     }
 
@@ -129,6 +132,13 @@ impl ControlMessage {
                 .ok()
                 .filter(|n| (1..=64).contains(n))
                 .map(ControlMessage::Signal),
+            Some(("resize", size)) => {
+                let (rows, cols) = size.split_once(' ')?;
+                Some(ControlMessage::Resize(
+                    rows.parse().ok()?,
+                    cols.parse().ok()?,
+                ))
+            }
             None if line.trim() == "stdin-eof" => Some(ControlMessage::StdinEof),
             _ => None,
         }
@@ -182,7 +192,11 @@ mod tests {
 
     #[test]
     fn control_messages_round_trip_and_reject_garbage() {
-        for m in [ControlMessage::Signal(15), ControlMessage::StdinEof] {
+        for m in [
+            ControlMessage::Signal(15),
+            ControlMessage::StdinEof,
+            ControlMessage::Resize(50, 132),
+        ] {
             assert_eq!(ControlMessage::decode(&m.encode()), Some(m));
         }
         for bad in [
@@ -193,6 +207,11 @@ mod tests {
             "signal x",
             "reboot",
             "stdin-eof now",
+            "resize",
+            "resize 24",
+            "resize 24 x",
+            "resize -1 80",
+            "resize 24 80 1",
         ] {
             assert_eq!(ControlMessage::decode(bad), None, "{bad}");
         }

@@ -6,9 +6,13 @@
 //! command's exit status (128 + signal if it was killed, 127/126 if it could not be started).
 
 #[cfg(target_os = "linux")]
+mod agent;
+#[cfg(target_os = "linux")]
 mod container;
 #[cfg(target_os = "linux")]
 mod linux;
+#[cfg(target_os = "linux")]
+mod reaper;
 
 #[cfg(target_os = "linux")]
 fn main() {

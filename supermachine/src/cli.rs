@@ -292,6 +292,11 @@ fn run_run(args: RunArgs) -> anyhow::Result<ExitCode> {
         debug: args.debug,
         volumes: args.volume,
         volume_size: u64::from(args.volume_size) << 20,
+        // Undocumented on the command line: for tests of a guest that never comes up.
+        come_up_limit: std::env::var("SUPERMACHINE_COME_UP_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .map(std::time::Duration::from_secs),
     };
     let _ = args.rm;
     let stdin: Option<Box<dyn std::io::Read + Send>> = if opts.interactive {

@@ -59,6 +59,9 @@ pub struct RunOptions {
     pub volumes: Vec<crate::volumes::VolumeSpec>,
     /// Size of volumes created on first use, in bytes.
     pub volume_size: u64,
+    /// How long the guest may take to start the workload before it is stopped and reported
+    /// (default [`COME_UP_LIMIT`]).
+    pub come_up_limit: Option<std::time::Duration>,
 }
 
 /// Why `run` failed before the workload could report a status.
@@ -239,20 +242,38 @@ pub fn signal_number(name: &str) -> i32 {
 
 /// SIGINT/SIGTERM to this process: the image's stop signal (SIGINT stays SIGINT, as Docker
 /// forwards it) to the workload; if it has not exited after [`STOP_GRACE`], power the VM off.
+/// With a terminal, SIGWINCH resizes the workload's terminal to the host's.
 fn forward_host_signals(
     stop_signal: &str,
     control: Arc<Mutex<Option<devices::virtio::console::ConsoleInput>>>,
     vm: crate::VmControl,
+    tty: bool,
 ) {
-    use signal_hook::consts::{SIGINT, SIGTERM};
+    use signal_hook::consts::{SIGINT, SIGTERM, SIGWINCH};
     let stop = signal_number(stop_signal);
-    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) else {
+    let watched: &[i32] = if tty {
+        &[SIGINT, SIGTERM, SIGWINCH]
+    } else {
+        &[SIGINT, SIGTERM]
+    };
+    let Ok(mut signals) = signal_hook::iterator::Signals::new(watched) else {
         return;
     };
     let _ = std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             for sig in signals.forever() {
+                if sig == SIGWINCH {
+                    // The host terminal was resized: so is the workload's (it gets SIGWINCH).
+                    let size = host_terminal_size();
+                    if let (Some((rows, cols)), Some(c)) = (
+                        size,
+                        control.lock().unwrap_or_else(|e| e.into_inner()).as_ref(),
+                    ) {
+                        c.push(ControlMessage::Resize(rows, cols).encode().as_bytes());
+                    }
+                    continue;
+                }
                 let deliver = if sig == SIGINT { SIGINT } else { stop };
                 if let Some(c) = control.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
                     c.push(ControlMessage::Signal(deliver).encode().as_bytes());
@@ -472,14 +493,16 @@ pub fn run(
         &record.run_config.stop_signal,
         signal_control,
         vm_control.clone(),
+        opts.tty,
     );
     let booting = std::time::Instant::now();
     // A guest that never comes up (a hung kernel, a broken init) is stopped, not waited on.
     let never_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let come_up_limit = opts.come_up_limit.unwrap_or(COME_UP_LIMIT);
     {
         let (ready, vm, never_up) = (ready_watch, vm_control.clone(), never_up.clone());
         std::thread::spawn(move || {
-            if !ready.wait_timeout(COME_UP_LIMIT) && !vm.is_stopping() {
+            if !ready.wait_timeout(come_up_limit) && !vm.is_stopping() {
                 never_up.store(true, std::sync::atomic::Ordering::SeqCst);
                 vm.request_exit(VmExit::Stopped);
             }
@@ -529,7 +552,7 @@ pub fn run(
             Err(RunError::NoStatus {
                 why: format!(
                     "the guest did not come up within {} s",
-                    COME_UP_LIMIT.as_secs()
+                    come_up_limit.as_secs()
                 ),
                 tail: tail.last_lines(8),
             })

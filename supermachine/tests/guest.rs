@@ -402,9 +402,20 @@ impl RunEnv {
     }
 
     fn run(&self, args: &[&str], stdin: Option<&[u8]>) -> (i32, Vec<u8>, String) {
+        self.run_with(&[], args, stdin)
+    }
+
+    /// `run` with extra environment variables for supermachine itself.
+    fn run_with(
+        &self,
+        vars: &[(&str, &str)],
+        args: &[&str],
+        stdin: Option<&[u8]>,
+    ) -> (i32, Vec<u8>, String) {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_supermachine"));
         cmd.arg("run")
             .args(args)
+            .envs(vars.iter().copied())
             .env("SUPERMACHINE_HOME", self.dir.join("home"))
             .stdin(if stdin.is_some() {
                 Stdio::piped()
@@ -713,7 +724,7 @@ fn synced_writes_survive_a_killed_vmm() {
 #[test]
 fn run_with_a_terminal_passes_keys_and_window_size() {
     use std::io::Write;
-    use std::os::fd::FromRawFd;
+    use std::os::fd::{AsRawFd, FromRawFd};
     let env = RunEnv::new("run-tty");
     let (mut master, mut slave) = (0, 0);
     let ws = libc::winsize {
@@ -748,7 +759,9 @@ fn run_with_a_terminal_passes_keys_and_window_size() {
             &env.image,
             "sh",
             "-c",
-            "stty size; read line; echo got-$line; exit 5",
+            "stty size; trap 'echo winch' WINCH; \
+             while [ \"$(stty size)\" = '33 101' ]; do sleep 0.1; done; \
+             stty size; read line; echo got-$line; exit 5",
         ])
         .env("SUPERMACHINE_HOME", env.dir.join("home"))
         .stdin(slave.try_clone().unwrap())
@@ -779,9 +792,110 @@ fn run_with_a_terminal_passes_keys_and_window_size() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    // The host terminal is resized: the workload sees the new size and gets SIGWINCH. (The
+    // test's pty is not supermachine's controlling terminal, so the signal is sent by hand.)
+    let bigger = libc::winsize {
+        ws_row: 40,
+        ws_col: 120,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ with a valid winsize on the pty master we own.
+    assert_eq!(
+        unsafe { libc::ioctl(writer.as_raw_fd(), libc::TIOCSWINSZ, &bigger) },
+        0
+    );
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGWINCH) };
+    while !text().contains("40 120") {
+        assert!(started.elapsed() < HANG_LIMIT, "no resize in: {}", text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
     writer.write_all(b"hello\r").unwrap();
     let status = child.wait().unwrap();
     std::thread::sleep(Duration::from_millis(200));
     assert!(text().contains("got-hello"), "{}", text());
+    assert!(text().contains("winch"), "no SIGWINCH: {}", text());
     assert_eq!(status.code(), Some(5), "{}", text());
+}
+
+#[test]
+fn run_gives_the_workload_cgroup2_and_reports_out_of_memory() {
+    let env = RunEnv::new("run-oom");
+    let (code, out, err) = env.run(
+        &[
+            &env.image,
+            "sh",
+            "-c",
+            "cat /sys/fs/cgroup/cgroup.controllers",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let controllers = String::from_utf8_lossy(&out);
+    for c in ["memory", "pids", "cpu"] {
+        assert!(controllers.contains(c), "no {c} controller: {controllers}");
+    }
+    // `tail` keeps the current line in memory, and /dev/zero has no newline.
+    let (code, _, err) = env.run(
+        &[
+            "--memory",
+            "96",
+            &env.image,
+            "sh",
+            "-c",
+            "x=a; while :; do x=$x$x; done",
+        ],
+        None,
+    );
+    assert_eq!(code, 137, "{err}");
+    assert!(err.contains("out of memory"), "{err}");
+}
+
+#[test]
+fn a_kernel_panic_is_reported_with_its_panic_line() {
+    let env = RunEnv::new("run-panic");
+    let (code, _, err) = env.run(
+        &[
+            &env.image,
+            "sh",
+            "-c",
+            "echo c > /proc/sysrq-trigger; sleep 100",
+        ],
+        None,
+    );
+    assert_eq!(code, 125, "{err}");
+    assert!(err.contains("Kernel panic - not syncing"), "{err}");
+    assert!(err.contains("sysrq"), "{err}");
+}
+
+#[test]
+fn a_guest_that_never_comes_up_is_stopped_with_its_last_console_lines() {
+    let env = RunEnv::new("run-never-up");
+    // An initramfs whose init prints a line and hangs: init never says it is ready.
+    let busybox = std::fs::read("/bin/busybox").expect("busybox-static is needed");
+    let mut cpio = guest_init::newc::Writer::new(Vec::new());
+    cpio.directory("dev", 0o755).unwrap();
+    cpio.char_device("dev/console", 0o600, 5, 1).unwrap();
+    cpio.directory("bin", 0o755).unwrap();
+    cpio.file("bin/busybox", 0o755, &busybox).unwrap();
+    cpio.file(
+        "init",
+        0o755,
+        b"#!/bin/busybox sh\necho stuck-in-early-boot\nexec /bin/busybox sleep 100000\n",
+    )
+    .unwrap();
+    let initramfs = env.dir.join("hang.cpio");
+    std::fs::write(&initramfs, cpio.finish().unwrap()).unwrap();
+    let (code, _, err) = env.run_with(
+        &[
+            ("SUPERMACHINE_INITRAMFS", initramfs.to_str().unwrap()),
+            ("SUPERMACHINE_COME_UP_SECS", "10"),
+        ],
+        &[&env.image, "true"],
+        None,
+    );
+    assert_eq!(code, 125, "{err}");
+    assert!(err.contains("did not come up within 10 s"), "{err}");
+    assert!(err.contains("stuck-in-early-boot"), "{err}");
 }

@@ -187,8 +187,8 @@ fn every_source_gives_the_same_root_filesystem() {
         .find(|l| l.starts_with("/bin/busybox "))
         .unwrap();
     assert_eq!(
-        ls.split(' ').last(),
-        bb.split(' ').last(),
+        ls.split(' ').next_back(),
+        bb.split(' ').next_back(),
         "hard link content"
     );
 

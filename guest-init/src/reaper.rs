@@ -1,0 +1,77 @@
+//! The one place PID 1 waits for children. Orphans reparented to init are reaped and dropped;
+//! processes started through [`spawn`] get their status on a channel. A single reaper is
+//! needed because `waitpid(-1)` in one thread would steal another thread's child.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Condvar, Mutex, Once};
+
+/// Children someone waits for, by pid.
+static WAITERS: Mutex<BTreeMap<libc::pid_t, Sender<i32>>> = Mutex::new(BTreeMap::new());
+/// Signalled on every spawn, so an idle reaper (no children: ECHILD) wakes up.
+static SPAWNED: Condvar = Condvar::new();
+static START: Once = Once::new();
+/// Counts spawns (changed under the `WAITERS` lock), so the reaper never sleeps past one.
+static SPAWNS: AtomicU64 = AtomicU64::new(0);
+
+/// The status as a shell reports it: the exit code, or 128 + the signal that killed it.
+pub fn shell_status(raw: i32) -> i32 {
+    if libc::WIFEXITED(raw) {
+        libc::WEXITSTATUS(raw)
+    } else if libc::WIFSIGNALED(raw) {
+        128 + libc::WTERMSIG(raw)
+    } else {
+        guest_init::EXIT_INIT_FAILED
+    }
+}
+
+/// Starts `cmd`; its raw wait status arrives on the receiver when it exits. (Never call
+/// `Child::wait` on the result: the reaper owns waiting.)
+pub fn spawn(cmd: &mut Command) -> io::Result<(Child, Receiver<i32>)> {
+    START.call_once(|| {
+        std::thread::Builder::new()
+            .name("reaper".into())
+            .spawn(reap_forever)
+            .expect("init cannot start its reaper thread");
+    });
+    // Holding the lock across the spawn: the reaper cannot look the pid up before it is
+    // registered, however fast the child exits.
+    let mut waiters = WAITERS.lock().unwrap_or_else(|e| e.into_inner());
+    let child = cmd.spawn()?;
+    let (tx, rx) = channel();
+    waiters.insert(child.id() as libc::pid_t, tx);
+    SPAWNS.fetch_add(1, Ordering::SeqCst);
+    drop(waiters);
+    SPAWNED.notify_all();
+    Ok((child, rx))
+}
+
+fn reap_forever() {
+    loop {
+        let spawns = SPAWNS.load(Ordering::SeqCst);
+        let mut status = 0;
+        // SAFETY: `status` is a valid out-pointer.
+        let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if pid < 0 {
+            if io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                // No children at all: nothing can be reparented to us either, so sleep until
+                // the next spawn.
+                let mut w = WAITERS.lock().unwrap_or_else(|e| e.into_inner());
+                while SPAWNS.load(Ordering::SeqCst) == spawns {
+                    w = SPAWNED.wait(w).unwrap_or_else(|e| e.into_inner());
+                }
+            }
+            continue;
+        }
+        let tx = WAITERS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&pid);
+        if let Some(tx) = tx {
+            let _ = tx.send(status);
+        }
+    }
+}
