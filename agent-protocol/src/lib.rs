@@ -167,6 +167,8 @@ pub enum ErrorKind {
     PermissionDenied,
     /// The request does not make sense (bad path, unknown user…).
     Invalid,
+    /// The path names a directory where a file was expected.
+    IsDirectory,
     /// Nothing listens on the guest port.
     ConnectionRefused,
     /// The host speaks a protocol version the agent does not.

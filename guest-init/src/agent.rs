@@ -85,7 +85,7 @@ fn vsock_listener(port: u32) -> io::Result<OwnedFd> {
         )
     };
     // SAFETY: listen on the socket we own.
-    if rc != 0 || unsafe { libc::listen(fd.as_raw_fd(), 128) } != 0 {
+    if rc != 0 || unsafe { libc::listen(fd.as_raw_fd(), 1024) } != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(fd)
@@ -194,7 +194,7 @@ fn write_file(conn: &mut Conn, path: &str, mode: u32) -> Frame {
     };
     if path.is_dir() {
         return error(
-            ErrorKind::Invalid,
+            ErrorKind::IsDirectory,
             format!("{} is a directory", path.display()),
         );
     }

@@ -75,7 +75,14 @@ pub struct BootOptions {
     pub consoles: Vec<ConsoleSpec>,
     /// A control handle the caller keeps to stop the VM from outside (default: a fresh one).
     pub control: Option<VmControl>,
+    /// Attach a virtio-vsock device (guest CID [`GUEST_CID`]) whose host side is this Unix
+    /// socket (`CONNECT <port>` to reach a guest port; guest connections to host port P land
+    /// on `<socket>_P`).
+    pub vsock: Option<PathBuf>,
 }
+
+/// The guest's vsock context id.
+pub const GUEST_CID: u64 = 3;
 
 /// A virtio console: where guest output goes; host input arrives through the handle the
 /// `on_ready` callback receives.
@@ -218,12 +225,23 @@ pub fn boot(opts: BootOptions) -> Result<BootOutcome, BootError> {
     let mut event_loop =
         devices::event_loop::EventLoop::new().map_err(|e| BootError::Device(e.to_string()))?;
     attach_disks(&mut builder, &mut event_loop, &opts.disks)?;
+    let consoles = opts.consoles.len();
     attach_consoles(
         &mut builder,
         &mut event_loop,
         opts.disks.len(),
         opts.consoles,
     )?;
+    if let Some(socket) = opts.vsock {
+        let vsock = devices::virtio::vsock::Vsock::new(GUEST_CID, socket)
+            .map_err(|e| BootError::Device(e.to_string()))?;
+        attach_virtio(
+            &mut builder,
+            &mut event_loop,
+            opts.disks.len() + consoles,
+            Box::new(vsock),
+        )?;
+    }
     let vm = builder.build()?;
     if let Some(input) = opts.console_input {
         forward_input(input, serial, control.clone());

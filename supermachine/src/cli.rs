@@ -42,6 +42,18 @@ enum Command {
     /// Named block volumes
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// List VMs (running ones; -a for all)
+    Ps(crate::vm_commands::PsArgs),
+    /// Show a VM's output (stdout and stderr, for VMs started with -d)
+    Logs(crate::vm_commands::LogsArgs),
+    /// Run a command in a running VM
+    Exec(crate::vm_commands::ExecArgs),
+    /// Copy a file between the host and a VM: cp SRC NAME:DST, or cp NAME:SRC DST
+    Cp(crate::vm_commands::CpArgs),
+    /// Stop running VMs: the image's stop signal, then power off after the timeout
+    Stop(crate::vm_commands::StopArgs),
+    /// Remove VMs (-f stops running ones first)
+    Rm(crate::vm_commands::RmArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -100,9 +112,21 @@ struct RunArgs {
     /// A name for the VM (shown in the guest as its host name when --hostname is not given)
     #[arg(long)]
     name: Option<String>,
-    /// Remove the VM when it exits (always the case for foreground VMs today)
+    /// Remove the VM when it exits (foreground VMs always are; this is for -d)
     #[arg(long)]
     rm: bool,
+    /// Run in the background: print the VM's id once it is up
+    #[arg(short, long)]
+    detach: bool,
+    /// Publish a guest TCP port on the host (repeatable)
+    #[arg(short, long, value_name = "[HOST_IP:][HOST_PORT:]GUEST_PORT")]
+    publish: Vec<supermachine::ports::PortMapping>,
+    /// Publish every port the image exposes on a free host port
+    #[arg(short = 'P', long)]
+    publish_all: bool,
+    /// Seconds the workload has to exit after its stop signal before the VM is powered off
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    stop_timeout: u64,
     /// Block volume: FILE:PATH or NAME:PATH, ":ro" for read-only (created ext4 when missing)
     #[arg(short, long, value_name = "SRC:DST[:ro]")]
     volume: Vec<supermachine::volumes::VolumeSpec>,
@@ -244,6 +268,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Rmi { images } => image_command(|| run_rmi(&images)),
         Command::Prune => image_command(run_prune),
         Command::Volume(v) => image_command(|| run_volume(v)),
+        Command::Ps(a) => crate::vm_commands::ps(a),
+        Command::Logs(a) => crate::vm_commands::logs(a),
+        Command::Exec(a) => crate::vm_commands::exec(a),
+        Command::Cp(a) => crate::vm_commands::cp(a),
+        Command::Stop(a) => crate::vm_commands::stop(a),
+        Command::Rm(a) => crate::vm_commands::rm(a),
     }
 }
 
@@ -284,7 +314,7 @@ fn run_run(args: RunArgs) -> anyhow::Result<ExitCode> {
         env,
         workdir: args.workdir,
         user: args.user,
-        hostname: args.hostname.or(args.name),
+        hostname: args.hostname.or(args.name.clone()),
         memory_mib: args.memory,
         vcpus: args.cpus,
         interactive: args.interactive,
@@ -297,8 +327,23 @@ fn run_run(args: RunArgs) -> anyhow::Result<ExitCode> {
             .ok()
             .and_then(|s| s.parse().ok())
             .map(std::time::Duration::from_secs),
+        name: args.name,
+        reserved_id: None,
+        keep_record: false,
+        publish: args.publish,
+        publish_all: args.publish_all,
+        stop_timeout: Some(std::time::Duration::from_secs(args.stop_timeout)),
     };
-    let _ = args.rm;
+    let mut opts = opts;
+    if let Ok(id) = std::env::var(crate::vm_commands::DETACHED_CHILD_ENV) {
+        // We are the background process of `run -d`: the parent reserved our entry.
+        opts.reserved_id = Some(id);
+        opts.keep_record = !args.rm;
+        opts.interactive = false;
+        opts.tty = false;
+    } else if args.detach {
+        return crate::vm_commands::detach(opts.name.as_deref());
+    }
     let stdin: Option<Box<dyn std::io::Read + Send>> = if opts.interactive {
         Some(Box::new(std::io::stdin()))
     } else {
@@ -426,6 +471,7 @@ fn run_boot(args: BootArgs) -> anyhow::Result<ExitCode> {
         container: None,
         consoles: Vec::new(),
         control: None,
+        vsock: None,
     })?;
     Ok(match outcome.exit {
         VmExit::PowerOff(Some(status)) => ExitCode::from((status & 0xff) as u8),

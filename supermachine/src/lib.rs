@@ -9,10 +9,13 @@
 //! ([`images`]). Running images, snapshots and the `Vm`/`Pool` API arrive with their issues.
 #![deny(missing_docs)]
 
+pub mod agent;
 pub mod boot;
 pub mod images;
 pub mod paths;
+pub mod ports;
 pub mod run;
+pub mod vms;
 pub mod volumes;
 
 pub use boot::{boot, BootError, BootOptions, BootOutcome, DiskSpec};

@@ -62,6 +62,20 @@ pub struct RunOptions {
     /// How long the guest may take to start the workload before it is stopped and reported
     /// (default [`COME_UP_LIMIT`]).
     pub come_up_limit: Option<std::time::Duration>,
+    /// A name for the VM in the registry (`ps`, `exec NAME`); default: generated.
+    pub name: Option<String>,
+    /// Use this registry entry, already reserved with [`crate::vms::Registry::create`] (how a
+    /// detached VM's process learns its id).
+    pub reserved_id: Option<String>,
+    /// Keep the VM's registry record (logs, exit status) after it exits, until `rm`.
+    pub keep_record: bool,
+    /// Published ports.
+    pub publish: Vec<crate::ports::PortMapping>,
+    /// Publish every port the image exposes on a free host port.
+    pub publish_all: bool,
+    /// How long the workload has to exit after its stop signal before the VM is powered off
+    /// (default [`STOP_GRACE`]).
+    pub stop_timeout: Option<std::time::Duration>,
 }
 
 /// Why `run` failed before the workload could report a status.
@@ -82,6 +96,12 @@ pub enum RunError {
     /// Booting the VM failed.
     #[error(transparent)]
     Boot(#[from] BootError),
+    /// The VM registry refused (a name in use) or failed.
+    #[error(transparent)]
+    Registry(#[from] crate::vms::VmRegistryError),
+    /// A published port could not be bound.
+    #[error("{0}")]
+    Publish(std::io::Error),
     /// The guest ended without reporting the workload's status.
     #[error("the VM ended without the workload's exit status ({why}){tail}")]
     NoStatus {
@@ -186,14 +206,6 @@ impl ConsoleTail {
     }
 }
 
-fn random_id() -> String {
-    let mut b = [0u8; 6];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let _ = f.read_exact(&mut b);
-    }
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 /// The image record for `opts.image`, pulled as the policy says.
 pub fn resolve_image(
     opts: &RunOptions,
@@ -241,13 +253,15 @@ pub fn signal_number(name: &str) -> i32 {
 }
 
 /// SIGINT/SIGTERM to this process: the image's stop signal (SIGINT stays SIGINT, as Docker
-/// forwards it) to the workload; if it has not exited after [`STOP_GRACE`], power the VM off.
+/// forwards it) to the workload; if it has not exited after `grace`, power the VM off. A
+/// second SIGINT/SIGTERM powers it off at once.
 /// With a terminal, SIGWINCH resizes the workload's terminal to the host's.
 fn forward_host_signals(
     stop_signal: &str,
     control: Arc<Mutex<Option<devices::virtio::console::ConsoleInput>>>,
     vm: crate::VmControl,
     tty: bool,
+    grace: std::time::Duration,
 ) {
     use signal_hook::consts::{SIGINT, SIGTERM, SIGWINCH};
     let stop = signal_number(stop_signal);
@@ -262,6 +276,7 @@ fn forward_host_signals(
     let _ = std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
+            let mut stop_sent = false;
             for sig in signals.forever() {
                 if sig == SIGWINCH {
                     // The host terminal was resized: so is the workload's (it gets SIGWINCH).
@@ -274,13 +289,18 @@ fn forward_host_signals(
                     }
                     continue;
                 }
+                if stop_sent {
+                    vm.request_exit(VmExit::Stopped);
+                    continue;
+                }
+                stop_sent = true;
                 let deliver = if sig == SIGINT { SIGINT } else { stop };
                 if let Some(c) = control.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
                     c.push(ControlMessage::Signal(deliver).encode().as_bytes());
                 }
                 let vm = vm.clone();
                 std::thread::spawn(move || {
-                    std::thread::sleep(STOP_GRACE);
+                    std::thread::sleep(grace);
                     vm.request_exit(VmExit::Stopped);
                 });
             }
@@ -355,15 +375,89 @@ pub fn command_line(image: &oci_bake::config::RunConfig, opts: &RunOptions) -> V
     entrypoint.into_iter().chain(cmd).collect()
 }
 
-/// Runs the image; returns the workload's exit status.
+/// Runs the image; returns the workload's exit status. The VM is in the registry
+/// ([`crate::vms`]) while it runs, and afterwards with [`RunOptions::keep_record`].
 pub fn run(
     opts: &RunOptions,
     stdout: Box<dyn Write + Send>,
     stderr: Box<dyn Write + Send>,
     stdin: Option<Box<dyn Read + Send>>,
 ) -> Result<i32, RunError> {
+    let registry = crate::vms::Registry::open()?;
+    let (id, name, dir) = match &opts.reserved_id {
+        Some(id) => registry.reserved(id)?,
+        None => registry.create(opts.name.as_deref())?,
+    };
+    let result = run_registered(opts, &id, &name, &dir, stdout, stderr, stdin);
+    let recorded = dir.record().ok().map(|mut r| {
+        r.exit_code = Some(*result.as_ref().unwrap_or(&125));
+        r
+    });
+    match recorded {
+        Some(r) if opts.keep_record => {
+            let _ = dir.save(&r);
+        }
+        _ => {
+            let _ = registry.remove(&dir, &id, &name);
+        }
+    }
+    result
+}
+
+fn now_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn run_registered(
+    opts: &RunOptions,
+    id: &str,
+    name: &str,
+    dir: &crate::vms::VmDir,
+    stdout: Box<dyn Write + Send>,
+    stderr: Box<dyn Write + Send>,
+    stdin: Option<Box<dyn Read + Send>>,
+) -> Result<i32, RunError> {
     let started = std::time::Instant::now();
     let (store, record) = resolve_image(opts, true)?;
+    let mut mappings = opts.publish.clone();
+    if opts.publish_all {
+        mappings.extend(crate::ports::PortMapping::for_exposed(
+            &record.run_config.exposed_ports,
+        ));
+    }
+    let published = mappings
+        .into_iter()
+        .map(crate::ports::bind)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(RunError::Publish)?;
+    let ports: Vec<String> = published
+        .iter()
+        .map(|p| format!("{}->{}/tcp", p.local, p.mapping.guest_port))
+        .collect();
+    if opts.publish_all {
+        for p in &ports {
+            eprintln!("supermachine: published {p}");
+        }
+    }
+    dir.save(&crate::vms::VmRecord {
+        id: id.into(),
+        name: name.into(),
+        image: opts.image.clone(),
+        created: now_seconds(),
+        pid: std::process::id(),
+        pid_start: crate::vms::process_start(std::process::id()).unwrap_or(0),
+        ports,
+        detached: opts.reserved_id.is_some(),
+        auto_remove: !opts.keep_record,
+        exit_code: None,
+    })?;
+    let agent = crate::agent::Agent::new(dir.vsock());
+    for p in published {
+        p.forward(agent.clone());
+    }
     let argv = command_line(&record.run_config, opts);
     if argv.is_empty() {
         return Err(RunError::NoCommand);
@@ -409,7 +503,7 @@ pub fn run(
             .user
             .clone()
             .unwrap_or_else(|| record.run_config.user.clone()),
-        hostname: opts.hostname.clone().unwrap_or_else(random_id),
+        hostname: opts.hostname.clone().unwrap_or_else(|| id.to_string()),
         tty: opts.tty,
         interactive: opts.interactive,
         tty_size: if opts.tty { host_terminal_size() } else { None },
@@ -494,6 +588,7 @@ pub fn run(
         signal_control,
         vm_control.clone(),
         opts.tty,
+        opts.stop_timeout.unwrap_or(STOP_GRACE),
     );
     let booting = std::time::Instant::now();
     // A guest that never comes up (a hung kernel, a broken init) is stopped, not waited on.
@@ -528,6 +623,7 @@ pub fn run(
         container: Some(container),
         consoles,
         control: Some(vm_control),
+        vsock: Some(dir.vsock()),
     })?;
     if std::env::var_os("SUPERMACHINE_TIMINGS").is_some() {
         // For `cargo xtask bench run`: host preparation, VM start + kernel + init setup,

@@ -412,11 +412,34 @@ impl RunEnv {
         args: &[&str],
         stdin: Option<&[u8]>,
     ) -> (i32, Vec<u8>, String) {
+        let mut all = vec!["run"];
+        all.extend_from_slice(args);
+        self.command(vars, &all, stdin)
+    }
+
+    /// The VM registry: on a local filesystem, as Unix sockets need (not the 9p share of
+    /// the emulated test host).
+    fn runtime_dir(&self) -> std::path::PathBuf {
+        let name = self.dir.file_name().unwrap().to_string_lossy().into_owned();
+        std::env::temp_dir().join(format!("sm-runtime-{name}"))
+    }
+
+    /// Any supermachine command, with this test's image store and VM registry.
+    fn sm(&self, args: &[&str], stdin: Option<&[u8]>) -> (i32, Vec<u8>, String) {
+        self.command(&[], args, stdin)
+    }
+
+    fn command(
+        &self,
+        vars: &[(&str, &str)],
+        args: &[&str],
+        stdin: Option<&[u8]>,
+    ) -> (i32, Vec<u8>, String) {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_supermachine"));
-        cmd.arg("run")
-            .args(args)
+        cmd.args(args)
             .envs(vars.iter().copied())
             .env("SUPERMACHINE_HOME", self.dir.join("home"))
+            .env("SUPERMACHINE_RUNTIME_DIR", self.runtime_dir())
             .stdin(if stdin.is_some() {
                 Stdio::piped()
             } else {
@@ -467,6 +490,14 @@ impl RunEnv {
 
 impl Drop for RunEnv {
     fn drop(&mut self) {
+        // No VM of a failed test outlives it.
+        if self.runtime_dir().exists() {
+            let (_, ids, _) = self.sm(&["ps", "-a", "-q"], None);
+            for id in String::from_utf8_lossy(&ids).split_whitespace() {
+                self.sm(&["rm", "-f", id], None);
+            }
+        }
+        std::fs::remove_dir_all(self.runtime_dir()).ok();
         std::fs::remove_dir_all(&self.dir).ok();
     }
 }
@@ -898,4 +929,185 @@ fn a_guest_that_never_comes_up_is_stopped_with_its_last_console_lines() {
     assert_eq!(code, 125, "{err}");
     assert!(err.contains("did not come up within 10 s"), "{err}");
     assert!(err.contains("stuck-in-early-boot"), "{err}");
+}
+
+/// GET `path` from 127.0.0.1:`port` over HTTP/1.0; (status line, body).
+fn http_get(port: u16, path: &str) -> std::io::Result<(String, Vec<u8>)> {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(HANG_LIMIT))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut all = Vec::new();
+    s.read_to_end(&mut all)?;
+    let split = all
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other("no end of headers"))?;
+    let head = String::from_utf8_lossy(&all[..split]).into_owned();
+    let status = head.lines().next().unwrap_or("").to_string();
+    Ok((status, all[split + 4..].to_vec()))
+}
+
+#[test]
+fn detached_vm_serves_published_port_and_takes_exec_cp_stop_rm() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = RunEnv::new("detached");
+    let port = 18080;
+    let (code, out, err) = env.sm(
+        &[
+            "run",
+            "-d",
+            "--name",
+            "web",
+            "-p",
+            &format!("127.0.0.1:{port}:80"),
+            &env.image,
+            "sh",
+            "-c",
+            "mkdir -p /www && echo hello > /www/index.html && exec httpd -f -p 80 -h /www",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let id = String::from_utf8_lossy(&out).trim().to_string();
+    assert_eq!(id.len(), 12, "{id:?}");
+
+    // ps shows it running with its port; a second VM with the same name is refused.
+    let (_, ps, _) = env.sm(&["ps"], None);
+    let ps = String::from_utf8_lossy(&ps);
+    let row = ps
+        .lines()
+        .find(|l| l.starts_with(&id))
+        .unwrap_or_else(|| panic!("{ps}"));
+    assert!(row.contains("web") && row.contains("running"), "{row}");
+    assert!(row.contains(&format!("127.0.0.1:{port}->80/tcp")), "{row}");
+    let (code, _, err) = env.sm(&["run", "-d", "--name", "web", &env.image, "true"], None);
+    assert_ne!(code, 0);
+    assert!(err.contains("already used"), "{err}");
+
+    // cp into the VM: content and mode; then served through the published port.
+    let big: Vec<u8> = (0..10u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let host_file = env.dir.join("big.bin");
+    std::fs::write(&host_file, &big).unwrap();
+    std::fs::set_permissions(&host_file, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let (code, _, err) = env.sm(&["cp", host_file.to_str().unwrap(), "web:/www/"], None);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = env.sm(
+        &["exec", "web", "stat", "-c", "%a %s", "/www/big.bin"],
+        None,
+    );
+    assert_eq!(
+        (code, String::from_utf8_lossy(&out).trim()),
+        (0, "640 10485760"),
+        "{err}"
+    );
+
+    // 200 concurrent requests, the 10 MiB file among them, all byte-exact.
+    let big = std::sync::Arc::new(big);
+    let workers: Vec<_> = (0..200)
+        .map(|i| {
+            let big = big.clone();
+            std::thread::spawn(move || -> Result<(), String> {
+                let path = if i % 20 == 0 {
+                    "/big.bin"
+                } else {
+                    "/index.html"
+                };
+                let (status, body) =
+                    http_get(port, path).map_err(|e| format!("request {i}: {e}"))?;
+                if !status.contains(" 200") {
+                    return Err(format!("request {i}: {status}"));
+                }
+                let want: &[u8] = if i % 20 == 0 { &big } else { b"hello\n" };
+                if body != want {
+                    return Err(format!(
+                        "request {i}: {} bytes, not the {} expected",
+                        body.len(),
+                        want.len()
+                    ));
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    let failures: Vec<String> = workers
+        .into_iter()
+        .filter_map(|w| w.join().unwrap().err())
+        .collect();
+    let vm_log = || {
+        std::fs::read_to_string(env.runtime_dir().join("vms").join(&id).join("stderr.log"))
+            .unwrap_or_default()
+    };
+    assert!(
+        failures.is_empty(),
+        "{} of 200 requests failed: {:?}\nVM log:\n{}",
+        failures.len(),
+        &failures[..failures.len().min(5)],
+        vm_log()
+    );
+
+    // exec: env, output and exit status.
+    let (code, out, err) = env.sm(
+        &["exec", "-e", "X=1", "web", "sh", "-c", "echo $X; exit 7"],
+        None,
+    );
+    assert_eq!(
+        (code, String::from_utf8_lossy(&out).into_owned()),
+        (7, "1\n".into()),
+        "{err}"
+    );
+    let (code, _, err) = env.sm(&["exec", "web", "/no/such/program"], None);
+    assert_eq!(code, 127, "{err}");
+
+    // exec -i: 100 MiB through cat and back.
+    let data: Vec<u8> = (0..100u32 << 20)
+        .map(|i| (i.wrapping_mul(40503) >> 7) as u8)
+        .collect();
+    let (code, out, err) = env.sm(&["exec", "-i", "web", "cat"], Some(&data));
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.len() == data.len() && out == data,
+        "{} bytes back of {}",
+        out.len(),
+        data.len()
+    );
+
+    // cp out of the VM: content and mode.
+    let back = env.dir.join("back.bin");
+    let (code, _, err) = env.sm(&["cp", "web:/www/big.bin", back.to_str().unwrap()], None);
+    assert_eq!(code, 0, "{err}");
+    assert!(std::fs::read(&back).unwrap() == *big);
+    assert_eq!(
+        std::fs::metadata(&back).unwrap().permissions().mode() & 0o777,
+        0o640
+    );
+
+    // stop: httpd exits on SIGTERM, so well within the grace period; rm forgets it.
+    let started = Instant::now();
+    let (code, _, err) = env.sm(&["stop", "-t", "30", "web"], None);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "stop took {:?}",
+        started.elapsed()
+    );
+    let (_, ps, _) = env.sm(&["ps"], None);
+    assert!(!String::from_utf8_lossy(&ps).contains(&id), "still running");
+    let (_, ps, _) = env.sm(&["ps", "-a"], None);
+    let ps = String::from_utf8_lossy(&ps);
+    assert!(
+        ps.lines()
+            .any(|l| l.starts_with(&id) && l.contains("exited")),
+        "{ps}"
+    );
+    assert!(
+        http_get(port, "/index.html").is_err(),
+        "port still served after stop"
+    );
+    let (code, _, err) = env.sm(&["rm", "web"], None);
+    assert_eq!(code, 0, "{err}");
+    let (_, ps, _) = env.sm(&["ps", "-a"], None);
+    assert!(!String::from_utf8_lossy(&ps).contains(&id));
 }

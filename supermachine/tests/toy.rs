@@ -43,6 +43,7 @@ fn boot_toy(vcpus: u8) -> (VmExit, String) {
         container: None,
         consoles: vec![],
         control: None,
+        vsock: None,
     })
     .expect("booting the toy guest needs a usable /dev/kvm");
     std::fs::remove_dir_all(&dir).ok();

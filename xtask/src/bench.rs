@@ -61,6 +61,28 @@ pub enum Which {
         #[arg(long, default_value_t = 40)]
         layer_mib: usize,
     },
+    /// Exec round trips (`true`) in a running VM and vsock stream throughput both ways
+    Exec {
+        /// Exec calls timed
+        #[arg(long, default_value_t = 1000)]
+        calls: usize,
+        /// MiB streamed each way
+        #[arg(long, default_value_t = 256)]
+        mib: u64,
+        /// Run here even if this machine's KVM fails the probe (used inside the test host)
+        #[arg(long)]
+        here: bool,
+    },
+    /// Requests/s and latency of a small file through a published port, with wrk at 1 and 64
+    /// connections, next to the same httpd running on the host
+    Http {
+        /// Seconds per wrk run
+        #[arg(long, default_value_t = 10)]
+        seconds: u32,
+        /// Run here even if this machine's KVM fails the probe (used inside the test host)
+        #[arg(long)]
+        here: bool,
+    },
     /// virtio-blk throughput and IOPS from inside the guest, next to QEMU microvm's virtio-blk
     Blk {
         /// Runs per VMM (the median is reported)
@@ -254,6 +276,32 @@ pub fn run(which: Which) -> Result<()> {
         Which::Toy { runs } => bench_toy(runs),
         Which::Boot { runs, here } => bench_boot(runs, here),
         Which::Run { runs, here } => bench_run(runs, here),
+        Which::Exec { calls, mib, here } => {
+            let args = [
+                "exec".to_string(),
+                "--calls".into(),
+                calls.to_string(),
+                "--mib".into(),
+                mib.to_string(),
+            ];
+            if !here {
+                crate::tests::busybox_image()?;
+            }
+            match guest_bench_host(here, &args)? {
+                Some(sm) => crate::bench_agent::bench_exec(&sm, calls, mib),
+                None => Ok(()),
+            }
+        }
+        Which::Http { seconds, here } => {
+            let args = ["http".to_string(), "--seconds".into(), seconds.to_string()];
+            if !here {
+                crate::tests::busybox_image()?;
+            }
+            match guest_bench_host(here, &args)? {
+                Some(sm) => crate::bench_agent::bench_http(&sm, seconds),
+                None => Ok(()),
+            }
+        }
         Which::Pull {
             runs,
             layers,

@@ -23,6 +23,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("docker-registry", "/usr/bin/docker-registry"),
     ("skopeo", "/usr/bin/skopeo"),
     ("apache2-utils", "/usr/bin/htpasswd"),
+    ("wrk", "/usr/bin/wrk"),
 ];
 
 const RUST_TARGETS: &[&str] = &[

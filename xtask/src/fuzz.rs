@@ -11,7 +11,7 @@ use anyhow::Result;
 use crate::util::{cargo, have_command, run, step, workspace_root};
 
 /// The fuzz targets (`fuzz/fuzz_targets/*.rs`).
-const TARGETS: &[&str] = &["blk_request"];
+const TARGETS: &[&str] = &["blk_request", "vsock_packet"];
 
 pub fn run_all(seconds: u64) -> Result<()> {
     let installed = have_command("cargo-fuzz")
@@ -26,6 +26,8 @@ pub fn run_all(seconds: u64) -> Result<()> {
         step("fuzz: installing cargo-fuzz from crates.io");
         run(cargo().args(["install", "--locked", "cargo-fuzz"]))?;
     }
+    // The time budget is shared by the targets.
+    let seconds = (seconds / TARGETS.len() as u64).max(10);
     for target in TARGETS {
         step(&format!("fuzz: {target} for {seconds} s"));
         run(

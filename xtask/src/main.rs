@@ -13,6 +13,7 @@
 //!   next to QEMU
 
 mod bench;
+mod bench_agent;
 mod bench_pull;
 mod deps;
 mod fuzz;

@@ -177,6 +177,7 @@ for n in $(ls /sys/class/net); do [ "$n" = lo ] && continue; ip link set "$n" up
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=1048576,cache=loose hostroot /host || { echo "testhost: 9p mount failed"; poweroff -f; }
 for d in proc sys dev; do mount --bind /$d /host/$d; done
 mount -t tmpfs tmpfs /host/run 2>/dev/null
+mount -t tmpfs tmpfs /host/tmp 2>/dev/null
 mkdir -p /host/dev/pts; mount -t devpts -o newinstance,ptmxmode=0666 devpts /host/dev/pts 2>/dev/null; ln -sf pts/ptmx /host/dev/ptmx 2>/dev/null
 [ -c /dev/kvm ] || echo "testhost: no /dev/kvm in the emulated machine (kvm_amd did not load)"
 cmd=$(sed -n 's/.*sm_cmd=\([^ ]*\).*/\1/p' /proc/cmdline)
@@ -189,7 +190,11 @@ poweroff -f
 
 /// Builds the L1 initramfs (once per kernel package).
 fn ensure_initrd(pkg: &Path) -> Result<PathBuf> {
-    let initrd = dir().join("initrd.cpio");
+    // Named by the init script's content, so a changed script gets a new initrd.
+    let script_hash = L1_INIT.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    });
+    let initrd = dir().join(format!("initrd-{script_hash:016x}.cpio"));
     if initrd.is_file() {
         return Ok(initrd);
     }

@@ -10,6 +10,7 @@ pub mod console;
 mod mmio;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
+pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -48,6 +49,8 @@ pub mod device_type {
     pub const BLOCK: u32 = 2;
     /// Console.
     pub const CONSOLE: u32 = 3;
+    /// Socket device (vsock).
+    pub const VSOCK: u32 = 19;
 }
 
 /// Interrupt status bit: a queue's used ring changed.

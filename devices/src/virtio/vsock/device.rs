@@ -1,0 +1,310 @@
+//! The virtio-vsock device model: queues, features, config space; the host side is the muxer's.
+
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vmm_core::GuestMemory;
+
+use super::muxer::Muxer;
+use super::packet::{read_packet, HEADER_LEN};
+use super::{EVENT_QUEUE, HOST_CID, MAX_PAYLOAD, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
+use crate::virtio::{device_type, features, ActivateError, Interrupt, VirtioDevice};
+
+/// Event ID of a transport reset (virtio 1.2, 5.10.6.7).
+const EVENT_TRANSPORT_RESET: u32 = 0;
+
+/// Errors creating a vsock device.
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    /// The CID is reserved (0, 1, 2, `u32::MAX`) or does not fit in 32 bits.
+    #[error("guest CID {0} is reserved or out of range")]
+    InvalidCid(u64),
+    /// The host-side Unix socket could not be bound (or a stale one removed).
+    #[error("cannot bind vsock socket {path}: {source}")]
+    Bind {
+        /// The socket path.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The device's epoll or timer could not be created.
+    #[error("cannot create vsock event sources: {0}")]
+    EventSource(#[source] std::io::Error),
+}
+
+struct Active {
+    mem: GuestMemory,
+    queues: Vec<Queue>,
+    interrupt: Arc<Interrupt>,
+}
+
+/// A virtio-vsock device whose host side is a Unix socket (see the [module docs](super)).
+pub struct Vsock {
+    guest_cid: u64,
+    acked_features: u64,
+    muxer: Muxer,
+    active: Option<Active>,
+    /// Scratch: a chain's buffers, and a tx payload.
+    bufs: Vec<(GuestAddress, u32)>,
+    payload: Vec<u8>,
+}
+
+/// The chain's buffers of one direction, in order, each checked to lie in guest memory (`None`
+/// if one does not). A device-readable chain stops at its first device-writable buffer; a
+/// device-writable one skips device-readable buffers.
+fn chain_buffers(
+    mem: &GuestMemory,
+    chain: DescriptorChain<&GuestMemory>,
+    writable: bool,
+    out: &mut Vec<(GuestAddress, u32)>,
+) -> Option<()> {
+    out.clear();
+    // The queue's iterator stops at loops, out-of-table indices and over-long chains.
+    for d in chain {
+        if d.is_write_only() != writable {
+            if writable {
+                continue;
+            }
+            break;
+        }
+        if d.len() == 0 {
+            continue;
+        }
+        if !mem.check_range(d.addr(), d.len() as usize) {
+            return None;
+        }
+        out.push((d.addr(), d.len()));
+    }
+    Some(())
+}
+
+impl Vsock {
+    /// A device for a guest with CID `guest_cid`, listening for host connections at `uds_path`
+    /// (a stale socket file there is removed first). Guest connections to host port `P` go to
+    /// `<uds_path>_P`.
+    pub fn new(guest_cid: u64, uds_path: PathBuf) -> Result<Self, VsockError> {
+        if guest_cid <= HOST_CID || guest_cid >= u64::from(u32::MAX) {
+            return Err(VsockError::InvalidCid(guest_cid));
+        }
+        Ok(Vsock {
+            guest_cid,
+            acked_features: 0,
+            muxer: Muxer::new(guest_cid, &uds_path)?,
+            active: None,
+            bufs: Vec::new(),
+            payload: Vec::with_capacity(MAX_PAYLOAD),
+        })
+    }
+
+    /// The guest's CID.
+    pub fn guest_cid(&self) -> u64 {
+        self.guest_cid
+    }
+
+    /// Drops every connection and tells the guest with a TRANSPORT_RESET event, after which its
+    /// driver re-reads the CID and resets its sockets (for snapshot restore). Returns whether
+    /// the event was delivered (the device is active and the driver gave an event buffer).
+    pub fn send_transport_reset(&mut self) -> bool {
+        self.muxer.reset();
+        let Some(a) = self.active.as_mut() else {
+            return false;
+        };
+        let q = &mut a.queues[EVENT_QUEUE];
+        let Some(chain) = q.pop_descriptor_chain(&a.mem) else {
+            return false;
+        };
+        let head = chain.head_index();
+        let event = EVENT_TRANSPORT_RESET.to_le_bytes();
+        let ok = chain_buffers(&a.mem, chain, true, &mut self.bufs).is_some()
+            && super::packet::write_at(&a.mem, &self.bufs, 0, &event).is_ok();
+        let len = if ok { event.len() as u32 } else { 0 };
+        if q.add_used(&a.mem, head, len).is_err() {
+            return false;
+        }
+        if q.needs_notification(&a.mem).unwrap_or(true) {
+            a.interrupt.signal_used_queue();
+        }
+        ok
+    }
+
+    /// Parses and handles what the guest transmitted; returns whether the used ring changed.
+    fn transmit(&mut self) -> bool {
+        let Some(a) = self.active.as_mut() else {
+            return false;
+        };
+        let q = &mut a.queues[TX_QUEUE];
+        let mut used = false;
+        loop {
+            if q.disable_notification(&a.mem).is_err() {
+                break;
+            }
+            let mut progressed = false;
+            while let Some(chain) = q.pop_descriptor_chain(&a.mem) {
+                progressed = true;
+                let head = chain.head_index();
+                if chain_buffers(&a.mem, chain, false, &mut self.bufs).is_some() {
+                    match read_packet(&a.mem, &self.bufs, &mut self.payload) {
+                        Ok(h) => self.muxer.handle_tx(&h, &self.payload),
+                        Err(e) => {
+                            if let Some(h) = e.header() {
+                                self.muxer.reject(h);
+                            }
+                        }
+                    }
+                }
+                // A chain with a buffer outside guest memory has no header we can trust: it is
+                // returned unanswered, like a short one.
+                if q.add_used(&a.mem, head, 0).is_err() {
+                    break;
+                }
+                used = true;
+            }
+            // "More available" while nothing could be popped means the driver's ring is
+            // broken: stop rather than spin on it.
+            match q.enable_notification(&a.mem) {
+                Ok(true) if progressed => continue,
+                _ => break,
+            }
+        }
+        used && q.needs_notification(&a.mem).unwrap_or(true)
+    }
+
+    /// Moves what waits for the guest into its rx buffers; returns whether to interrupt.
+    fn receive(&mut self) -> bool {
+        let Some(a) = self.active.as_mut() else {
+            return false;
+        };
+        let q = &mut a.queues[RX_QUEUE];
+        let mut used = false;
+        while self.muxer.has_rx() {
+            let chain = match q.pop_descriptor_chain(&a.mem) {
+                Some(c) => Some(c),
+                // Out of buffers: ask for a kick when the driver adds some, and look once more
+                // in case it just did (only once: a broken ring must not make us spin).
+                None => match q.enable_notification(&a.mem) {
+                    Ok(true) => q.pop_descriptor_chain(&a.mem),
+                    _ => None,
+                },
+            };
+            let Some(chain) = chain else {
+                break;
+            };
+            let head = chain.head_index();
+            let len = if chain_buffers(&a.mem, chain, true, &mut self.bufs).is_some()
+                && super::packet::total_len(&self.bufs) >= HEADER_LEN as u64
+            {
+                match self.muxer.fill_rx(&a.mem, &self.bufs) {
+                    Some(len) => len,
+                    None => {
+                        // Nothing after all (e.g. a read would block): keep the buffer.
+                        q.go_to_previous_position();
+                        break;
+                    }
+                }
+            } else {
+                // Unusable buffer: hand it back empty.
+                0
+            };
+            if q.add_used(&a.mem, head, len).is_err() {
+                break;
+            }
+            used = true;
+        }
+        used && q.needs_notification(&a.mem).unwrap_or(true)
+    }
+
+    fn notify(&self, needed: bool) {
+        if let (true, Some(a)) = (needed, &self.active) {
+            a.interrupt.signal_used_queue();
+        }
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        device_type::VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        features::VERSION_1 | features::RING_EVENT_IDX
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked_features = features & self.features();
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        crate::virtio::read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        queues: Vec<Queue>,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<(), ActivateError> {
+        if queues.len() != 3 {
+            return Err(ActivateError::QueueCount {
+                expected: 3,
+                got: queues.len(),
+            });
+        }
+        if let Some(i) = queues.iter().position(|q| !q.is_valid(&mem)) {
+            return Err(ActivateError::InvalidQueue(i));
+        }
+        self.active = Some(Active {
+            mem,
+            queues,
+            interrupt,
+        });
+        // Host connections that arrived before the driver was ready.
+        let rx = self.receive();
+        self.notify(rx);
+        Ok(())
+    }
+
+    fn process_queue(&mut self, index: usize) {
+        let needed = match index {
+            // New rx buffers: resume what was stalled on them.
+            RX_QUEUE => self.receive(),
+            // Answers (RESPONSE, RST, credit) go out in the same pass.
+            TX_QUEUE => self.transmit() | self.receive(),
+            // Event buffers stay with us until there is an event.
+            _ => false,
+        };
+        // Connections the guest closed make room for host connections waiting to be accepted.
+        self.muxer.refresh_listener();
+        self.notify(needed);
+    }
+
+    fn reset(&mut self) {
+        self.muxer.reset();
+        self.active = None;
+        self.acked_features = 0;
+    }
+
+    fn event_fds(&self) -> Vec<RawFd> {
+        vec![self.muxer.epoll_fd()]
+    }
+
+    fn process_event(&mut self, _index: usize) {
+        self.muxer.process_host_events();
+        let rx = self.receive();
+        self.notify(rx);
+    }
+}
+
+#[cfg(test)]
+impl Vsock {
+    pub(super) fn muxer(&mut self) -> &mut Muxer {
+        &mut self.muxer
+    }
+}

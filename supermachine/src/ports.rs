@@ -1,0 +1,257 @@
+//! Published ports (`-p`, `-P`): a host TCP listener per mapping; each accepted connection
+//! becomes a guest agent `Connect` to `127.0.0.1:GUEST_PORT` inside the VM, spliced both ways
+//! with half-close passed through.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::agent::Agent;
+
+/// `[HOST_IP:][HOST_PORT:]GUEST_PORT[/tcp]`, as Docker's `-p`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortMapping {
+    /// The host address to listen on (default 0.0.0.0).
+    pub host_ip: IpAddr,
+    /// The host port; 0 picks a free one.
+    pub host_port: u16,
+    /// The port inside the guest.
+    pub guest_port: u16,
+}
+
+/// Why a `-p` value was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid port mapping {spec:?}: {why} (expected [HOST_IP:][HOST_PORT:]GUEST_PORT[/tcp])")]
+pub struct PortMappingError {
+    spec: String,
+    why: String,
+}
+
+fn port(s: &str, what: &str, spec: &str, allow_zero: bool) -> Result<u16, PortMappingError> {
+    match s.parse::<u16>() {
+        Ok(0) if !allow_zero => Err(PortMappingError {
+            spec: spec.into(),
+            why: format!("{what} port 0"),
+        }),
+        Ok(p) => Ok(p),
+        Err(_) => Err(PortMappingError {
+            spec: spec.into(),
+            why: format!("{what} port {s:?} is not a number from 1 to 65535"),
+        }),
+    }
+}
+
+impl FromStr for PortMapping {
+    type Err = PortMappingError;
+
+    fn from_str(spec: &str) -> Result<Self, Self::Err> {
+        let bad = |why: &str| PortMappingError {
+            spec: spec.into(),
+            why: why.into(),
+        };
+        let body = match spec.rsplit_once('/') {
+            Some((b, "tcp")) => b,
+            Some((_, proto)) => return Err(bad(&format!("protocol {proto:?} (only tcp)"))),
+            None => spec,
+        };
+        // An IPv6 host address comes in brackets: [::1]:8080:80.
+        let (ip, rest) = if let Some(v6) = body.strip_prefix('[') {
+            let (addr, rest) = v6.split_once("]:").ok_or_else(|| bad("unclosed ["))?;
+            (Some(addr), rest)
+        } else {
+            match body.matches(':').count() {
+                2 => {
+                    let (ip, rest) = body.split_once(':').unwrap_or_default();
+                    (Some(ip), rest)
+                }
+                0 | 1 => (None, body),
+                _ => return Err(bad("too many ':'")),
+            }
+        };
+        let host_ip = match ip {
+            Some(ip) => ip
+                .parse()
+                .map_err(|_| bad(&format!("{ip:?} is not an IP address")))?,
+            None => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        };
+        let (host_port, guest_port) = match rest.split_once(':') {
+            Some(("", g)) => (0, port(g, "guest", spec, false)?),
+            Some((h, g)) => (
+                port(h, "host", spec, false)?,
+                port(g, "guest", spec, false)?,
+            ),
+            None => (0, port(rest, "guest", spec, false)?),
+        };
+        Ok(PortMapping {
+            host_ip,
+            host_port,
+            guest_port,
+        })
+    }
+}
+
+impl PortMapping {
+    /// Every port the image declares (`80/tcp`), each on a free host port of all addresses.
+    /// UDP ports are skipped: only TCP is forwarded.
+    pub fn for_exposed(exposed: &[String]) -> Vec<PortMapping> {
+        exposed
+            .iter()
+            .filter_map(|p| {
+                let (num, proto) = p.split_once('/').unwrap_or((p, "tcp"));
+                (proto == "tcp").then(|| num.parse().ok()).flatten()
+            })
+            .filter(|p| *p != 0)
+            .map(|guest_port| PortMapping {
+                host_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                host_port: 0,
+                guest_port,
+            })
+            .collect()
+    }
+}
+
+/// A bound host listener, not yet forwarding.
+pub struct PublishedPort {
+    listener: TcpListener,
+    /// What was asked for.
+    pub mapping: PortMapping,
+    /// Where it listens (the real port when 0 was asked).
+    pub local: SocketAddr,
+}
+
+/// Binds the host side now, so a port in use fails the run before the VM boots.
+pub fn bind(mapping: PortMapping) -> std::io::Result<PublishedPort> {
+    let listener = TcpListener::bind((mapping.host_ip, mapping.host_port)).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!(
+                "cannot publish {}:{}: {e}",
+                mapping.host_ip, mapping.host_port
+            ),
+        )
+    })?;
+    let local = listener.local_addr()?;
+    Ok(PublishedPort {
+        listener,
+        mapping,
+        local,
+    })
+}
+
+/// A burst of connections can overflow the agent's accept backlog in the guest, and vsock
+/// then refuses instead of queueing: retry briefly, as TCP retries a dropped SYN.
+fn connect_patiently(
+    agent: &Agent,
+    guest_port: u16,
+) -> Result<std::os::unix::net::UnixStream, crate::agent::AgentClientError> {
+    let mut delay = Duration::from_millis(1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        match agent.connect(guest_port) {
+            Err(crate::agent::AgentClientError::Refused(_))
+                if std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_millis(100));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// How long a connection waits for the guest agent while the VM boots.
+const AGENT_WAIT: Duration = Duration::from_secs(120);
+
+impl PublishedPort {
+    /// Forwards every connection to the guest port through `agent`, each on its own thread,
+    /// for as long as the process lives.
+    pub fn forward(self, agent: Agent) {
+        let guest_port = self.mapping.guest_port;
+        // Once the agent has answered, connections skip the readiness check.
+        let agent_up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let _ = std::thread::Builder::new()
+            .name(format!("publish-{}", self.local.port()))
+            .spawn(move || {
+                for conn in self.listener.incoming() {
+                    let Ok(tcp) = conn else { continue };
+                    let (agent, agent_up) = (agent.clone(), agent_up.clone());
+                    std::thread::spawn(move || {
+                        use std::sync::atomic::Ordering;
+                        let _ = tcp.set_nodelay(true);
+                        // Early clients wait for the agent instead of being refused.
+                        let up = if agent_up.load(Ordering::Relaxed) {
+                            Ok(())
+                        } else {
+                            agent.wait_ready(AGENT_WAIT)
+                        };
+                        let guest = up.and_then(|()| {
+                            agent_up.store(true, Ordering::Relaxed);
+                            connect_patiently(&agent, guest_port)
+                        });
+                        match guest {
+                            Ok(guest) => crate::agent::splice(guest, tcp),
+                            Err(e) => eprintln!("supermachine: guest port {guest_port}: {e}"),
+                        }
+                    });
+                }
+            });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(ip: &str, h: u16, g: u16) -> PortMapping {
+        PortMapping {
+            host_ip: ip.parse().unwrap(),
+            host_port: h,
+            guest_port: g,
+        }
+    }
+
+    #[test]
+    fn docker_port_forms_parse() {
+        for (spec, want) in [
+            ("80", m("0.0.0.0", 0, 80)),
+            ("8080:80", m("0.0.0.0", 8080, 80)),
+            ("8080:80/tcp", m("0.0.0.0", 8080, 80)),
+            ("127.0.0.1:18080:80", m("127.0.0.1", 18080, 80)),
+            ("127.0.0.1::80", m("127.0.0.1", 0, 80)),
+            ("[::1]:8080:80", m("::1", 8080, 80)),
+        ] {
+            assert_eq!(spec.parse::<PortMapping>(), Ok(want), "{spec}");
+        }
+    }
+
+    #[test]
+    fn bad_port_forms_are_refused_with_the_reason() {
+        for (spec, why) in [
+            ("", "not a number"),
+            ("x:80", "host port"),
+            ("8080:0", "guest port 0"),
+            ("8080:70000", "not a number"),
+            ("53:53/udp", "only tcp"),
+            ("1.2.3:80:80", "not an IP"),
+            ("a:b:c:d", "too many"),
+            ("[::1:80:80", "unclosed"),
+        ] {
+            let e = spec.parse::<PortMapping>().unwrap_err().to_string();
+            assert!(e.contains(why), "{spec}: {e}");
+        }
+    }
+
+    #[test]
+    fn exposed_ports_become_free_host_ports_tcp_only() {
+        let got = PortMapping::for_exposed(&["80/tcp".into(), "53/udp".into(), "8443".into()]);
+        assert_eq!(got, vec![m("0.0.0.0", 0, 80), m("0.0.0.0", 0, 8443)]);
+    }
+
+    #[test]
+    fn binding_a_port_in_use_is_a_clear_error() {
+        let first = bind(m("127.0.0.1", 0, 80)).unwrap();
+        let taken = m("127.0.0.1", first.local.port(), 80);
+        let e = bind(taken).err().unwrap().to_string();
+        assert!(e.contains("cannot publish 127.0.0.1:"), "{e}");
+    }
+}

@@ -1,0 +1,412 @@
+//! The registry of VMs on this host, for `ps`, `exec`, `logs`, `stop`, `rm`: one directory
+//! per VM under the per-user runtime directory, holding its record (`vm.json`), its vsock
+//! Unix socket and its logs. Names are reserved atomically by a symlink `names/NAME → ID`.
+//!
+//! A VM counts as running while the process that runs it is alive (checked by pid *and* the
+//! process's start time, so a reused pid does not look like the VM).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Why a registry operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VmRegistryError {
+    /// The name is taken.
+    #[error(
+        "the name {name:?} is already used by VM {id} (remove it with `supermachine rm {name}`)"
+    )]
+    NameInUse {
+        /// The name.
+        name: String,
+        /// The VM that has it.
+        id: String,
+    },
+    /// A name with characters Docker would not accept.
+    #[error("invalid VM name {0:?}: use letters, digits, '_', '.', '-' (starting with a letter or digit)")]
+    BadName(String),
+    /// No VM by that name or id.
+    #[error("no such VM: {0}")]
+    NotFound(String),
+    /// An id prefix that matches several VMs.
+    #[error("{0:?} matches more than one VM; give more of the id")]
+    Ambiguous(String),
+    /// The runtime directory could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> VmRegistryError + '_ {
+    move |source| VmRegistryError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// What the registry keeps about a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    /// 12 hex digits.
+    pub id: String,
+    /// The user's name for it (or a generated one).
+    pub name: String,
+    /// The image reference as given.
+    pub image: String,
+    /// Seconds since the Unix epoch.
+    pub created: u64,
+    /// The process running the VM.
+    pub pid: u32,
+    /// That process's start time (clock ticks since boot), to tell a reused pid apart.
+    pub pid_start: u64,
+    /// Published ports, as `HOST_IP:HOST_PORT->GUEST_PORT/tcp`.
+    pub ports: Vec<String>,
+    /// Started with `-d`.
+    pub detached: bool,
+    /// Remove the record when the VM exits.
+    pub auto_remove: bool,
+    /// The workload's exit status, once the VM has ended and could say.
+    pub exit_code: Option<i32>,
+}
+
+/// A VM's state as `ps` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmStatus {
+    /// Its process is alive.
+    Running,
+    /// It ended with this workload status.
+    Exited(i32),
+    /// Its process is gone without a status (killed).
+    Dead,
+}
+
+impl std::fmt::Display for VmStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmStatus::Running => write!(f, "running"),
+            VmStatus::Exited(c) => write!(f, "exited ({c})"),
+            VmStatus::Dead => write!(f, "dead"),
+        }
+    }
+}
+
+/// Start time of `pid` (field 22 of `/proc/PID/stat`), if it exists.
+pub fn process_start(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and parentheses: skip past its last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(19)?.parse().ok()
+}
+
+impl VmRecord {
+    /// Running, exited or dead.
+    pub fn status(&self) -> VmStatus {
+        if let Some(code) = self.exit_code {
+            return VmStatus::Exited(code);
+        }
+        if process_start(self.pid) == Some(self.pid_start) {
+            VmStatus::Running
+        } else {
+            VmStatus::Dead
+        }
+    }
+}
+
+/// The per-user runtime directory: `$XDG_RUNTIME_DIR/supermachine`, else
+/// `/tmp/supermachine-UID` (created 0700).
+pub fn runtime_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("SUPERMACHINE_RUNTIME_DIR") {
+        return PathBuf::from(dir);
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) => PathBuf::from(d).join("supermachine"),
+        // SAFETY: getuid has no preconditions.
+        None => PathBuf::from(format!("/tmp/supermachine-{}", unsafe { libc::getuid() })),
+    }
+}
+
+/// The registry rooted at a runtime directory.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    root: PathBuf,
+}
+
+/// One VM's directory.
+#[derive(Debug, Clone)]
+pub struct VmDir {
+    path: PathBuf,
+}
+
+impl VmDir {
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    /// The VM's vsock Unix socket.
+    pub fn vsock(&self) -> PathBuf {
+        self.path.join("vsock.sock")
+    }
+    /// The workload's stdout, for detached VMs.
+    pub fn stdout_log(&self) -> PathBuf {
+        self.path.join("stdout.log")
+    }
+    /// The workload's stderr (and supermachine's own messages), for detached VMs.
+    pub fn stderr_log(&self) -> PathBuf {
+        self.path.join("stderr.log")
+    }
+    fn record_path(&self) -> PathBuf {
+        self.path.join("vm.json")
+    }
+
+    /// Reads the record.
+    pub fn record(&self) -> Result<VmRecord, VmRegistryError> {
+        let p = self.record_path();
+        let bytes = std::fs::read(&p).map_err(io(&p))?;
+        serde_json::from_slice(&bytes).map_err(|e| VmRegistryError::Io {
+            path: p,
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+        })
+    }
+
+    /// Replaces the record (write, fsync, rename).
+    pub fn save(&self, record: &VmRecord) -> Result<(), VmRegistryError> {
+        let p = self.record_path();
+        let tmp = self.path.join("vm.json.tmp");
+        let bytes = serde_json::to_vec_pretty(record).unwrap_or_default();
+        (|| {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &p)
+        })()
+        .map_err(io(&p))
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+        && name.len() <= 128
+}
+
+fn random_hex(n: usize) -> String {
+    let mut bytes = vec![0u8; n.div_ceil(2)];
+    // getrandom cannot fail for small buffers on Linux ≥ 3.17; a failure leaves zeros, and
+    // the id is then only as unique as the create_dir below checks.
+    // SAFETY: `bytes` is a valid buffer of its length.
+    unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()[..n].to_string()
+}
+
+impl Registry {
+    /// The registry in [`runtime_dir`].
+    pub fn open() -> Result<Registry, VmRegistryError> {
+        Registry::at(runtime_dir())
+    }
+
+    /// The registry at `root` (created, private to the user).
+    pub fn at(root: PathBuf) -> Result<Registry, VmRegistryError> {
+        use std::os::unix::fs::DirBuilderExt;
+        for d in [root.clone(), root.join("vms"), root.join("names")] {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&d)
+                .map_err(io(&d))?;
+        }
+        Ok(Registry { root })
+    }
+
+    fn vm_dir(&self, id: &str) -> VmDir {
+        VmDir {
+            path: self.root.join("vms").join(id),
+        }
+    }
+
+    /// Reserves a new VM: a fresh id and directory, and `name` (or one made from the id).
+    pub fn create(&self, name: Option<&str>) -> Result<(String, String, VmDir), VmRegistryError> {
+        if let Some(n) = name {
+            if !valid_name(n) {
+                return Err(VmRegistryError::BadName(n.into()));
+            }
+        }
+        let (id, dir) = loop {
+            let id = random_hex(12);
+            let dir = self.vm_dir(&id);
+            match std::fs::create_dir(&dir.path) {
+                Ok(()) => break (id, dir),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(io(&dir.path)(e)),
+            }
+        };
+        let name = name
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("vm-{}", &id[..6]));
+        let link = self.root.join("names").join(&name);
+        loop {
+            match std::os::unix::fs::symlink(&id, &link) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let holder = std::fs::read_link(&link)
+                        .map(|t| t.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    if self.vm_dir(&holder).path.exists() {
+                        let _ = std::fs::remove_dir(&dir.path);
+                        return Err(VmRegistryError::NameInUse { name, id: holder });
+                    }
+                    // The VM that had the name is gone: the name is free again.
+                    let _ = std::fs::remove_file(&link);
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_dir(&dir.path);
+                    return Err(io(&link)(e));
+                }
+            }
+        }
+        Ok((id, name, dir))
+    }
+
+    /// Every VM with a readable record, oldest first.
+    pub fn list(&self) -> Vec<(VmDir, VmRecord)> {
+        let Ok(entries) = std::fs::read_dir(self.root.join("vms")) else {
+            return Vec::new();
+        };
+        let mut all: Vec<(VmDir, VmRecord)> = entries
+            .flatten()
+            .filter_map(|e| {
+                let dir = VmDir { path: e.path() };
+                let record = dir.record().ok()?;
+                Some((dir, record))
+            })
+            .collect();
+        all.sort_by_key(|(_, r)| (r.created, r.id.clone()));
+        all
+    }
+
+    /// The VM with this name, id, or unique id prefix.
+    pub fn find(&self, name_or_id: &str) -> Result<(VmDir, VmRecord), VmRegistryError> {
+        let all = self.list();
+        if let Some(found) = all
+            .iter()
+            .find(|(_, r)| r.name == name_or_id || r.id == name_or_id)
+        {
+            return Ok(found.clone());
+        }
+        let mut prefixed = all.iter().filter(|(_, r)| r.id.starts_with(name_or_id));
+        match (prefixed.next(), prefixed.next()) {
+            (Some(one), None) if !name_or_id.is_empty() => Ok(one.clone()),
+            (Some(_), Some(_)) => Err(VmRegistryError::Ambiguous(name_or_id.into())),
+            _ => Err(VmRegistryError::NotFound(name_or_id.into())),
+        }
+    }
+
+    /// Forgets a VM: its directory and its name.
+    pub fn remove(&self, dir: &VmDir, id: &str, name: &str) -> Result<(), VmRegistryError> {
+        let link = self.root.join("names").join(name);
+        if std::fs::read_link(&link).is_ok_and(|t| t == Path::new(id)) {
+            let _ = std::fs::remove_file(&link);
+        }
+        std::fs::remove_dir_all(&dir.path).map_err(io(&dir.path))
+    }
+
+    /// The directory and name reserved for `id` by [`create`](Self::create).
+    pub fn reserved(&self, id: &str) -> Result<(String, String, VmDir), VmRegistryError> {
+        let dir = self.vm_dir(id);
+        if id.is_empty() || id.contains('/') || !dir.path.is_dir() {
+            return Err(VmRegistryError::NotFound(id.into()));
+        }
+        let names = self.root.join("names");
+        let name = std::fs::read_dir(&names)
+            .map_err(io(&names))?
+            .flatten()
+            .find(|e| std::fs::read_link(e.path()).is_ok_and(|t| t == Path::new(id)))
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .ok_or_else(|| VmRegistryError::NotFound(id.into()))?;
+        Ok((id.into(), name, dir))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registry(name: &str) -> (Registry, PathBuf) {
+        let root = std::env::temp_dir().join(format!("sm-vms-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        (Registry::at(root.clone()).unwrap(), root)
+    }
+
+    fn record(id: &str, name: &str, pid: u32, pid_start: u64) -> VmRecord {
+        VmRecord {
+            id: id.into(),
+            name: name.into(),
+            image: "img".into(),
+            created: 1,
+            pid,
+            pid_start,
+            ports: vec![],
+            detached: true,
+            auto_remove: false,
+            exit_code: None,
+        }
+    }
+
+    #[test]
+    fn names_are_unique_until_the_vm_is_removed() {
+        let (reg, root) = registry("names");
+        let (id, name, dir) = reg.create(Some("web")).unwrap();
+        assert_eq!(name, "web");
+        dir.save(&record(&id, "web", 1, 0)).unwrap();
+        match reg.create(Some("web")) {
+            Err(VmRegistryError::NameInUse { id: holder, .. }) => assert_eq!(holder, id),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(reg.find("web").unwrap().1.id, id);
+        assert_eq!(reg.find(&id[..4]).unwrap().1.name, "web");
+        reg.remove(&dir, &id, "web").unwrap();
+        assert!(matches!(reg.find("web"), Err(VmRegistryError::NotFound(_))));
+        reg.create(Some("web")).unwrap();
+        assert!(matches!(
+            reg.create(Some("-bad")),
+            Err(VmRegistryError::BadName(_))
+        ));
+        assert!(matches!(
+            reg.create(Some("a/b")),
+            Err(VmRegistryError::BadName(_))
+        ));
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn status_follows_the_process_and_its_start_time() {
+        let (reg, root) = registry("status");
+        let me = std::process::id();
+        let start = process_start(me).unwrap();
+        let (id, _, dir) = reg.create(None).unwrap();
+        let mut r = record(&id, "x", me, start);
+        dir.save(&r).unwrap();
+        assert_eq!(reg.list()[0].1.status(), VmStatus::Running);
+        // Same pid, another start time: a reused pid, not our VM.
+        r.pid_start = start + 1;
+        assert_eq!(r.status(), VmStatus::Dead);
+        r.exit_code = Some(3);
+        assert_eq!(r.status(), VmStatus::Exited(3));
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn a_corrupt_record_is_skipped_not_fatal() {
+        let (reg, root) = registry("corrupt");
+        let (_, _, dir) = reg.create(Some("ok")).unwrap();
+        std::fs::write(dir.path().join("vm.json"), b"{not json").unwrap();
+        assert!(reg.list().is_empty());
+        assert!(dir.record().is_err());
+        std::fs::remove_dir_all(root).unwrap();
+    }
+}
