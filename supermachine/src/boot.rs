@@ -79,6 +79,8 @@ pub struct BootOptions {
     /// socket (`CONNECT <port>` to reach a guest port; guest connections to host port P land
     /// on `<socket>_P`).
     pub vsock: Option<PathBuf>,
+    /// Take a snapshot when the guest prints a marker on its serial console, then stop the VM.
+    pub snapshot: Option<crate::snapshot::SnapshotRequest>,
 }
 
 /// The guest's vsock context id.
@@ -139,6 +141,12 @@ pub enum BootError {
         "initramfs {0} not found (build it with `cargo xtask initramfs`, or pass --initramfs)"
     )]
     InitramfsMissing(PathBuf),
+    /// Taking or restoring a snapshot failed.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+    /// The VM ended before the snapshot's marker appeared.
+    #[error("the VM ended ({0:?}) before it printed the snapshot marker")]
+    NoSnapshot(VmExit),
 }
 
 /// Opens this platform's hypervisor.
@@ -206,10 +214,31 @@ pub fn boot(opts: BootOptions) -> Result<BootOutcome, BootError> {
         vcpus: opts.vcpus,
     };
     let control = opts.control.clone().unwrap_or_default();
+    if opts.snapshot.is_some()
+        && (!opts.disks.is_empty() || !opts.consoles.is_empty() || opts.vsock.is_some())
+    {
+        return Err(crate::snapshot::SnapshotError::Unsupported(
+            "virtio devices do not save their state yet".into(),
+        )
+        .into());
+    }
+    let memory_mib = resources.memory_mib;
+    let kernel_identity = crate::snapshot::file_identity(&resources.kernel);
     let mut builder = VmBuilder::new(hypervisor.as_ref(), resources)?;
+    let marker_seen = crate::snapshot::MarkerSeen::default();
+    let console: Box<dyn Write + Send> = match &opts.snapshot {
+        Some(req) => Box::new(crate::snapshot::MarkerWatch {
+            inner: opts.console,
+            marker: req.when_output.as_bytes().to_vec(),
+            tail: Vec::new(),
+            seen: marker_seen.clone(),
+            done: false,
+        }),
+        None => opts.console,
+    };
     let serial = Arc::new(Mutex::new(SerialConsole::new(
         builder.irq_trigger(COM1_IRQ)?,
-        opts.console,
+        console,
     )));
     builder.add_pio_device(serial.clone(), COM1_PORT, 8)?;
     builder.add_pio_device(
@@ -244,14 +273,103 @@ pub fn boot(opts: BootOptions) -> Result<BootOutcome, BootError> {
     }
     let vm = builder.build()?;
     if let Some(input) = opts.console_input {
-        forward_input(input, serial, control.clone());
+        forward_input(input, serial.clone(), control.clone());
     }
     let devices = event_loop
         .start()
         .map_err(|e| BootError::Device(e.to_string()))?;
+    let snapshotter = opts.snapshot.map(|req| {
+        let (control, serial) = (control.clone(), serial.clone());
+        let identity = crate::snapshot::Identity {
+            supermachine: env!("CARGO_PKG_VERSION").into(),
+            host_cpu: crate::snapshot::host_cpu(),
+            kernel: kernel_identity,
+        };
+        std::thread::spawn(move || {
+            if !marker_seen.wait(|| control.is_stopping()) {
+                return None;
+            }
+            let result = control
+                .pause_and_capture()
+                .map_err(crate::snapshot::SnapshotError::from)
+                .and_then(|captured| {
+                    let serial_state = serial
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .save_state();
+                    crate::snapshot::write(&req.dir, &captured, identity, memory_mib, serial_state)
+                });
+            control.request_exit(VmExit::Stopped);
+            Some(result)
+        })
+    });
     let exit = vmm_core::runner::run(vm, &control);
     devices.stop();
-    Ok(BootOutcome { exit: exit? })
+    let exit = exit?;
+    if let Some(thread) = snapshotter {
+        match thread.join() {
+            Ok(Some(Ok(_))) => {}
+            Ok(Some(Err(e))) => return Err(e.into()),
+            Ok(None) | Err(_) => return Err(BootError::NoSnapshot(exit)),
+        }
+    }
+    Ok(BootOutcome { exit })
+}
+
+/// What to restore.
+pub struct RestoreOptions {
+    /// The snapshot directory.
+    pub dir: PathBuf,
+    /// The kernel the snapshot must have been taken with (checked without reading it).
+    pub kernel: Option<PathBuf>,
+    /// Where the guest console goes.
+    pub console: Box<dyn Write + Send>,
+    /// Forward this reader (usually stdin) to the guest console's input.
+    pub console_input: Option<Box<dyn Read + Send>>,
+    /// A control handle the caller keeps (default: a fresh one).
+    pub control: Option<VmControl>,
+}
+
+/// Restores a snapshot and runs the VM to the end. Guest memory is mapped from the snapshot's
+/// memory file copy-on-write: nothing is read until the guest touches it.
+pub fn restore(opts: RestoreOptions) -> Result<BootOutcome, BootError> {
+    let started = std::time::Instant::now();
+    let loaded = crate::snapshot::load(&opts.dir, opts.kernel.as_deref())?;
+    let state = loaded.state;
+    let hypervisor = open_hypervisor()?;
+    let control = opts.control.clone().unwrap_or_default();
+    let mut builder =
+        VmBuilder::from_memory(hypervisor.as_ref(), loaded.memory, state.vcpus.len() as u8)?;
+    let serial =
+        SerialConsole::restore(builder.irq_trigger(COM1_IRQ)?, opts.console, &state.serial)
+            .map_err(|why| crate::snapshot::SnapshotError::Incompatible {
+                dir: opts.dir.clone(),
+                why,
+            })?;
+    let serial = Arc::new(Mutex::new(serial));
+    builder.add_pio_device(serial.clone(), COM1_PORT, 8)?;
+    builder.add_pio_device(
+        Arc::new(Mutex::new(I8042ResetLine::new(control.clone()))),
+        I8042_COMMAND_PORT,
+        1,
+    )?;
+    builder.add_pio_device(
+        Arc::new(Mutex::new(ExitStatusPort::new(control.clone()))),
+        EXIT_STATUS_PORT,
+        4,
+    )?;
+    let vm = builder.restore(&state.vm, &state.vcpus)?;
+    if let Some(input) = opts.console_input {
+        forward_input(input, serial, control.clone());
+    }
+    if std::env::var_os("SUPERMACHINE_TIMINGS").is_some() {
+        eprintln!(
+            "timings: restore={:.2}",
+            started.elapsed().as_secs_f64() * 1e3
+        );
+    }
+    let exit = vmm_core::runner::run(vm, &control)?;
+    Ok(BootOutcome { exit })
 }
 
 /// Puts a virtio device in MMIO slot `slot`: bus, interrupt line, ioeventfds for its queues,

@@ -232,6 +232,16 @@ struct BootArgs {
     /// Show only COMMAND's output: no kernel log, no init progress
     #[arg(long, short = 'q')]
     quiet: bool,
+    /// Snapshot the VM into this directory once it prints --snapshot-when (then stop it);
+    /// VMs without virtio devices only, for now
+    #[arg(long, value_name = "DIR", requires = "snapshot_when")]
+    snapshot_to: Option<PathBuf>,
+    /// The serial-console text that triggers --snapshot-to
+    #[arg(long, value_name = "TEXT", requires = "snapshot_to")]
+    snapshot_when: Option<String>,
+    /// Restore this snapshot instead of booting (its console on stdin/stdout)
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["snapshot_to", "initramfs", "no_initramfs", "disk", "command"])]
+    restore: Option<PathBuf>,
     /// The command to run in the guest [default: /bin/sh]
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -450,6 +460,16 @@ fn run_prune() -> anyhow::Result<()> {
 }
 
 fn run_boot(args: BootArgs) -> anyhow::Result<ExitCode> {
+    if let Some(dir) = args.restore {
+        let outcome = supermachine::boot::restore(supermachine::boot::RestoreOptions {
+            dir,
+            kernel: args.kernel,
+            console: Box::new(std::io::stdout()),
+            console_input: Some(Box::new(std::io::stdin())),
+            control: None,
+        })?;
+        return Ok(boot_exit_code(outcome.exit));
+    }
     let initramfs = if args.no_initramfs {
         None
     } else {
@@ -472,8 +492,18 @@ fn run_boot(args: BootArgs) -> anyhow::Result<ExitCode> {
         consoles: Vec::new(),
         control: None,
         vsock: None,
+        snapshot: args.snapshot_to.zip(args.snapshot_when).map(|(dir, when)| {
+            supermachine::snapshot::SnapshotRequest {
+                when_output: when,
+                dir,
+            }
+        }),
     })?;
-    Ok(match outcome.exit {
+    Ok(boot_exit_code(outcome.exit))
+}
+
+fn boot_exit_code(exit: VmExit) -> ExitCode {
+    match exit {
         VmExit::PowerOff(Some(status)) => ExitCode::from((status & 0xff) as u8),
         VmExit::PowerOff(None) | VmExit::Stopped => ExitCode::SUCCESS,
         VmExit::Reset => {
@@ -484,7 +514,7 @@ fn run_boot(args: BootArgs) -> anyhow::Result<ExitCode> {
             eprintln!("supermachine: the guest shut down (triple fault) without an exit status");
             ExitCode::from(EXIT_SUPERMACHINE_FAILED)
         }
-    })
+    }
 }
 
 #[cfg(test)]

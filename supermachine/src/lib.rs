@@ -15,6 +15,7 @@ pub mod images;
 pub mod paths;
 pub mod ports;
 pub mod run;
+pub mod snapshot;
 pub mod vms;
 pub mod volumes;
 

@@ -624,6 +624,7 @@ fn run_registered(
         consoles,
         control: Some(vm_control),
         vsock: Some(dir.vsock()),
+        snapshot: None,
     })?;
     if std::env::var_os("SUPERMACHINE_TIMINGS").is_some() {
         // For `cargo xtask bench run`: host preparation, VM start + kernel + init setup,

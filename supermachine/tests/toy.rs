@@ -44,6 +44,7 @@ fn boot_toy(vcpus: u8) -> (VmExit, String) {
         consoles: vec![],
         control: None,
         vsock: None,
+        snapshot: None,
     })
     .expect("booting the toy guest needs a usable /dev/kvm");
     std::fs::remove_dir_all(&dir).ok();
@@ -64,4 +65,129 @@ fn idle_application_processors_are_stopped_when_the_guest_ends() {
     let (exit, out) = boot_toy(4);
     assert_eq!(out, toy_guest::MARKER);
     assert_eq!(exit, VmExit::PowerOff(Some(0)));
+}
+
+fn run_cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_supermachine"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// Restores `snap` with the CLI, sends `input` on the serial console, and returns what the
+/// guest echoed (the restored guest runs until killed).
+fn restore_and_echo(snap: &std::path::Path, input: &[u8]) -> Vec<u8> {
+    use std::io::Read;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_supermachine"))
+        .args(["boot", "--restore"])
+        .arg(snap)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.as_mut().unwrap().write_all(input).unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut got = vec![0u8; input.len()];
+    let read = out.read_exact(&mut got);
+    child.kill().ok();
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).ok();
+    read.unwrap_or_else(|e| panic!("no echo ({e}); {status}: {err}"));
+    got
+}
+
+#[test]
+fn a_running_guest_is_snapshotted_and_every_restore_continues_it() {
+    let dir = std::env::temp_dir().join(format!("sm-toy-snap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kernel = dir.join("echo.elf");
+    std::fs::write(&kernel, toy_guest::echo_elf()).unwrap();
+    let snap = dir.join("snap");
+    let kernel_arg = kernel.to_str().unwrap();
+    let out = run_cli(&[
+        "boot",
+        "--no-initramfs",
+        "--memory",
+        "64",
+        "--kernel",
+        kernel_arg,
+        "--snapshot-to",
+        snap.to_str().unwrap(),
+        "--snapshot-when",
+        toy_guest::ECHO_READY,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), toy_guest::ECHO_READY);
+    // Sparse: 64 MiB of guest memory, a few pages used.
+    use std::os::unix::fs::MetadataExt;
+    let memory = std::fs::metadata(snap.join("memory")).unwrap();
+    assert_eq!(memory.len(), 64 << 20);
+    assert!(
+        memory.blocks() * 512 < 1 << 20,
+        "{} bytes allocated",
+        memory.blocks() * 512
+    );
+
+    // Restored twice in a row and twice at once: each continues the same guest.
+    for _ in 0..2 {
+        assert_eq!(restore_and_echo(&snap, b"hello\n"), b"hello\n");
+    }
+    let a = std::thread::spawn({
+        let snap = snap.clone();
+        move || restore_and_echo(&snap, b"first")
+    });
+    let b = restore_and_echo(&snap, b"second");
+    assert_eq!(a.join().unwrap(), b"first");
+    assert_eq!(b, b"second");
+
+    // A damaged or foreign snapshot is refused with the reason, never run.
+    let restore_err = |snap: &std::path::Path, extra: &[&str]| {
+        let mut args = vec!["boot", "--restore", snap.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let out = run_cli(&args);
+        assert_eq!(out.status.code(), Some(125));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let copy = |name: &str| {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        for f in ["state", "memory"] {
+            std::fs::copy(snap.join(f), d.join(f)).unwrap();
+        }
+        d
+    };
+    let flipped = copy("flipped");
+    let mut state = std::fs::read(flipped.join("state")).unwrap();
+    let at = state.len() / 2;
+    state[at] ^= 1;
+    std::fs::write(flipped.join("state"), state).unwrap();
+    let e = restore_err(&flipped, &[]);
+    assert!(e.contains("damaged") && e.contains("checksum"), "{e}");
+
+    let truncated = copy("truncated");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(truncated.join("memory"))
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let e = restore_err(&truncated, &[]);
+    assert!(e.contains("truncated"), "{e}");
+
+    // Another kernel build (same path, new contents).
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let mut other = toy_guest::echo_elf();
+    other.push(0);
+    std::fs::write(&kernel, other).unwrap();
+    let e = restore_err(&snap, &["--kernel", kernel_arg]);
+    assert!(e.contains("another build of the guest kernel"), "{e}");
+
+    std::fs::remove_dir_all(&dir).ok();
 }

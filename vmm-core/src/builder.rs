@@ -103,6 +103,58 @@ impl VmBuilder {
         })
     }
 
+    /// Creates the backend VM over guest memory that already holds a guest (a snapshot's),
+    /// for [`restore`](Self::restore) instead of [`build`](Self::build).
+    pub fn from_memory(
+        hypervisor: &dyn Hypervisor,
+        memory: GuestMemory,
+        vcpus: u8,
+    ) -> Result<Self, BuildError> {
+        if vcpus == 0 || vcpus > MAX_VCPUS {
+            return Err(BuildError::VcpuCount(vcpus));
+        }
+        let vm = hypervisor.create_vm(&memory)?;
+        Ok(VmBuilder {
+            resources: VmResources {
+                kernel: PathBuf::new(),
+                initramfs: Vec::new(),
+                cmdline: String::new(),
+                memory_mib: 0,
+                vcpus,
+            },
+            vm,
+            memory,
+            buses: IoBuses::default(),
+        })
+    }
+
+    /// Creates the vCPUs with saved state and restores the VM's interrupt controllers, timer
+    /// and clock: a VM that continues where the snapshot stopped.
+    #[cfg(target_arch = "x86_64")]
+    pub fn restore(
+        self,
+        vm_state: &crate::arch::x86_64::state::VmState,
+        vcpu_states: &[crate::arch::x86_64::state::VcpuState],
+    ) -> Result<BuiltVm, BuildError> {
+        let count = self.resources.vcpus;
+        if vcpu_states.len() != usize::from(count) {
+            return Err(BuildError::VcpuCount(vcpu_states.len() as u8));
+        }
+        let mut vcpus = Vec::with_capacity(vcpu_states.len());
+        for (id, state) in vcpu_states.iter().enumerate() {
+            let mut vcpu = self.vm.create_vcpu(id as u8, count)?;
+            vcpu.restore_state(state)?;
+            vcpus.push(vcpu);
+        }
+        self.vm.restore_state(vm_state)?;
+        Ok(BuiltVm {
+            vm: self.vm,
+            vcpus,
+            buses: Arc::new(self.buses),
+            memory: self.memory,
+        })
+    }
+
     /// Guest RAM, for devices that access it.
     pub fn memory(&self) -> &GuestMemory {
         &self.memory

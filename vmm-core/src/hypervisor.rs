@@ -10,6 +10,12 @@ use crate::memory::GuestMemory;
 
 #[cfg(target_arch = "x86_64")]
 use crate::arch::x86_64::regs::{SpecialRegisters, StandardRegisters};
+#[cfg(target_arch = "x86_64")]
+use crate::arch::x86_64::state::{VcpuState, VmState};
+
+fn no_snapshots() -> HypervisorError {
+    HypervisorError::MissingCapability("snapshots (not implemented for this backend)".into())
+}
 
 /// Errors a backend reports. Backends carry their OS error as text so the trait stays neutral.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +84,17 @@ pub trait Vm: Send + Sync {
     }
     /// Creates vCPU `id` of `count`, with the backend's reset state and CPU model.
     fn create_vcpu(&self, id: u8, count: u8) -> Result<Box<dyn Vcpu>, HypervisorError>;
+    /// Saves the interrupt controllers, timer and clock (vCPUs stopped).
+    #[cfg(target_arch = "x86_64")]
+    fn save_state(&self) -> Result<VmState, HypervisorError> {
+        Err(no_snapshots())
+    }
+    /// Restores what [`save_state`](Self::save_state) saved, before the vCPUs run.
+    #[cfg(target_arch = "x86_64")]
+    fn restore_state(&self, state: &VmState) -> Result<(), HypervisorError> {
+        let _ = state;
+        Err(no_snapshots())
+    }
 }
 
 /// Completes the port and MMIO accesses of a running vCPU.
@@ -153,4 +170,17 @@ pub trait Vcpu: Send {
     /// Writes the segment, control and descriptor-table registers.
     #[cfg(target_arch = "x86_64")]
     fn set_sregs(&mut self, sregs: &SpecialRegisters) -> Result<(), HypervisorError>;
+    /// Saves everything needed to resume this vCPU. Called on the vCPU's thread after
+    /// [`run`](Self::run) returned; the backend first completes an I/O access it is in the
+    /// middle of, so the state is between two instructions.
+    #[cfg(target_arch = "x86_64")]
+    fn save_state(&mut self) -> Result<VcpuState, HypervisorError> {
+        Err(no_snapshots())
+    }
+    /// Restores what [`save_state`](Self::save_state) saved, on a vCPU that has not run yet.
+    #[cfg(target_arch = "x86_64")]
+    fn restore_state(&mut self, state: &VcpuState) -> Result<(), HypervisorError> {
+        let _ = state;
+        Err(no_snapshots())
+    }
 }

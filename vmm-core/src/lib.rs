@@ -27,4 +27,6 @@ pub use hypervisor::{
     Hypervisor, HypervisorError, IoHandler, IrqTrigger, Vcpu, VcpuExit, VcpuKicker, Vm,
 };
 pub use memory::GuestMemory;
-pub use runner::{RunError, VmControl, VmExit};
+#[cfg(target_arch = "x86_64")]
+pub use runner::CapturedVm;
+pub use runner::{CaptureError, RunError, VmControl, VmExit};

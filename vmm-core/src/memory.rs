@@ -66,6 +66,34 @@ pub fn create_guest_memory(mib: u32) -> Result<GuestMemory, MemoryError> {
     GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Map { mib, source })
 }
 
+/// Maps guest RAM copy-on-write from `file`: each (guest address, length, file offset) becomes
+/// a private mapping, so pages are read from the file only when the guest touches them, and
+/// writes stay in this process (many VMs can share one file).
+#[cfg(unix)]
+pub fn guest_memory_from_file(
+    file: &std::fs::File,
+    regions: &[(u64, u64, u64)],
+) -> Result<GuestMemory, std::io::Error> {
+    use vm_memory::mmap::MmapRegion;
+    use vm_memory::{FileOffset, GuestRegionMmap};
+    let mut mapped = Vec::with_capacity(regions.len());
+    for &(guest_addr, len, offset) in regions {
+        let fo = FileOffset::new(file.try_clone()?, offset);
+        let region = MmapRegion::build(
+            Some(fo),
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+        )
+        .map_err(|e| std::io::Error::other(format!("mapping guest memory: {e}")))?;
+        let region = GuestRegionMmap::new(region, GuestAddress(guest_addr))
+            .ok_or_else(|| std::io::Error::other("guest memory region out of range"))?;
+        mapped.push(region);
+    }
+    GuestMemoryMmap::from_regions(mapped)
+        .map_err(|e| std::io::Error::other(format!("guest memory layout: {e}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -73,10 +73,52 @@ pub enum RunError {
     },
 }
 
+/// What [`VmControl::pause_and_capture`] returns: the vCPUs and the VM, stopped, and the guest
+/// memory (unchanging until [`VmControl::resume`] or the end of the VM).
+#[cfg(target_arch = "x86_64")]
+pub struct CapturedVm {
+    /// Every vCPU, in index order.
+    pub vcpus: Vec<crate::arch::x86_64::state::VcpuState>,
+    /// Interrupt controllers, timer, clock.
+    pub vm: crate::arch::x86_64::state::VmState,
+    /// Guest RAM.
+    pub memory: crate::memory::GuestMemory,
+}
+
+/// Why a capture failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    /// The VM ended (or was not running) before it could be paused.
+    #[error("the VM is not running")]
+    NotRunning,
+    /// The backend could not save a vCPU or the VM.
+    #[error("saving the VM's state: {0}")]
+    Backend(#[from] HypervisorError),
+}
+
+#[cfg(target_arch = "x86_64")]
+type CaptureReply = std::sync::mpsc::Sender<Result<CapturedVm, CaptureError>>;
+#[cfg(not(target_arch = "x86_64"))]
+type CaptureReply = std::sync::mpsc::Sender<Result<(), CaptureError>>;
+
+/// vCPU threads park here while the VM is paused.
+#[derive(Default)]
+struct PauseState {
+    requested: bool,
+    /// Saved states of parked vCPUs, by index.
+    #[cfg(target_arch = "x86_64")]
+    saved: Vec<Option<Result<crate::arch::x86_64::state::VcpuState, HypervisorError>>>,
+    parked: usize,
+}
+
 struct ControlState {
     outcome: Mutex<Option<Result<VmExit, RunError>>>,
     changed: Condvar,
     stopping: AtomicBool,
+    /// A pending [`VmControl::pause_and_capture`] (checked under `outcome`'s lock).
+    capture: Mutex<Option<CaptureReply>>,
+    pause: Mutex<PauseState>,
+    pause_changed: Condvar,
 }
 
 /// Shared by the runner, vCPU threads and devices: records how the VM ends.
@@ -92,6 +134,9 @@ impl Default for VmControl {
                 outcome: Mutex::new(None),
                 changed: Condvar::new(),
                 stopping: AtomicBool::new(false),
+                capture: Mutex::new(None),
+                pause: Mutex::new(PauseState::default()),
+                pause_changed: Condvar::new(),
             }),
         }
     }
@@ -120,6 +165,72 @@ impl VmControl {
         }
         self.state.stopping.store(true, Ordering::Release);
         self.state.changed.notify_all();
+        // Parked vCPUs leave when the VM stops.
+        let _p = self.state.pause.lock().unwrap_or_else(|e| e.into_inner());
+        self.state.pause_changed.notify_all();
+    }
+
+    /// Pauses every vCPU between instructions and saves their state and the VM's. They stay
+    /// paused (devices keep running: quiesce them before reading memory) until
+    /// [`resume`](Self::resume) or the end of the VM. Blocks until done; call it from a thread
+    /// other than the runner's and the vCPUs'.
+    #[cfg(target_arch = "x86_64")]
+    pub fn pause_and_capture(&self) -> Result<CapturedVm, CaptureError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let _outcome = self.state.outcome.lock().unwrap_or_else(|e| e.into_inner());
+            if self.is_stopping() {
+                return Err(CaptureError::NotRunning);
+            }
+            *self.state.capture.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+            self.state.changed.notify_all();
+        }
+        rx.recv().unwrap_or(Err(CaptureError::NotRunning))
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&self) {
+        let mut p = self.state.pause.lock().unwrap_or_else(|e| e.into_inner());
+        p.requested = false;
+        p.parked = 0;
+        #[cfg(target_arch = "x86_64")]
+        p.saved.clear();
+        self.state.pause_changed.notify_all();
+    }
+
+    fn pause_requested(&self) -> bool {
+        self.state
+            .pause
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .requested
+    }
+
+    /// On a vCPU thread: saves this vCPU's state and waits until resumed or stopped.
+    fn park(&self, index: usize, vcpu: &mut dyn Vcpu) {
+        #[cfg(target_arch = "x86_64")]
+        let saved = vcpu.save_state();
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = vcpu;
+        let mut p = self.state.pause.lock().unwrap_or_else(|e| e.into_inner());
+        #[cfg(target_arch = "x86_64")]
+        {
+            if p.saved.len() <= index {
+                p.saved.resize_with(index + 1, || None);
+            }
+            p.saved[index] = Some(saved);
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = index;
+        p.parked += 1;
+        self.state.pause_changed.notify_all();
+        while p.requested && !self.is_stopping() {
+            p = self
+                .state
+                .pause_changed
+                .wait(p)
+                .unwrap_or_else(|e| e.into_inner());
+        }
     }
 
     /// True once the VM is ending.
@@ -127,6 +238,32 @@ impl VmControl {
         self.state.stopping.load(Ordering::Acquire)
     }
 
+    /// Waits until the VM ends or someone asks for a capture.
+    fn wait_for_event(&self) -> Event {
+        let mut slot = self.state.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(outcome) = slot.take() {
+                *slot = Some(Ok(VmExit::Stopped));
+                return Event::Ended(outcome);
+            }
+            if let Some(reply) = self
+                .state
+                .capture
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+            {
+                return Event::Capture(reply);
+            }
+            slot = self
+                .state
+                .changed
+                .wait(slot)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    #[cfg(test)]
     fn wait(&self) -> Result<VmExit, RunError> {
         let mut slot = self.state.outcome.lock().unwrap_or_else(|e| e.into_inner());
         loop {
@@ -144,9 +281,13 @@ impl VmControl {
     }
 }
 
-fn vcpu_loop(mut vcpu: Box<dyn Vcpu>, io: &dyn IoHandler, control: &VmControl) {
+fn vcpu_loop(index: usize, mut vcpu: Box<dyn Vcpu>, io: &dyn IoHandler, control: &VmControl) {
     let id = vcpu.id();
     while !control.is_stopping() {
+        if control.pause_requested() {
+            control.park(index, vcpu.as_mut());
+            continue;
+        }
         let outcome = match vcpu.run(io) {
             Ok(VcpuExit::Io | VcpuExit::Mmio | VcpuExit::Interrupted | VcpuExit::Hlt) => continue,
             Ok(VcpuExit::PowerOff) => Ok(VmExit::PowerOff(None)),
@@ -173,10 +314,10 @@ fn vcpu_loop(mut vcpu: Box<dyn Vcpu>, io: &dyn IoHandler, control: &VmControl) {
 /// Runs `vm` until it ends. Devices end it through `control` (e.g. an exit-status port).
 pub fn run(vm: BuiltVm, control: &VmControl) -> Result<VmExit, RunError> {
     let BuiltVm {
-        vm: _vm,
+        vm,
         vcpus,
         buses,
-        memory: _memory,
+        memory,
     } = vm;
     let mut threads = Vec::with_capacity(vcpus.len());
     // Each vCPU thread reports its index here as it ends, so the runner waits on a channel
@@ -190,7 +331,7 @@ pub fn run(vm: BuiltVm, control: &VmControl) -> Result<VmExit, RunError> {
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{}", vcpu.id()))
             .spawn(move || {
-                vcpu_loop(vcpu, &*io, &ctl);
+                vcpu_loop(index, vcpu, &*io, &ctl);
                 let _ = ended.send(index);
             });
         match handle {
@@ -202,7 +343,25 @@ pub fn run(vm: BuiltVm, control: &VmControl) -> Result<VmExit, RunError> {
         }
     }
     drop(ended_tx);
-    let outcome = control.wait();
+    let outcome = loop {
+        match control.wait_for_event() {
+            Event::Ended(outcome) => break outcome,
+            Event::Capture(reply) => {
+                let kickers: Vec<_> = threads.iter().map(|(_, k)| k.clone()).collect();
+                let captured = capture(control, &kickers, vm.as_ref(), &memory);
+                let _ = reply.send(captured);
+            }
+        }
+    };
+    // A capture asked for as the VM ended gets its answer (NotRunning) instead of waiting.
+    drop(
+        control
+            .state
+            .capture
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take(),
+    );
     let mut running = threads.len();
     for (_, kicker) in &threads {
         kicker.kick();
@@ -227,6 +386,77 @@ pub fn run(vm: BuiltVm, control: &VmControl) -> Result<VmExit, RunError> {
         }
     }
     outcome
+}
+
+/// Pauses the vCPUs (kicking until every one has parked) and collects the saved states.
+#[cfg(target_arch = "x86_64")]
+fn capture(
+    control: &VmControl,
+    kickers: &[Arc<dyn crate::hypervisor::VcpuKicker>],
+    vm: &dyn crate::hypervisor::Vm,
+    memory: &crate::memory::GuestMemory,
+) -> Result<CapturedVm, CaptureError> {
+    let mut p = control
+        .state
+        .pause
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    p.requested = true;
+    p.parked = 0;
+    p.saved.clear();
+    while p.parked < kickers.len() {
+        if control.is_stopping() {
+            return Err(CaptureError::NotRunning);
+        }
+        drop(p);
+        for k in kickers {
+            k.kick();
+        }
+        p = control
+            .state
+            .pause
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if p.parked < kickers.len() {
+            p = control
+                .state
+                .pause_changed
+                .wait_timeout(p, KICK_RETRY)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+    let mut vcpus = Vec::with_capacity(kickers.len());
+    for slot in p.saved.iter_mut() {
+        match slot.take() {
+            Some(Ok(s)) => vcpus.push(s),
+            Some(Err(e)) => return Err(e.into()),
+            None => return Err(CaptureError::NotRunning),
+        }
+    }
+    drop(p);
+    Ok(CapturedVm {
+        vcpus,
+        vm: vm.save_state()?,
+        memory: memory.clone(),
+    })
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn capture(
+    _control: &VmControl,
+    _kickers: &[Arc<dyn crate::hypervisor::VcpuKicker>],
+    _vm: &dyn crate::hypervisor::Vm,
+    _memory: &crate::memory::GuestMemory,
+) -> Result<(), CaptureError> {
+    Err(CaptureError::Backend(HypervisorError::MissingCapability(
+        "snapshots on this architecture".into(),
+    )))
+}
+
+enum Event {
+    Ended(Result<VmExit, RunError>),
+    Capture(CaptureReply),
 }
 
 /// How long to wait for kicked vCPUs before kicking again.

@@ -17,7 +17,8 @@ use vmm_core::{
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
-use crate::x86_64::{cpuid, regs};
+use crate::x86_64::{cpuid, regs, state};
+use vmm_core::arch::x86_64::state::{VcpuState, VmState};
 
 /// KVM's private-memory addresses for Intel's real-mode emulation: just below the IOAPIC, in
 /// the MMIO window, where no RAM is.
@@ -32,6 +33,8 @@ fn err(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> HypervisorError {
 pub struct KvmHypervisor {
     kvm: Kvm,
     supported_cpuid: CpuId,
+    /// The MSRs a snapshot saves: every one KVM lists.
+    msr_indices: Arc<Vec<u32>>,
 }
 
 impl KvmHypervisor {
@@ -60,9 +63,14 @@ impl KvmHypervisor {
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(err("KVM_GET_SUPPORTED_CPUID"))?;
+        let msr_indices = kvm
+            .get_msr_index_list()
+            .map(|l| l.as_slice().to_vec())
+            .unwrap_or_default();
         Ok(KvmHypervisor {
             kvm,
             supported_cpuid,
+            msr_indices: Arc::new(msr_indices),
         })
     }
 }
@@ -91,6 +99,7 @@ impl Hypervisor for KvmHypervisor {
             fd: Arc::new(fd),
             cpuid: self.supported_cpuid.clone(),
             memory: memory.clone(),
+            msr_indices: self.msr_indices.clone(),
         }))
     }
 }
@@ -119,6 +128,7 @@ pub struct KvmVm {
     fd: Arc<VmFd>,
     cpuid: CpuId,
     memory: GuestMemory,
+    msr_indices: Arc<Vec<u32>>,
 }
 
 struct KvmIrq(EventFd);
@@ -172,7 +182,16 @@ impl Vm for KvmVm {
             fd,
             memory,
             thread: Arc::new(AtomicU64::new(0)),
+            msr_indices: self.msr_indices.clone(),
         }))
+    }
+
+    fn save_state(&self) -> Result<VmState, HypervisorError> {
+        state::save_vm(&self.fd)
+    }
+
+    fn restore_state(&self, s: &VmState) -> Result<(), HypervisorError> {
+        state::restore_vm(&self.fd, s)
     }
 }
 
@@ -183,6 +202,7 @@ pub struct KvmVcpu {
     memory: GuestMemory,
     /// The pthread running this vCPU (0 before the first `run`), for kicks.
     thread: Arc<AtomicU64>,
+    msr_indices: Arc<Vec<u32>>,
 }
 
 fn kick_signal() -> i32 {
@@ -342,5 +362,13 @@ impl Vcpu for KvmVcpu {
         let mut k = self.fd.get_sregs().map_err(err("KVM_GET_SREGS"))?;
         regs::apply_sregs(&mut k, s);
         self.fd.set_sregs(&k).map_err(err("KVM_SET_SREGS"))
+    }
+
+    fn save_state(&mut self) -> Result<VcpuState, HypervisorError> {
+        state::save_vcpu(&mut self.fd, self.id, &self.msr_indices)
+    }
+
+    fn restore_state(&mut self, s: &VcpuState) -> Result<(), HypervisorError> {
+        state::restore_vcpu(&self.fd, s)
     }
 }

@@ -2,3 +2,4 @@
 
 pub mod cpuid;
 pub mod regs;
+pub mod state;

@@ -6,4 +6,4 @@ mod serial;
 
 pub use exit_port::ExitStatusPort;
 pub use i8042::I8042ResetLine;
-pub use serial::{IrqLine, SerialConsole};
+pub use serial::{IrqLine, SerialConsole, SerialSnapshot};

@@ -18,6 +18,16 @@ impl Trigger for IrqLine {
     }
 }
 
+/// A serial port's state in a snapshot: the nine 16550A registers (DLL, DLM, IER, IIR, LCR,
+/// LSR, MCR, MSR, SCR) and the receive FIFO.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialSnapshot {
+    /// The registers, in the order above.
+    pub registers: [u8; 9],
+    /// Bytes the guest has not read yet.
+    pub in_buffer: Vec<u8>,
+}
+
 /// The guest's serial console.
 pub struct SerialConsole {
     uart: Serial<IrqLine, NoEvents, Box<dyn Write + Send>>,
@@ -29,6 +39,49 @@ impl SerialConsole {
         SerialConsole {
             uart: Serial::new(IrqLine(irq), out),
         }
+    }
+
+    /// The UART's registers and receive FIFO, for a snapshot.
+    pub fn save_state(&self) -> SerialSnapshot {
+        let s = self.uart.state();
+        SerialSnapshot {
+            registers: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// A UART continuing from `state`.
+    pub fn restore(
+        irq: Arc<dyn IrqTrigger>,
+        out: Box<dyn Write + Send>,
+        state: &SerialSnapshot,
+    ) -> Result<Self, String> {
+        let r = state.registers;
+        let s = vm_superio::serial::SerialState {
+            baud_divisor_low: r[0],
+            baud_divisor_high: r[1],
+            interrupt_enable: r[2],
+            interrupt_identification: r[3],
+            line_control: r[4],
+            line_status: r[5],
+            modem_control: r[6],
+            modem_status: r[7],
+            scratch: r[8],
+            in_buffer: state.in_buffer.clone(),
+        };
+        let uart = Serial::from_state(&s, IrqLine(irq), NoEvents, out)
+            .map_err(|e| format!("serial port state: {e:?}"))?;
+        Ok(SerialConsole { uart })
     }
 
     /// Queues host input for the guest to read; returns how many bytes fit in the FIFO.

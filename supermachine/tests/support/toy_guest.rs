@@ -32,9 +32,36 @@ fn code() -> Vec<u8> {
     c
 }
 
+/// What the echo toy prints once it is echoing.
+#[allow(dead_code)]
+pub const ECHO_READY: &str = "supermachine-echo-ready\n";
+
+/// Prints [`ECHO_READY`], then forever: poll COM1's line status, read a byte, write it back.
+fn echo_code() -> Vec<u8> {
+    let mut c = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
+    for b in ECHO_READY.bytes() {
+        c.extend_from_slice(&[0xb0, b, 0xee]); // mov al, b; out dx, al
+    }
+    // poll: mov dx, 0x3fd; in al, dx; test al, 1; jz poll
+    c.extend_from_slice(&[0x66, 0xba, 0xfd, 0x03, 0xec, 0xa8, 0x01, 0x74, 0xf7]);
+    // mov dx, 0x3f8; in al, dx; out dx, al; jmp poll
+    c.extend_from_slice(&[0x66, 0xba, 0xf8, 0x03, 0xec, 0xee, 0xeb, 0xef]);
+    c
+}
+
+/// The echo toy: a guest to snapshot while it runs and to restore (it answers every byte
+/// of serial input with the same byte).
+#[allow(dead_code)]
+pub fn echo_elf() -> Vec<u8> {
+    elf_with(echo_code())
+}
+
 /// The toy guest as an ELF64 file image.
 pub fn elf() -> Vec<u8> {
-    let code = code();
+    elf_with(code())
+}
+
+fn elf_with(code: Vec<u8>) -> Vec<u8> {
     let entry = LOAD_ADDR + CODE_OFFSET;
     let file_len = CODE_OFFSET + code.len() as u64;
     let mut f = Vec::with_capacity(file_len as usize);

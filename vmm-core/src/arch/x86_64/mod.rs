@@ -6,3 +6,4 @@ pub mod boot;
 pub mod layout;
 pub mod mptable;
 pub mod regs;
+pub mod state;
