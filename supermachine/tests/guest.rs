@@ -964,13 +964,21 @@ fn detached_vm_serves_published_port_and_takes_exec_cp_stop_rm() {
             &env.image,
             "sh",
             "-c",
-            "mkdir -p /www && echo hello > /www/index.html && exec httpd -f -p 80 -h /www",
+            "mkdir -p /www && echo hello > /www/index.html && echo serving && exec httpd -f -p 80 -h /www",
         ],
         None,
     );
     assert_eq!(code, 0, "{err}");
     let id = String::from_utf8_lossy(&out).trim().to_string();
     assert_eq!(id.len(), 12, "{id:?}");
+
+    // Its output is in its log.
+    let (code, out, err) = env.sm(&["logs", "web"], None);
+    assert_eq!(
+        (code, String::from_utf8_lossy(&out).into_owned()),
+        (0, "serving\n".into()),
+        "{err}"
+    );
 
     // ps shows it running with its port; a second VM with the same name is refused.
     let (_, ps, _) = env.sm(&["ps"], None);

@@ -20,7 +20,7 @@ use crate::tests::prepare_guest;
 use crate::util::{self, cargo, installed_initramfs, installed_kernel, step, target_dir};
 
 #[path = "../../supermachine/tests/support/toy_guest.rs"]
-mod toy_guest;
+pub mod toy_guest;
 
 #[derive(Debug, Subcommand)]
 pub enum Which {
@@ -60,6 +60,16 @@ pub enum Which {
         /// MiB of files per layer
         #[arg(long, default_value_t = 40)]
         layer_mib: usize,
+    },
+    /// VMM restore overhead with the echo toy guest on this machine's KVM, next to QEMU
+    /// restoring the same guest with -incoming
+    Restore {
+        /// Runs per VMM and memory size
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+        /// Guest memory sizes in MiB
+        #[arg(long, value_delimiter = ',', default_value = "128,1024")]
+        sizes: Vec<u32>,
     },
     /// Exec round trips (`true`) in a running VM and vsock stream throughput both ways
     Exec {
@@ -253,7 +263,7 @@ fn build_release() -> Result<PathBuf> {
     Ok(target_dir().join("release").join("supermachine"))
 }
 
-fn qemu_microvm(kernel: &Path, memory_mib: u32) -> Command {
+pub fn qemu_microvm(kernel: &Path, memory_mib: u32) -> Command {
     let mut c = Command::new("qemu-system-x86_64");
     c.args([
         "-M",
@@ -276,6 +286,10 @@ pub fn run(which: Which) -> Result<()> {
         Which::Toy { runs } => bench_toy(runs),
         Which::Boot { runs, here } => bench_boot(runs, here),
         Which::Run { runs, here } => bench_run(runs, here),
+        Which::Restore { runs, sizes } => {
+            let supermachine = build_release()?;
+            crate::bench_restore::bench(&supermachine, runs, &sizes)
+        }
         Which::Exec { calls, mib, here } => {
             let args = [
                 "exec".to_string(),

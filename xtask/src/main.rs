@@ -15,6 +15,7 @@
 mod bench;
 mod bench_agent;
 mod bench_pull;
+mod bench_restore;
 mod deps;
 mod fuzz;
 mod initramfs;
@@ -88,6 +89,16 @@ enum Cmd {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
+    /// Run each test of a test binary in its own process with a time limit (used inside the
+    /// emulated host by `test`)
+    #[command(hide = true)]
+    IsolatedTests {
+        /// Seconds per test
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        /// The test binary
+        binary: std::path::PathBuf,
+    },
     /// Benchmarks, each next to QEMU in the same run
     Bench {
         #[command(subcommand)]
@@ -128,6 +139,7 @@ fn main() -> ExitCode {
         Cmd::Test { local } => tests::run_all(local).map(|_| 0),
         Cmd::Fuzz { seconds } => fuzz::run_all(seconds).map(|_| 0),
         Cmd::Bench { which } => bench::run(which).map(|_| 0),
+        Cmd::IsolatedTests { timeout, binary } => tests::run_isolated(&binary, timeout),
     };
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),

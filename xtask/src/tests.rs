@@ -114,13 +114,14 @@ pub fn run_all(force_local: bool) -> Result<()> {
         for (k, v) in &env {
             std::env::set_var(k, v);
         }
+        // One guest at a time, each test in its own process with a time limit: the emulated
+        // host is slow, a nested KVM under TCG is the least tested part of the chain (see
+        // testhost.rs on XSAVE), and one stuck test must fail, not hang CI.
         testhost::run_command(
             &[
+                std::env::current_exe()?.to_string_lossy().into_owned(),
+                "isolated-tests".into(),
                 guest_tests.to_string_lossy().into_owned(),
-                "--color=never".into(),
-                // One guest at a time: the emulated host is slow, and a nested KVM under TCG is
-                // the least tested part of the chain (see testhost.rs on XSAVE).
-                "--test-threads=1".into(),
             ],
             &testhost::Options {
                 cwd: crate::util::workspace_root().join("supermachine"),
@@ -182,4 +183,97 @@ fn run_supermachine(supermachine: &std::path::Path, command: Vec<String>) -> Res
     } else {
         testhost::run_command(&command, &testhost::Options::default())
     }
+}
+
+/// Runs every test of `binary` in its own process, one at a time, each killed after
+/// `timeout_secs`; prints a line per test and the output of failures; returns the number of
+/// failed tests as the exit status (0: all passed).
+pub fn run_isolated(binary: &std::path::Path, timeout_secs: u64) -> Result<i32> {
+    use std::io::Read;
+    use std::time::{Duration, Instant};
+    let list = output(Command::new(binary).args(["--list", "--format", "terse"]))?;
+    let tests: Vec<String> = list
+        .lines()
+        .filter_map(|l| l.strip_suffix(": test"))
+        .map(str::to_string)
+        .collect();
+    if tests.is_empty() {
+        bail!("{} lists no tests", binary.display());
+    }
+    println!("running {} tests, one process each", tests.len());
+    let mut failed = Vec::new();
+    let all = Instant::now();
+    for name in &tests {
+        let started = Instant::now();
+        let mut child = Command::new(binary)
+            .args(["--exact", name, "--color=never", "--test-threads=1"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        let mut out = child.stdout.take().context("no stdout")?;
+        let mut err = child.stderr.take().context("no stderr")?;
+        let o = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = out.read_to_end(&mut v);
+            v
+        });
+        let e = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = err.read_to_end(&mut v);
+            v
+        });
+        let limit = Duration::from_secs(timeout_secs);
+        let status = loop {
+            if let Some(s) = child.try_wait()? {
+                break Some(s);
+            }
+            if started.elapsed() > limit {
+                // What was running, for whoever reads the log.
+                let _ = Command::new("ps")
+                    .args([
+                        "-eo",
+                        "pid,ppid,stat,pcpu,etime,wchan:24,args",
+                        "--sort=-pcpu",
+                    ])
+                    .status();
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let secs = started.elapsed().as_secs_f64();
+        let passed = status.is_some_and(|s| s.success());
+        if passed {
+            println!("test {name} ... ok ({secs:.0} s)");
+        } else {
+            let why = match status {
+                None => format!("TIMED OUT after {timeout_secs} s"),
+                Some(s) => format!("FAILED ({s})"),
+            };
+            println!("test {name} ... {why}");
+            // A process the test left holding its pipes must not block the report.
+            for (what, h) in [("stdout", o), ("stderr", e)] {
+                if h.is_finished() {
+                    let text = h.join().unwrap_or_default();
+                    println!(
+                        "---- {name} {what} ----\n{}",
+                        String::from_utf8_lossy(&text)
+                    );
+                }
+            }
+            failed.push(name.clone());
+        }
+    }
+    println!(
+        "\n{} passed, {} failed in {:.0} s",
+        tests.len() - failed.len(),
+        failed.len(),
+        all.elapsed().as_secs_f64()
+    );
+    for f in &failed {
+        println!("  failed: {f}");
+    }
+    Ok(failed.len().min(255) as i32)
 }
