@@ -8,7 +8,6 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
@@ -453,25 +452,7 @@ fn exec(conn: Conn, req: ExecRequest, defaults: &ExecDefaults) {
         return fail(io_error("exec setup", &e));
     }
     let tty = req.tty.is_some();
-    let (uid, gid, groups) = (id.uid, id.gid, id.groups.clone());
-    // SAFETY: only async-signal-safe calls (setsid, setpgid, ioctl, setgroups, setgid, setuid).
-    unsafe {
-        cmd.pre_exec(move || {
-            if tty {
-                libc::setsid();
-                libc::ioctl(0, libc::TIOCSCTTY, 1);
-            } else {
-                libc::setpgid(0, 0);
-            }
-            if libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                || libc::setgid(gid) != 0
-                || libc::setuid(uid) != 0
-            {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    crate::container::start_as(&mut cmd, &id, tty);
     let spawned = crate::reaper::spawn(&mut cmd);
     // The child has its copies; ours must go, or the output pipes never reach end-of-file.
     drop(cmd);

@@ -330,6 +330,30 @@ pub fn workload_env<'a>(
     env
 }
 
+/// Makes `cmd` start as `id`: in a session of its own with stdin as its controlling terminal
+/// (`tty`), or else in a process group of its own, so signals can go to the whole group.
+pub fn start_as(cmd: &mut Command, id: &Identity, tty: bool) {
+    let (uid, gid, groups) = (id.uid, id.gid, id.groups.clone());
+    // SAFETY: only async-signal-safe calls (setsid, setpgid, ioctl, setgroups, setgid, setuid).
+    unsafe {
+        cmd.pre_exec(move || {
+            if tty {
+                libc::setsid();
+                libc::ioctl(0, libc::TIOCSCTTY, 1);
+            } else {
+                libc::setpgid(0, 0);
+            }
+            if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                || libc::setgid(gid) != 0
+                || libc::setuid(uid) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Sets the terminal's size; the kernel sends SIGWINCH to its foreground process group.
 pub fn set_window_size(terminal: &File, rows: u16, cols: u16) {
     let ws = libc::winsize {
@@ -556,26 +580,7 @@ pub fn run(config: &InitConfig, c: &ContainerConfig) -> i32 {
         out_reader = Some(or);
         err_reader = Some(er);
     }
-    let tty = c.tty;
-    let (uid, gid, groups) = (id.uid, id.gid, id.groups.clone());
-    // SAFETY: only async-signal-safe calls (setsid, setpgid, ioctl, setgroups, setgid, setuid).
-    unsafe {
-        cmd.pre_exec(move || {
-            if tty {
-                libc::setsid();
-                libc::ioctl(0, libc::TIOCSCTTY, 1);
-            } else {
-                libc::setpgid(0, 0);
-            }
-            if libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                || libc::setgid(gid) != 0
-                || libc::setuid(uid) != 0
-            {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    start_as(&mut cmd, &id, c.tty);
     let oom_before = oom_kills();
     let (child, exited) = match crate::reaper::spawn(&mut cmd) {
         Ok(spawned) => spawned,

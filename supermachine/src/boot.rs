@@ -240,17 +240,7 @@ pub fn boot(opts: BootOptions) -> Result<BootOutcome, BootError> {
         builder.irq_trigger(COM1_IRQ)?,
         console,
     )));
-    builder.add_pio_device(serial.clone(), COM1_PORT, 8)?;
-    builder.add_pio_device(
-        Arc::new(Mutex::new(I8042ResetLine::new(control.clone()))),
-        I8042_COMMAND_PORT,
-        1,
-    )?;
-    builder.add_pio_device(
-        Arc::new(Mutex::new(ExitStatusPort::new(control.clone()))),
-        EXIT_STATUS_PORT,
-        4,
-    )?;
+    add_legacy_devices(&mut builder, serial.clone(), &control)?;
     let mut event_loop =
         devices::event_loop::EventLoop::new().map_err(|e| BootError::Device(e.to_string()))?;
     attach_disks(&mut builder, &mut event_loop, &opts.disks)?;
@@ -347,17 +337,7 @@ pub fn restore(opts: RestoreOptions) -> Result<BootOutcome, BootError> {
                 why,
             })?;
     let serial = Arc::new(Mutex::new(serial));
-    builder.add_pio_device(serial.clone(), COM1_PORT, 8)?;
-    builder.add_pio_device(
-        Arc::new(Mutex::new(I8042ResetLine::new(control.clone()))),
-        I8042_COMMAND_PORT,
-        1,
-    )?;
-    builder.add_pio_device(
-        Arc::new(Mutex::new(ExitStatusPort::new(control.clone()))),
-        EXIT_STATUS_PORT,
-        4,
-    )?;
+    add_legacy_devices(&mut builder, serial.clone(), &control)?;
     let vm = builder.restore(&state.vm, &state.vcpus)?;
     if let Some(input) = opts.console_input {
         forward_input(input, serial, control.clone());
@@ -370,6 +350,26 @@ pub fn restore(opts: RestoreOptions) -> Result<BootOutcome, BootError> {
     }
     let exit = vmm_core::runner::run(vm, &control)?;
     Ok(BootOutcome { exit })
+}
+
+/// COM1, the i8042 reset line and the exit-status port, on the port-I/O bus.
+fn add_legacy_devices(
+    builder: &mut VmBuilder,
+    serial: Arc<Mutex<SerialConsole>>,
+    control: &VmControl,
+) -> Result<(), BootError> {
+    builder.add_pio_device(serial, COM1_PORT, 8)?;
+    builder.add_pio_device(
+        Arc::new(Mutex::new(I8042ResetLine::new(control.clone()))),
+        I8042_COMMAND_PORT,
+        1,
+    )?;
+    builder.add_pio_device(
+        Arc::new(Mutex::new(ExitStatusPort::new(control.clone()))),
+        EXIT_STATUS_PORT,
+        4,
+    )?;
+    Ok(())
 }
 
 /// Puts a virtio device in MMIO slot `slot`: bus, interrupt line, ioeventfds for its queues,

@@ -481,42 +481,12 @@ fn stop_vm(record: &VmRecord, grace: Duration) {
     }
 }
 
-pub fn stop(args: StopArgs) -> anyhow::Result<ExitCode> {
+/// Runs `f` on each named VM, printing the name on success (as Docker does) and the error
+/// otherwise; exit status 1 if any failed.
+fn each_vm(names: &[String], mut f: impl FnMut(&str) -> anyhow::Result<()>) -> ExitCode {
     let mut failed = false;
-    for name in &args.vms {
-        match find(name) {
-            Ok((_, _, record)) => {
-                stop_vm(&record, Duration::from_secs(args.time));
-                println!("{name}");
-            }
-            Err(e) => {
-                eprintln!("supermachine: {e}");
-                failed = true;
-            }
-        }
-    }
-    Ok(if failed {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
-    })
-}
-
-pub fn rm(args: RmArgs) -> anyhow::Result<ExitCode> {
-    let mut failed = false;
-    for name in &args.vms {
-        let result = (|| -> anyhow::Result<()> {
-            let (registry, dir, record) = find(name)?;
-            if record.status() == VmStatus::Running {
-                if !args.force {
-                    bail!("VM {} is running: stop it first or use rm -f", record.name);
-                }
-                stop_vm(&record, Duration::ZERO);
-            }
-            registry.remove(&dir, &record.id, &record.name)?;
-            Ok(())
-        })();
-        match result {
+    for name in names {
+        match f(name) {
             Ok(()) => println!("{name}"),
             Err(e) => {
                 eprintln!("supermachine: {e}");
@@ -524,11 +494,33 @@ pub fn rm(args: RmArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    Ok(if failed {
+    if failed {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
-    })
+    }
+}
+
+pub fn stop(args: StopArgs) -> anyhow::Result<ExitCode> {
+    Ok(each_vm(&args.vms, |name| {
+        let (_, _, record) = find(name)?;
+        stop_vm(&record, Duration::from_secs(args.time));
+        Ok(())
+    }))
+}
+
+pub fn rm(args: RmArgs) -> anyhow::Result<ExitCode> {
+    Ok(each_vm(&args.vms, |name| {
+        let (registry, dir, record) = find(name)?;
+        if record.status() == VmStatus::Running {
+            if !args.force {
+                bail!("VM {} is running: stop it first or use rm -f", record.name);
+            }
+            stop_vm(&record, Duration::ZERO);
+        }
+        registry.remove(&dir, &record.id, &record.name)?;
+        Ok(())
+    }))
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ use crate::arch::x86_64::regs::{SpecialRegisters, StandardRegisters};
 #[cfg(target_arch = "x86_64")]
 use crate::arch::x86_64::state::{VcpuState, VmState};
 
+#[cfg(target_arch = "x86_64")]
 fn no_snapshots() -> HypervisorError {
     HypervisorError::MissingCapability("snapshots (not implemented for this backend)".into())
 }

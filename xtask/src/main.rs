@@ -98,6 +98,8 @@ enum Cmd {
         timeout: u64,
         /// The test binary
         binary: std::path::PathBuf,
+        /// Only these tests (default: all)
+        tests: Vec<String>,
     },
     /// Benchmarks, each next to QEMU in the same run
     Bench {
@@ -139,7 +141,11 @@ fn main() -> ExitCode {
         Cmd::Test { local } => tests::run_all(local).map(|_| 0),
         Cmd::Fuzz { seconds } => fuzz::run_all(seconds).map(|_| 0),
         Cmd::Bench { which } => bench::run(which).map(|_| 0),
-        Cmd::IsolatedTests { timeout, binary } => tests::run_isolated(&binary, timeout),
+        Cmd::IsolatedTests {
+            timeout,
+            binary,
+            tests,
+        } => tests::run_isolated(&binary, &tests, timeout),
     };
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),

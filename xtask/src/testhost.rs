@@ -31,7 +31,13 @@ pub struct Options {
     pub memory_mib: u32,
     pub cpus: usize,
     pub cwd: PathBuf,
+    /// Kill the emulated machine when it prints nothing for this long (it has stopped
+    /// responding); `run_command` then returns [`WEDGED`].
+    pub silence_limit: Option<std::time::Duration>,
 }
+
+/// What `run_command` returns when the emulated machine stopped responding and was killed.
+pub const WEDGED: i32 = -1;
 
 impl Default for Options {
     fn default() -> Self {
@@ -39,6 +45,7 @@ impl Default for Options {
             memory_mib: 4096,
             cpus: nproc(),
             cwd: std::env::current_dir().unwrap_or_else(|_| "/".into()),
+            silence_limit: None,
         }
     }
 }
@@ -244,6 +251,11 @@ fn shell_quote(s: &str) -> String {
 
 /// Runs `command` in the emulated host; returns its exit status.
 pub fn run_command(command: &[String], opts: &Options) -> Result<i32> {
+    run_command_lines(command, opts).map(|(code, _)| code)
+}
+
+/// [`run_command`], also returning the lines the command printed.
+pub fn run_command_lines(command: &[String], opts: &Options) -> Result<(i32, Vec<String>)> {
     if command.is_empty() {
         bail!("testhost: no command given");
     }
@@ -305,11 +317,32 @@ pub fn run_command(command: &[String], opts: &Options) -> Result<i32> {
         .spawn()
         .context("cannot start qemu-system-x86_64 (apt-get install qemu-system-x86)")?;
     let stdout = child.stdout.take().context("no qemu stdout")?;
+    // Nested KVM under TCG occasionally stops making progress altogether: a watchdog ends
+    // the machine after a long silence, and the caller decides what to do.
+    let last_output = std::sync::Arc::new(std::sync::Mutex::new(std::time::Instant::now()));
+    let wedged = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let Some(limit) = opts.silence_limit {
+        let (last, wedged, pid) = (last_output.clone(), wedged.clone(), child.id());
+        std::thread::spawn(move || loop {
+            std::thread::sleep(std::time::Duration::from_secs(5));
+            let quiet = last.lock().map(|t| t.elapsed()).unwrap_or_default();
+            if quiet > limit {
+                wedged.store(true, std::sync::atomic::Ordering::SeqCst);
+                // SAFETY: signalling our own QEMU child, which we have not reaped yet.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                return;
+            }
+        });
+    }
     let mut started = false;
+    let mut printed = Vec::new();
     let mut exit = None;
     let mut tail: Vec<String> = Vec::new();
     let out = std::io::stdout();
     for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
+        if let Ok(mut t) = last_output.lock() {
+            *t = std::time::Instant::now();
+        }
         let line = String::from_utf8_lossy(&line).replace('\r', "");
         if let Some(rc) = line.trim().strip_prefix(EXIT_MARKER) {
             exit = rc.trim().parse::<i32>().ok();
@@ -326,6 +359,7 @@ pub fn run_command(command: &[String], opts: &Options) -> Result<i32> {
             let mut o = out.lock();
             let _ = writeln!(o, "{line}");
             let _ = o.flush();
+            printed.push(line);
         } else {
             tail.push(line);
             if tail.len() > 40 {
@@ -335,8 +369,15 @@ pub fn run_command(command: &[String], opts: &Options) -> Result<i32> {
     }
     let _ = child.wait();
     let _ = std::fs::remove_file(&script);
+    if wedged.load(std::sync::atomic::Ordering::SeqCst) {
+        eprintln!(
+            "testhost: the emulated machine printed nothing for {:?}: killed",
+            opts.silence_limit.unwrap_or_default()
+        );
+        return Ok((WEDGED, printed));
+    }
     match exit {
-        Some(rc) => Ok(rc),
+        Some(rc) => Ok((rc, printed)),
         None => {
             eprintln!(
                 "testhost: the emulated machine ended without the command's status; its console:"
@@ -344,7 +385,7 @@ pub fn run_command(command: &[String], opts: &Options) -> Result<i32> {
             for l in tail {
                 eprintln!("  {l}");
             }
-            Ok(125)
+            Ok((125, printed))
         }
     }
 }

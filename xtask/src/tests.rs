@@ -85,7 +85,7 @@ pub fn run_all(force_local: bool) -> Result<()> {
     step("unit tests and tests on this machine's KVM (cargo test --workspace)");
     run(cargo().args(["test", "--workspace"]))?;
 
-    step("device fuzz targets, 60 s each");
+    step("device fuzz targets, 60 s in all");
     crate::fuzz::run_all(60)?;
 
     step("backends for other platforms compile (cargo check --target)");
@@ -117,17 +117,7 @@ pub fn run_all(force_local: bool) -> Result<()> {
         // One guest at a time, each test in its own process with a time limit: the emulated
         // host is slow, a nested KVM under TCG is the least tested part of the chain (see
         // testhost.rs on XSAVE), and one stuck test must fail, not hang CI.
-        testhost::run_command(
-            &[
-                std::env::current_exe()?.to_string_lossy().into_owned(),
-                "isolated-tests".into(),
-                guest_tests.to_string_lossy().into_owned(),
-            ],
-            &testhost::Options {
-                cwd: crate::util::workspace_root().join("supermachine"),
-                ..Default::default()
-            },
-        )?
+        run_guest_tests_in_testhost(&guest_tests)? as i32
     };
     if code != 0 {
         bail!("guest integration tests failed (exit status {code})");
@@ -188,22 +178,21 @@ fn run_supermachine(supermachine: &std::path::Path, command: Vec<String>) -> Res
 /// Runs every test of `binary` in its own process, one at a time, each killed after
 /// `timeout_secs`; prints a line per test and the output of failures; returns the number of
 /// failed tests as the exit status (0: all passed).
-pub fn run_isolated(binary: &std::path::Path, timeout_secs: u64) -> Result<i32> {
+pub fn run_isolated(binary: &std::path::Path, only: &[String], timeout_secs: u64) -> Result<i32> {
     use std::io::Read;
     use std::time::{Duration, Instant};
-    let list = output(Command::new(binary).args(["--list", "--format", "terse"]))?;
-    let tests: Vec<String> = list
-        .lines()
-        .filter_map(|l| l.strip_suffix(": test"))
-        .map(str::to_string)
-        .collect();
-    if tests.is_empty() {
-        bail!("{} lists no tests", binary.display());
-    }
+    let tests = if only.is_empty() {
+        list_tests(binary)?
+    } else {
+        only.to_vec()
+    };
     println!("running {} tests, one process each", tests.len());
     let mut failed = Vec::new();
     let all = Instant::now();
     for name in &tests {
+        // The driver outside the emulated host learns from this which test was running if
+        // the host stops responding.
+        println!("{STARTING}{name}");
         let started = Instant::now();
         let mut child = Command::new(binary)
             .args(["--exact", name, "--color=never", "--test-threads=1"])
@@ -229,16 +218,20 @@ pub fn run_isolated(binary: &std::path::Path, timeout_secs: u64) -> Result<i32> 
                 break Some(s);
             }
             if started.elapsed() > limit {
-                // What was running, for whoever reads the log.
-                let _ = Command::new("ps")
-                    .args([
-                        "-eo",
-                        "pid,ppid,stat,pcpu,etime,wchan:24,args",
-                        "--sort=-pcpu",
-                    ])
+                // What was running, for whoever reads the log: processes, the kernel stacks
+                // of busy or blocked ones, and every CPU's backtrace.
+                let _ = Command::new("sh")
+                    .arg("-c")
+                    .arg(
+                        "ps -eo pid,ppid,stat,pcpu,etime,wchan:24,args --sort=-pcpu | head -25; \
+                         for p in $(ps -eo pid,stat,pcpu --no-headers | \
+                           awk '$2 ~ /D/ || $3 > 20 {print $1}'); do \
+                           echo \"--- kernel stack of $p\"; cat /proc/$p/stack 2>/dev/null; done; \
+                         echo l > /proc/sysrq-trigger 2>/dev/null; dmesg 2>/dev/null | tail -60",
+                    )
                     .status();
+                // Not waited for: a process stuck in the kernel would block us too.
                 let _ = child.kill();
-                let _ = child.wait();
                 break None;
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -276,4 +269,86 @@ pub fn run_isolated(binary: &std::path::Path, timeout_secs: u64) -> Result<i32> 
         println!("  failed: {f}");
     }
     Ok(failed.len().min(255) as i32)
+}
+
+/// What the isolated runner prints before each test.
+const STARTING: &str = "starting ";
+
+fn list_tests(binary: &std::path::Path) -> Result<Vec<String>> {
+    let list = output(Command::new(binary).args(["--list", "--format", "terse"]))?;
+    let tests: Vec<String> = list
+        .lines()
+        .filter_map(|l| l.strip_suffix(": test"))
+        .map(str::to_string)
+        .collect();
+    if tests.is_empty() {
+        bail!("{} lists no tests", binary.display());
+    }
+    Ok(tests)
+}
+
+/// Runs the guest tests in the emulated host, one process each. If the emulated host itself
+/// stops responding (nested KVM under TCG sometimes does), it is restarted for the tests not
+/// run yet; the test that was running when it stopped is retried once. Returns the number of
+/// failed tests.
+fn run_guest_tests_in_testhost(binary: &std::path::Path) -> Result<usize> {
+    const PER_TEST: u64 = 300;
+    let mut remaining = list_tests(binary)?;
+    let mut failed: Vec<String> = Vec::new();
+    let mut wedged_in: std::collections::HashMap<String, u32> = Default::default();
+    while !remaining.is_empty() {
+        let mut command = vec![
+            std::env::current_exe()?.to_string_lossy().into_owned(),
+            "isolated-tests".into(),
+            "--timeout".into(),
+            PER_TEST.to_string(),
+            binary.to_string_lossy().into_owned(),
+        ];
+        command.extend(remaining.iter().cloned());
+        let (code, lines) = testhost::run_command_lines(
+            &command,
+            &testhost::Options {
+                cwd: crate::util::workspace_root().join("supermachine"),
+                // Longer than a test may take, so only a stuck machine trips it.
+                silence_limit: Some(Duration::from_secs(PER_TEST + 120)),
+                ..Default::default()
+            },
+        )?;
+        let mut running: Option<String> = None;
+        for line in &lines {
+            if let Some(name) = line.strip_prefix(STARTING) {
+                running = Some(name.trim().to_string());
+            } else if let Some(rest) = line.strip_prefix("test ") {
+                if let Some((name, outcome)) = rest.split_once(" ... ") {
+                    remaining.retain(|t| t != name);
+                    if !outcome.starts_with("ok") {
+                        failed.push(name.to_string());
+                    }
+                    running = None;
+                }
+            }
+        }
+        if code != testhost::WEDGED {
+            // The runner finished: anything it did not report did not pass.
+            failed.append(&mut remaining);
+            break;
+        }
+        if let Some(name) = running {
+            let times = wedged_in.entry(name.clone()).or_default();
+            *times += 1;
+            if *times >= 2 {
+                println!("test {name} ... the emulated host stopped responding twice in it");
+                remaining.retain(|t| t != &name);
+                failed.push(name);
+            }
+        }
+        step(&format!(
+            "the emulated host stopped responding; restarting it for the {} tests left",
+            remaining.len()
+        ));
+    }
+    for f in &failed {
+        println!("  failed: {f}");
+    }
+    Ok(failed.len())
 }
