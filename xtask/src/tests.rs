@@ -292,7 +292,7 @@ fn list_tests(binary: &std::path::Path) -> Result<Vec<String>> {
 /// run yet; the test that was running when it stopped is retried once. Returns the number of
 /// failed tests.
 fn run_guest_tests_in_testhost(binary: &std::path::Path) -> Result<usize> {
-    const PER_TEST: u64 = 300;
+    const PER_TEST: u64 = 240;
     let mut remaining = list_tests(binary)?;
     let mut failed: Vec<String> = Vec::new();
     let mut wedged_in: std::collections::HashMap<String, u32> = Default::default();
@@ -310,7 +310,7 @@ fn run_guest_tests_in_testhost(binary: &std::path::Path) -> Result<usize> {
             &testhost::Options {
                 cwd: crate::util::workspace_root().join("supermachine"),
                 // Longer than a test may take, so only a stuck machine trips it.
-                silence_limit: Some(Duration::from_secs(PER_TEST + 120)),
+                silence_limit: Some(Duration::from_secs(PER_TEST + 60)),
                 ..Default::default()
             },
         )?;
