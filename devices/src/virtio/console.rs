@@ -213,6 +213,12 @@ impl VirtioDevice for Console {
         }
     }
 
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.active
+            .as_ref()
+            .map(|a| a.queues.iter().map(|q| q.state()).collect())
+            .unwrap_or_default()
+    }
     fn reset(&mut self) {
         self.active = None;
     }

@@ -64,6 +64,87 @@ pub struct MmioTransport {
     active: bool,
 }
 
+/// One queue's configuration and ring positions in a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueSnapshot {
+    /// The largest size the device offers.
+    pub max_size: u16,
+    /// The size the driver chose.
+    pub size: u16,
+    /// The driver finished setting it up.
+    pub ready: bool,
+    /// Descriptor table address.
+    pub desc_table: u64,
+    /// Available (driver) ring address.
+    pub avail_ring: u64,
+    /// Used (device) ring address.
+    pub used_ring: u64,
+    /// Next available-ring entry the device will take.
+    pub next_avail: u16,
+    /// Next used-ring entry the device will fill.
+    pub next_used: u16,
+    /// VIRTIO_F_RING_EVENT_IDX was negotiated.
+    pub event_idx: bool,
+}
+
+impl From<virtio_queue::QueueState> for QueueSnapshot {
+    fn from(q: virtio_queue::QueueState) -> Self {
+        QueueSnapshot {
+            max_size: q.max_size,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx: q.event_idx_enabled,
+        }
+    }
+}
+
+impl From<QueueSnapshot> for virtio_queue::QueueState {
+    fn from(q: QueueSnapshot) -> Self {
+        virtio_queue::QueueState {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+/// A transport and its device's queues in a snapshot (the device's own data — its disk, its
+/// host sockets — is not here: the VMM re-creates the device from its configuration).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TransportState {
+    /// The device type, to refuse restoring a state into another kind of device.
+    pub device_type: u32,
+    /// Every queue, with the device's ring positions when it was active.
+    pub queues: Vec<QueueSnapshot>,
+    /// QueueSel.
+    pub queue_select: u32,
+    /// DeviceFeaturesSel.
+    pub device_features_select: u32,
+    /// DriverFeaturesSel.
+    pub driver_features_select: u32,
+    /// The features the driver accepted.
+    pub driver_features: u64,
+    /// The device status register.
+    pub status: u32,
+    /// ConfigGeneration.
+    pub config_generation: u32,
+    /// The device was running.
+    pub active: bool,
+    /// InterruptStatus.
+    pub interrupt_status: u32,
+}
+
 /// Errors creating a transport.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -73,6 +154,9 @@ pub enum TransportError {
     /// The device declared an invalid queue size.
     #[error("invalid queue size {0}")]
     QueueSize(u16),
+    /// A snapshot's transport state does not fit this device.
+    #[error("snapshot of a virtio device does not fit: {0}")]
+    Snapshot(String),
 }
 
 impl MmioTransport {
@@ -102,6 +186,86 @@ impl MmioTransport {
             config_generation: 0,
             active: false,
         })
+    }
+
+    /// The registers and queues, for a snapshot (the device must be quiet: no event loop
+    /// running it).
+    pub fn save_state(&self) -> TransportState {
+        let live = if self.active {
+            self.device.queue_states()
+        } else {
+            Vec::new()
+        };
+        let queues = self
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| live.get(i).copied().unwrap_or_else(|| q.state()).into())
+            .collect();
+        TransportState {
+            device_type: self.device.device_type(),
+            queues,
+            queue_select: self.queue_select,
+            device_features_select: self.device_features_select,
+            driver_features_select: self.driver_features_select,
+            driver_features: self.driver_features,
+            status: self.status,
+            config_generation: self.config_generation,
+            active: self.active,
+            interrupt_status: self.interrupt.status(),
+        }
+    }
+
+    /// A transport continuing from `state`, with a freshly made `device` of the same kind: the
+    /// device is re-activated on the saved queues, so it carries on where the snapshot stopped.
+    pub fn restore(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemory,
+        irq: Arc<dyn IrqTrigger>,
+        state: &TransportState,
+    ) -> Result<Self, TransportError> {
+        let bad = |why: String| TransportError::Snapshot(why);
+        if state.device_type != device.device_type() {
+            return Err(bad(format!(
+                "device type {} in the snapshot, {} here",
+                state.device_type,
+                device.device_type()
+            )));
+        }
+        let mut t = MmioTransport::new(device, mem, irq)?;
+        if state.queues.len() != t.queues.len() {
+            return Err(bad(format!(
+                "{} queues in the snapshot, {} here",
+                state.queues.len(),
+                t.queues.len()
+            )));
+        }
+        for (slot, q) in t.queues.iter_mut().zip(&state.queues) {
+            *slot = Queue::try_from(virtio_queue::QueueState::from(*q))
+                .map_err(|e| bad(format!("queue: {e:?}")))?;
+        }
+        t.queue_select = state.queue_select;
+        t.device_features_select = state.device_features_select;
+        t.driver_features_select = state.driver_features_select;
+        t.driver_features = state.driver_features;
+        t.status = state.status;
+        t.config_generation = state.config_generation;
+        if state.active {
+            if t.driver_features & !t.device.features() != 0 {
+                return Err(bad("the driver's features are not offered here".into()));
+            }
+            t.device.ack_features(t.driver_features);
+            t.activate();
+            if !t.active {
+                return Err(bad("the device refused its saved queues".into()));
+            }
+            t.device.restored();
+        }
+        if state.interrupt_status != 0 {
+            // The driver had not acknowledged these yet: raise them again.
+            t.interrupt.signal(state.interrupt_status);
+        }
+        Ok(t)
     }
 
     /// The eventfd each queue's kicks signal, in queue order.
@@ -448,46 +612,110 @@ mod tests {
         std::fs::remove_file(p).ok();
     }
 
-    #[test]
-    fn a_kick_through_the_register_reaches_the_device() {
-        let (mut t, p) = transport();
-        let mem = t.mem.clone();
-        negotiate(&mut t, features::VERSION_1);
-        // Rings from a mock queue with one flush request.
-        let vq = MockSplitQueue::new(&mem, 16);
+    /// Puts a FLUSH request at descriptors `first`, `first + 1` of `vq`.
+    fn add_flush(mem: &GuestMemory, vq: &MockSplitQueue<'_, GuestMemory>, first: u16) -> u64 {
+        let buf = BUF_BASE + u64::from(first) * 0x200;
         vq.add_desc_chains(
             &[
-                desc(BUF_BASE, 16, F_NEXT, 1),
-                desc(BUF_BASE + 0x100, 1, F_WRITE, 0),
+                desc(buf, 16, F_NEXT, first + 1),
+                desc(buf + 0x100, 1, F_WRITE, 0),
             ],
-            0,
+            first,
         )
         .unwrap();
         let mut hdr = [0u8; 16];
         hdr[0] = 4; // FLUSH
-        vm_memory::Bytes::write_slice(&mem, &hdr, vm_memory::GuestAddress(BUF_BASE)).unwrap();
-        vm_memory::Bytes::write_obj(&mem, 0xffu8, vm_memory::GuestAddress(BUF_BASE + 0x100))
-            .unwrap();
-        w(&mut t, reg::QUEUE_SEL, 0);
-        w(&mut t, reg::QUEUE_NUM, 16);
+        vm_memory::Bytes::write_slice(mem, &hdr, vm_memory::GuestAddress(buf)).unwrap();
+        vm_memory::Bytes::write_obj(mem, 0xffu8, vm_memory::GuestAddress(buf + 0x100)).unwrap();
+        buf + 0x100
+    }
+
+    /// Negotiates and sets queue 0 up on `vq`'s rings, then DRIVER_OK.
+    fn activate_on(t: &mut MmioTransport, vq: &MockSplitQueue<'_, GuestMemory>) {
+        negotiate(t, features::VERSION_1);
+        w(t, reg::QUEUE_SEL, 0);
+        w(t, reg::QUEUE_NUM, 16);
         let set = |t: &mut MmioTransport, lo: u64, a: vm_memory::GuestAddress| {
             w(t, lo, a.0 as u32);
             w(t, lo + 4, (a.0 >> 32) as u32);
         };
-        set(&mut t, reg::QUEUE_DESC_LOW, vq.desc_table_addr());
-        set(&mut t, reg::QUEUE_DRIVER_LOW, vq.avail_addr());
-        set(&mut t, reg::QUEUE_DEVICE_LOW, vq.used_addr());
-        w(&mut t, reg::QUEUE_READY, 1);
-        w(&mut t, reg::STATUS, 0xf);
+        set(t, reg::QUEUE_DESC_LOW, vq.desc_table_addr());
+        set(t, reg::QUEUE_DRIVER_LOW, vq.avail_addr());
+        set(t, reg::QUEUE_DEVICE_LOW, vq.used_addr());
+        w(t, reg::QUEUE_READY, 1);
+        w(t, reg::STATUS, 0xf);
         assert_eq!(t.device_status() & status::DEVICE_NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn a_kick_through_the_register_reaches_the_device() {
+        let (mut t, p) = transport();
+        let mem = t.mem.clone();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let status_at = add_flush(&mem, &vq, 0);
+        activate_on(&mut t, &vq);
         w(&mut t, reg::QUEUE_NOTIFY, 0);
         t.process_queue_event(0);
-        let s: u8 =
-            vm_memory::Bytes::read_obj(&mem, vm_memory::GuestAddress(BUF_BASE + 0x100)).unwrap();
+        let s: u8 = vm_memory::Bytes::read_obj(&mem, vm_memory::GuestAddress(status_at)).unwrap();
         assert_eq!(s, 0);
         assert_eq!(r(&mut t, reg::INTERRUPT_STATUS) & 1, 1);
         w(&mut t, reg::INTERRUPT_ACK, 1);
         assert_eq!(r(&mut t, reg::INTERRUPT_STATUS) & 1, 0);
+        std::fs::remove_file(p).ok();
+    }
+
+    #[test]
+    fn a_restored_transport_continues_where_the_snapshot_stopped() {
+        let (mut t, p) = transport();
+        let mem = t.mem.clone();
+        let vq = MockSplitQueue::new(&mem, 16);
+        add_flush(&mem, &vq, 0);
+        activate_on(&mut t, &vq);
+        t.process_queue_event(0);
+        assert_eq!(used_idx(&mem, vq.used_addr().0), 1);
+        let state = t.save_state();
+        assert!(state.active);
+        assert_eq!(
+            (state.queues[0].next_avail, state.queues[0].next_used),
+            (1, 1)
+        );
+        assert_eq!(
+            state.interrupt_status & 1,
+            1,
+            "not acknowledged before the snapshot"
+        );
+
+        // A new device on the same disk, restored: registers as they were, the unacknowledged
+        // interrupt raised again, and the next request is the only one processed.
+        let irq = std::sync::Arc::new(CountingIrq::default());
+        let blk = Block::open(&p, false).unwrap();
+        let mut restored =
+            MmioTransport::restore(Box::new(blk), mem.clone(), irq.clone(), &state).unwrap();
+        assert_eq!(restored.device_status(), t.device_status());
+        assert_eq!(r(&mut restored, reg::QUEUE_READY), 1);
+        assert_eq!(r(&mut restored, reg::INTERRUPT_STATUS) & 1, 1);
+        assert!(irq.0.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+        let status_at = add_flush(&mem, &vq, 2);
+        restored.process_queue_event(0);
+        let s: u8 = vm_memory::Bytes::read_obj(&mem, vm_memory::GuestAddress(status_at)).unwrap();
+        assert_eq!(s, 0);
+        assert_eq!(
+            used_idx(&mem, vq.used_addr().0),
+            2,
+            "the first request ran again"
+        );
+        assert_eq!(restored.save_state().queues[0].next_avail, 2);
+
+        // Another kind of device, or a state that does not fit, is refused.
+        let console = crate::virtio::console::Console::new(Box::new(std::io::sink())).unwrap();
+        let e = MmioTransport::restore(Box::new(console), mem.clone(), irq.clone(), &state)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("device type"), "{e}");
+        let mut bad = state.clone();
+        bad.queues[0].size = 3; // not a power of two
+        let blk = Block::open(&p, false).unwrap();
+        assert!(MmioTransport::restore(Box::new(blk), mem, irq, &bad).is_err());
         std::fs::remove_file(p).ok();
     }
 }

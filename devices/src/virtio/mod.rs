@@ -15,7 +15,7 @@ pub mod vsock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-pub use mmio::{MmioTransport, MMIO_SLOT_SIZE, NOTIFY_REG_OFFSET};
+pub use mmio::{MmioTransport, QueueSnapshot, TransportState, MMIO_SLOT_SIZE, NOTIFY_REG_OFFSET};
 use virtio_queue::Queue;
 use vmm_core::{GuestMemory, IrqTrigger};
 
@@ -148,6 +148,14 @@ pub trait VirtioDevice: Send {
     }
     /// `event_fds()[index]` became readable; the device must drain it, active or not.
     fn process_event(&mut self, _index: usize) {}
+    /// The live queues (their ring positions) while active, for a snapshot; empty when the
+    /// device is not active.
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        Vec::new()
+    }
+    /// Called once after the device was re-activated from a snapshot (e.g. vsock tells the
+    /// guest its connections are gone).
+    fn restored(&mut self) {}
 }
 
 /// Copies `src` (a config-space image) into `data` from `offset`, zero-filling past its end.

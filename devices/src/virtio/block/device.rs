@@ -347,6 +347,12 @@ impl VirtioDevice for Block {
         self.active = Some(active);
     }
 
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.active
+            .as_ref()
+            .map(|a| vec![a.queue.state()])
+            .unwrap_or_default()
+    }
     fn reset(&mut self) {
         self.active = None;
         self.acked_features = 0;

@@ -285,6 +285,17 @@ impl VirtioDevice for Vsock {
         self.notify(needed);
     }
 
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.active
+            .as_ref()
+            .map(|a| a.queues.iter().map(|q| q.state()).collect())
+            .unwrap_or_default()
+    }
+
+    fn restored(&mut self) {
+        // Connections of the snapshot's VM are gone: the guest must drop its sockets.
+        self.send_transport_reset();
+    }
     fn reset(&mut self) {
         self.muxer.reset();
         self.active = None;
