@@ -340,10 +340,21 @@ pub fn run_command_lines(command: &[String], opts: &Options) -> Result<(i32, Vec
     let mut tail: Vec<String> = Vec::new();
     let out = std::io::stdout();
     for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
+        let line = String::from_utf8_lossy(&line).replace('\r', "");
+        // The emulated kernel reporting a CPU stuck (in practice: a nested vCPU thread that never
+        // leaves KVM_RUN) is a machine that will not recover: end it now. Its periodic reports
+        // must not count as progress either.
+        if opts.silence_limit.is_some()
+            && (line.contains("soft lockup") || line.contains("rcu_preempt detected stalls"))
+        {
+            eprintln!("testhost: {}", line.trim());
+            wedged.store(true, std::sync::atomic::Ordering::SeqCst);
+            let _ = child.kill();
+            continue;
+        }
         if let Ok(mut t) = last_output.lock() {
             *t = std::time::Instant::now();
         }
-        let line = String::from_utf8_lossy(&line).replace('\r', "");
         if let Some(rc) = line.trim().strip_prefix(EXIT_MARKER) {
             exit = rc.trim().parse::<i32>().ok();
             continue;
@@ -371,7 +382,8 @@ pub fn run_command_lines(command: &[String], opts: &Options) -> Result<(i32, Vec
     let _ = std::fs::remove_file(&script);
     if wedged.load(std::sync::atomic::Ordering::SeqCst) {
         eprintln!(
-            "testhost: the emulated machine printed nothing for {:?}: killed",
+            "testhost: the emulated machine stopped making progress (a stuck CPU, or nothing \
+             printed for {:?}): killed",
             opts.silence_limit.unwrap_or_default()
         );
         return Ok((WEDGED, printed));
