@@ -159,6 +159,37 @@ fn connect_patiently(
     }
 }
 
+/// Connections forwarded into the guest at once, per published port; more wait on the host.
+const MAX_IN_FLIGHT: usize = 32;
+
+/// A counting semaphore over [`MAX_IN_FLIGHT`].
+#[derive(Default)]
+struct InFlight {
+    count: std::sync::Mutex<usize>,
+    freed: std::sync::Condvar,
+}
+
+struct Permit<'a>(&'a InFlight);
+
+impl InFlight {
+    fn acquire(&self) -> Permit<'_> {
+        let mut n = self.count.lock().unwrap_or_else(|e| e.into_inner());
+        while *n >= MAX_IN_FLIGHT {
+            n = self.freed.wait(n).unwrap_or_else(|e| e.into_inner());
+        }
+        *n += 1;
+        Permit(self)
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        let mut n = self.0.count.lock().unwrap_or_else(|e| e.into_inner());
+        *n -= 1;
+        self.0.freed.notify_one();
+    }
+}
+
 /// How long a connection waits for the guest agent while the VM boots.
 const AGENT_WAIT: Duration = Duration::from_secs(120);
 
@@ -169,15 +200,20 @@ impl PublishedPort {
         let guest_port = self.mapping.guest_port;
         // Once the agent has answered, connections skip the readiness check.
         let agent_up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let in_flight = std::sync::Arc::new(InFlight::default());
         let _ = std::thread::Builder::new()
             .name(format!("publish-{}", self.local.port()))
             .spawn(move || {
                 for conn in self.listener.incoming() {
                     let Ok(tcp) = conn else { continue };
                     let (agent, agent_up) = (agent.clone(), agent_up.clone());
+                    let in_flight = in_flight.clone();
                     std::thread::spawn(move || {
                         use std::sync::atomic::Ordering;
                         let _ = tcp.set_nodelay(true);
+                        // A burst of clients waits here rather than overflowing a small
+                        // server's accept backlog inside the guest.
+                        let _permit = in_flight.acquire();
                         // Early clients wait for the agent instead of being refused.
                         let up = if agent_up.load(Ordering::Relaxed) {
                             Ok(())
