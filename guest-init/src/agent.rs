@@ -268,7 +268,8 @@ fn read_file(conn: &mut Conn, path: &str) -> Result<(), Frame> {
     send(conn, &Frame::Eof)
 }
 
-fn copy_then_shutdown(mut from: impl Read, mut to: impl Write, done: impl FnOnce()) {
+/// Copies until end-of-file or an error, then calls `done` (e.g. to pass the half-close on).
+pub fn copy_then_shutdown(mut from: impl Read, mut to: impl Write, done: impl FnOnce()) {
     let mut buf = vec![0u8; 64 << 10];
     loop {
         match from.read(&mut buf) {
