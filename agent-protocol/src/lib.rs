@@ -115,6 +115,24 @@ pub enum Operation {
     },
     /// Answer `Done` (liveness and latency checks).
     Ping,
+    /// The VM was just restored from a snapshot: catch up with the host (answer `Done`).
+    Restored(RestoredInfo),
+}
+
+/// What the guest learns after a restore, so that clones of one snapshot do not share a stale
+/// clock, the same random numbers, or the baking run's identity.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RestoredInfo {
+    /// The host's wall clock, nanoseconds since the Unix epoch: the guest's is stepped to it.
+    pub unix_time_ns: u64,
+    /// Fresh random bytes from the host, mixed into the guest's pool, which is then reseeded.
+    pub entropy: Vec<u8>,
+    /// `KEY=value` entries added to the environment of every process started from now on
+    /// (exec); the workload, already running, keeps its own.
+    pub env: Vec<String>,
+    /// The new host name, if it changes.
+    pub hostname: Option<String>,
 }
 
 /// A process to run.

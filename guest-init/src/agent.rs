@@ -9,14 +9,15 @@ use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use agent_protocol::{
     read_frame, write_frame, AgentError, ErrorKind, ExecRequest, ExitStatus, FileInfo, Frame,
-    Operation, AGENT_PORT, DATA_CHUNK, VERSION,
+    Operation, RestoredInfo, AGENT_PORT, DATA_CHUNK, VERSION,
 };
 
 /// What an exec inherits from the container when the request does not say.
+#[derive(Clone)]
 pub struct ExecDefaults {
     /// The container's environment (image env and `-e`), before the request's.
     pub env: Vec<String>,
@@ -93,7 +94,7 @@ fn vsock_listener(port: u32) -> io::Result<OwnedFd> {
 /// Starts listening; connections are served on their own threads from then on.
 pub fn start(defaults: ExecDefaults) -> io::Result<()> {
     let listener = vsock_listener(AGENT_PORT)?;
-    let defaults = Arc::new(defaults);
+    let defaults = Arc::new(RwLock::new(defaults));
     std::thread::Builder::new()
         .name("agent".into())
         .spawn(move || loop {
@@ -139,7 +140,7 @@ fn io_error(what: &str, e: &io::Error) -> Frame {
     error(kind, format!("{what}: {e}"))
 }
 
-fn serve(mut conn: Conn, defaults: &ExecDefaults) {
+fn serve(mut conn: Conn, defaults: &RwLock<ExecDefaults>) {
     let request = match read_frame(&mut conn) {
         Ok(Some(Frame::Request(r))) => r,
         Ok(_) | Err(_) => {
@@ -157,7 +158,11 @@ fn serve(mut conn: Conn, defaults: &ExecDefaults) {
     }
     let reply = match request.op {
         Operation::Ping => Frame::Done,
-        Operation::Exec(req) => return exec(conn, req, defaults),
+        Operation::Exec(req) => {
+            let defaults = defaults.read().unwrap_or_else(|e| e.into_inner()).clone();
+            return exec(conn, req, &defaults);
+        }
+        Operation::Restored(info) => restored(info, defaults),
         Operation::WriteFile { path, mode } => write_file(&mut conn, &path, mode),
         Operation::ReadFile { path } => match read_file(&mut conn, &path) {
             Ok(()) => return,
@@ -387,6 +392,73 @@ fn open_pty(rows: u16, cols: u16) -> io::Result<(File, File)> {
         unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
     }
     Ok((master, slave))
+}
+
+/// Catches up after a restore: the wall clock, the entropy pool, exec's environment and the
+/// host name. Each step is independent; the first failure is reported after all were tried.
+fn restored(info: RestoredInfo, defaults: &RwLock<ExecDefaults>) -> Frame {
+    let mut failures = Vec::new();
+    if info.unix_time_ns > 0 {
+        let ts = libc::timespec {
+            tv_sec: (info.unix_time_ns / 1_000_000_000) as _,
+            tv_nsec: (info.unix_time_ns % 1_000_000_000) as _,
+        };
+        // SAFETY: clock_settime reads the timespec we own.
+        if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
+            failures.push(format!("clock: {}", io::Error::last_os_error()));
+        }
+    }
+    if !info.entropy.is_empty() {
+        if let Err(e) = reseed_entropy(&info.entropy) {
+            failures.push(format!("entropy: {e}"));
+        }
+    }
+    if let Some(h) = info.hostname.as_deref().filter(|h| !h.is_empty()) {
+        // SAFETY: sethostname reads `len` bytes from the string we own.
+        if unsafe { libc::sethostname(h.as_ptr().cast(), h.len()) } != 0 {
+            failures.push(format!("hostname: {}", io::Error::last_os_error()));
+        }
+    }
+    {
+        let mut d = defaults.write().unwrap_or_else(|e| e.into_inner());
+        d.env.extend(info.env);
+        if let Some(h) = info.hostname.filter(|h| !h.is_empty()) {
+            d.hostname = h;
+        }
+    }
+    match failures.first() {
+        None => Frame::Done,
+        Some(_) => error(ErrorKind::Other, failures.join("; ")),
+    }
+}
+
+/// `RNDADDENTROPY` with the host's bytes (credited), then `RNDRESEEDCRNG` so that the very next
+/// read from /dev/urandom or getrandom() no longer derives from the snapshot's pool.
+fn reseed_entropy(bytes: &[u8]) -> io::Result<()> {
+    // linux/random.h: _IOW('R', 0x03, int[2]) and _IO('R', 0x07).
+    const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+    const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+    let urandom = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")?;
+    let bytes = &bytes[..bytes.len().min(512)];
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let mut info = Vec::with_capacity(8 + bytes.len());
+    info.extend_from_slice(&((bytes.len() * 8) as i32).to_ne_bytes());
+    info.extend_from_slice(&(bytes.len() as i32).to_ne_bytes());
+    info.extend_from_slice(bytes);
+    // Keep the u32 array whole.
+    info.resize(8 + bytes.len().div_ceil(4) * 4, 0);
+    // SAFETY: the ioctl reads a rand_pool_info header and `buf_size` bytes after it, all
+    // inside `info`, which lives across the call.
+    if unsafe { libc::ioctl(urandom.as_raw_fd(), RNDADDENTROPY as _, info.as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: an argument-less ioctl on our descriptor.
+    if unsafe { libc::ioctl(urandom.as_raw_fd(), RNDRESEEDCRNG as _) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn exec(conn: Conn, req: ExecRequest, defaults: &ExecDefaults) {

@@ -131,6 +131,28 @@ impl Agent {
         }
     }
 
+    /// Tells the guest it was just restored: its clock is stepped to the host's, its entropy
+    /// pool reseeded with fresh host randomness, `env` added for processes started from now on,
+    /// and its host name set.
+    pub fn restored(&self, env: &[String], hostname: Option<&str>) -> Result<(), AgentClientError> {
+        let mut entropy = vec![0u8; 64];
+        getrandom(&mut entropy)?;
+        let unix_time_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        let mut s = self.request(Operation::Restored(agent_protocol::RestoredInfo {
+            unix_time_ns,
+            entropy,
+            env: env.to_vec(),
+            hostname: hostname.map(str::to_string),
+        }))?;
+        match expect_end(read_frame(&mut s)?)? {
+            Frame::Done => Ok(()),
+            f => Err(AgentClientError::Unexpected(frame_name(&f))),
+        }
+    }
+
     /// Pings until the agent answers or `limit` passes.
     pub fn wait_ready(&self, limit: Duration) -> Result<(), AgentClientError> {
         let deadline = Instant::now() + limit;
@@ -346,4 +368,23 @@ pub fn splice(a: UnixStream, b: std::net::TcpStream) {
     let _ = io::copy(&mut a_read, &mut b_write);
     let _ = b_write.shutdown(Shutdown::Write);
     let _ = up.join();
+}
+
+/// Fills `buf` from the host kernel's CSPRNG.
+fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        // SAFETY: getrandom writes at most `len` bytes into the slice we own.
+        let n =
+            unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+            continue;
+        }
+        filled += n as usize;
+    }
+    Ok(())
 }

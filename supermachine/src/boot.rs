@@ -81,6 +81,9 @@ pub struct BootOptions {
     pub vsock: Option<PathBuf>,
     /// Take a snapshot when the guest prints a marker on its serial console, then stop the VM.
     pub snapshot: Option<crate::snapshot::SnapshotRequest>,
+    /// Called with the VM's [`Snapshotter`](crate::snapshot::Snapshotter) once it is built,
+    /// before it runs.
+    pub on_started: Option<Box<dyn FnOnce(crate::snapshot::Snapshotter) + Send>>,
 }
 
 /// The guest's vsock context id.
@@ -214,16 +217,9 @@ pub fn boot(opts: BootOptions) -> Result<BootOutcome, BootError> {
         vcpus: opts.vcpus,
     };
     let control = opts.control.clone().unwrap_or_default();
-    if opts.snapshot.is_some()
-        && (!opts.disks.is_empty() || !opts.consoles.is_empty() || opts.vsock.is_some())
-    {
-        return Err(crate::snapshot::SnapshotError::Unsupported(
-            "virtio devices do not save their state yet".into(),
-        )
-        .into());
-    }
     let memory_mib = resources.memory_mib;
-    let kernel_identity = crate::snapshot::file_identity(&resources.kernel);
+    let identity =
+        crate::snapshot::Identity::here(Some(&resources.kernel), opts.initramfs.as_deref());
     let mut builder = VmBuilder::new(hypervisor.as_ref(), resources)?;
     let marker_seen = crate::snapshot::MarkerSeen::default();
     let console: Box<dyn Write + Send> = match &opts.snapshot {
@@ -243,60 +239,54 @@ pub fn boot(opts: BootOptions) -> Result<BootOutcome, BootError> {
     add_legacy_devices(&mut builder, serial.clone(), &control)?;
     let mut event_loop =
         devices::event_loop::EventLoop::new().map_err(|e| BootError::Device(e.to_string()))?;
-    attach_disks(&mut builder, &mut event_loop, &opts.disks)?;
+    let mut live = attach_disks(&mut builder, &mut event_loop, &opts.disks)?;
     let consoles = opts.consoles.len();
-    attach_consoles(
+    live.extend(attach_consoles(
         &mut builder,
         &mut event_loop,
         opts.disks.len(),
         opts.consoles,
-    )?;
+        None,
+    )?);
     if let Some(socket) = opts.vsock {
-        let vsock = devices::virtio::vsock::Vsock::new(GUEST_CID, socket)
-            .map_err(|e| BootError::Device(e.to_string()))?;
-        attach_virtio(
+        live.push(attach_vsock(
             &mut builder,
             &mut event_loop,
             opts.disks.len() + consoles,
-            Box::new(vsock),
-        )?;
+            socket,
+            None,
+        )?);
     }
     let vm = builder.build()?;
+    let snapshotter = crate::snapshot::Snapshotter {
+        control: control.clone(),
+        serial: serial.clone(),
+        devices: live,
+        identity,
+        memory_mib,
+    };
     if let Some(input) = opts.console_input {
         forward_input(input, serial.clone(), control.clone());
     }
     let devices = event_loop
         .start()
         .map_err(|e| BootError::Device(e.to_string()))?;
-    let snapshotter = opts.snapshot.map(|req| {
-        let (control, serial) = (control.clone(), serial.clone());
-        let identity = crate::snapshot::Identity {
-            supermachine: env!("CARGO_PKG_VERSION").into(),
-            host_cpu: crate::snapshot::host_cpu(),
-            kernel: kernel_identity,
-        };
+    if let Some(on_started) = opts.on_started {
+        on_started(snapshotter.clone());
+    }
+    let marker_snapshot = opts.snapshot.map(|req| {
+        let control = control.clone();
         std::thread::spawn(move || {
             if !marker_seen.wait(|| control.is_stopping()) {
                 return None;
             }
-            let result = control
-                .pause_and_capture()
-                .map_err(crate::snapshot::SnapshotError::from)
-                .and_then(|captured| {
-                    let serial_state = serial
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .save_state();
-                    crate::snapshot::write(&req.dir, &captured, identity, memory_mib, serial_state)
-                });
-            control.request_exit(VmExit::Stopped);
-            Some(result)
+            Some(snapshotter.take(&req.dir, None, crate::snapshot::AfterSnapshot::Stop))
         })
     });
     let exit = vmm_core::runner::run(vm, &control);
     devices.stop();
     let exit = exit?;
-    if let Some(thread) = snapshotter {
+    if let Some(thread) = marker_snapshot {
         match thread.join() {
             Ok(Some(Ok(_))) => {}
             Ok(Some(Err(e))) => return Err(e.into()),
@@ -312,35 +302,115 @@ pub struct RestoreOptions {
     pub dir: PathBuf,
     /// The kernel the snapshot must have been taken with (checked without reading it).
     pub kernel: Option<PathBuf>,
+    /// The initramfs the snapshot must have been taken with.
+    pub initramfs: Option<PathBuf>,
     /// Where the guest console goes.
     pub console: Box<dyn Write + Send>,
     /// Forward this reader (usually stdin) to the guest console's input.
     pub console_input: Option<Box<dyn Read + Send>>,
     /// A control handle the caller keeps (default: a fresh one).
     pub control: Option<VmControl>,
+    /// The snapshot's virtio consoles, in order: where their output goes now.
+    pub consoles: Vec<ConsoleSpec>,
+    /// The host socket for the snapshot's vsock device (required if it has one).
+    pub vsock: Option<PathBuf>,
+    /// Called with the restored VM's snapshotter before it runs.
+    pub on_started: Option<Box<dyn FnOnce(crate::snapshot::Snapshotter) + Send>>,
 }
 
 /// Restores a snapshot and runs the VM to the end. Guest memory is mapped from the snapshot's
 /// memory file copy-on-write: nothing is read until the guest touches it.
 pub fn restore(opts: RestoreOptions) -> Result<BootOutcome, BootError> {
+    let loaded =
+        crate::snapshot::load(&opts.dir, opts.kernel.as_deref(), opts.initramfs.as_deref())?;
+    restore_loaded(opts, loaded)
+}
+
+/// [`restore`] of a snapshot already read with [`crate::snapshot::load`].
+pub fn restore_loaded(
+    opts: RestoreOptions,
+    loaded: crate::snapshot::LoadedSnapshot,
+) -> Result<BootOutcome, BootError> {
+    use crate::snapshot::DeviceKind;
     let started = std::time::Instant::now();
-    let loaded = crate::snapshot::load(&opts.dir, opts.kernel.as_deref())?;
     let state = loaded.state;
+    let incompatible = |why: String| crate::snapshot::SnapshotError::Incompatible {
+        dir: opts.dir.clone(),
+        why,
+    };
     let hypervisor = open_hypervisor()?;
     let control = opts.control.clone().unwrap_or_default();
     let mut builder =
         VmBuilder::from_memory(hypervisor.as_ref(), loaded.memory, state.vcpus.len() as u8)?;
     let serial =
         SerialConsole::restore(builder.irq_trigger(COM1_IRQ)?, opts.console, &state.serial)
-            .map_err(|why| crate::snapshot::SnapshotError::Incompatible {
-                dir: opts.dir.clone(),
-                why,
-            })?;
+            .map_err(incompatible)?;
     let serial = Arc::new(Mutex::new(serial));
     add_legacy_devices(&mut builder, serial.clone(), &control)?;
+    let mut event_loop =
+        devices::event_loop::EventLoop::new().map_err(|e| BootError::Device(e.to_string()))?;
+    let mut consoles = opts.consoles.into_iter();
+    let mut vsock_socket = opts.vsock;
+    let mut live = Vec::new();
+    for d in &state.devices {
+        let slot = d.slot as usize;
+        let from = Some(&d.transport);
+        let device = match &d.kind {
+            DeviceKind::Block {
+                path,
+                read_only,
+                sectors,
+            } => {
+                let block = devices::virtio::block::Block::open(path, *read_only)?;
+                if block.sectors() != *sectors {
+                    return Err(incompatible(format!(
+                        "disk {} has {} sectors, the snapshot was taken with {sectors}",
+                        path.display(),
+                        block.sectors()
+                    ))
+                    .into());
+                }
+                let spec = DiskSpec {
+                    path: path.clone(),
+                    read_only: *read_only,
+                };
+                attach_disk(&mut builder, &mut event_loop, slot, &spec, block, from)?
+            }
+            DeviceKind::Console => {
+                let Some(spec) = consoles.next() else {
+                    return Err(incompatible("it has more consoles than were given".into()).into());
+                };
+                attach_consoles(&mut builder, &mut event_loop, slot, vec![spec], from)?
+                    .pop()
+                    .ok_or_else(|| BootError::Device("console".into()))?
+            }
+            DeviceKind::Vsock { .. } => {
+                let Some(socket) = vsock_socket.take() else {
+                    return Err(incompatible(
+                        "it has a vsock device and no socket was given".into(),
+                    )
+                    .into());
+                };
+                attach_vsock(&mut builder, &mut event_loop, slot, socket, from)?
+            }
+        };
+        live.push(device);
+    }
     let vm = builder.restore(&state.vm, &state.vcpus)?;
     if let Some(input) = opts.console_input {
-        forward_input(input, serial, control.clone());
+        forward_input(input, serial.clone(), control.clone());
+    }
+    let devices = event_loop
+        .start()
+        .map_err(|e| BootError::Device(e.to_string()))?;
+    if let Some(on_started) = opts.on_started {
+        on_started(crate::snapshot::Snapshotter {
+            control: control.clone(),
+            serial,
+            devices: live,
+            identity: state.identity.clone(),
+            memory_mib: state.memory_mib,
+        });
     }
     if std::env::var_os("SUPERMACHINE_TIMINGS").is_some() {
         eprintln!(
@@ -348,8 +418,9 @@ pub fn restore(opts: RestoreOptions) -> Result<BootOutcome, BootError> {
             started.elapsed().as_secs_f64() * 1e3
         );
     }
-    let exit = vmm_core::runner::run(vm, &control)?;
-    Ok(BootOutcome { exit })
+    let exit = vmm_core::runner::run(vm, &control);
+    devices.stop();
+    Ok(BootOutcome { exit: exit? })
 }
 
 /// COM1, the i8042 reset line and the exit-status port, on the port-I/O bus.
@@ -373,13 +444,16 @@ fn add_legacy_devices(
 }
 
 /// Puts a virtio device in MMIO slot `slot`: bus, interrupt line, ioeventfds for its queues,
-/// the event loop, and its declaration on the kernel command line.
+/// the event loop, and (for a boot, not a restore) its declaration on the kernel command line.
+/// With `from`, the transport continues from a snapshot's state.
 fn attach_virtio(
     builder: &mut VmBuilder,
     event_loop: &mut devices::event_loop::EventLoop,
     slot: usize,
+    kind: crate::snapshot::DeviceKind,
     device: Box<dyn devices::virtio::VirtioDevice>,
-) -> Result<(), BootError> {
+    from: Option<&devices::virtio::TransportState>,
+) -> Result<crate::snapshot::LiveDevice, BootError> {
     use devices::virtio::{MmioTransport, MMIO_SLOT_SIZE, NOTIFY_REG_OFFSET};
     use vmm_core::arch::x86_64::layout::{IRQ_BASE, IRQ_MAX, VIRTIO_MMIO_START};
 
@@ -389,8 +463,13 @@ fn attach_virtio(
     }
     let addr = VIRTIO_MMIO_START + slot as u64 * MMIO_SLOT_SIZE;
     let irq = IRQ_BASE + slot as u32;
-    let transport = MmioTransport::new(device, builder.memory().clone(), builder.irq_trigger(irq)?)
-        .map_err(|e| BootError::Device(e.to_string()))?;
+    let memory = builder.memory().clone();
+    let trigger = builder.irq_trigger(irq)?;
+    let transport = match from {
+        None => MmioTransport::new(device, memory, trigger),
+        Some(state) => MmioTransport::restore(device, memory, trigger, state),
+    }
+    .map_err(|e| BootError::Device(e.to_string()))?;
     for (queue, fd) in transport.queue_events().into_iter().enumerate() {
         builder
             .vm()
@@ -398,9 +477,15 @@ fn attach_virtio(
     }
     let transport = Arc::new(Mutex::new(transport));
     builder.add_mmio_device(transport.clone(), addr, MMIO_SLOT_SIZE)?;
-    event_loop.add_transport(transport);
-    builder.append_cmdline(&format!("virtio_mmio.device=4K@{addr:#x}:{irq}"));
-    Ok(())
+    event_loop.add_transport(transport.clone());
+    if from.is_none() {
+        builder.append_cmdline(&format!("virtio_mmio.device=4K@{addr:#x}:{irq}"));
+    }
+    Ok(crate::snapshot::LiveDevice {
+        slot: slot as u32,
+        kind,
+        transport,
+    })
 }
 
 /// Each disk as virtio-blk, in order (`/dev/vda`, …).
@@ -408,30 +493,76 @@ fn attach_disks(
     builder: &mut VmBuilder,
     event_loop: &mut devices::event_loop::EventLoop,
     disks: &[DiskSpec],
-) -> Result<(), BootError> {
+) -> Result<Vec<crate::snapshot::LiveDevice>, BootError> {
+    let mut live = Vec::new();
     for (i, disk) in disks.iter().enumerate() {
         let block = devices::virtio::block::Block::open(&disk.path, disk.read_only)?;
-        attach_virtio(builder, event_loop, i, Box::new(block))?;
+        live.push(attach_disk(builder, event_loop, i, disk, block, None)?);
     }
-    Ok(())
+    Ok(live)
 }
 
-/// Each console as a single-port virtio-console, in order (`/dev/hvc0`, …), after the disks.
+fn attach_disk(
+    builder: &mut VmBuilder,
+    event_loop: &mut devices::event_loop::EventLoop,
+    slot: usize,
+    disk: &DiskSpec,
+    block: devices::virtio::block::Block,
+    from: Option<&devices::virtio::TransportState>,
+) -> Result<crate::snapshot::LiveDevice, BootError> {
+    let kind = crate::snapshot::DeviceKind::Block {
+        path: std::fs::canonicalize(&disk.path).unwrap_or_else(|_| disk.path.clone()),
+        read_only: disk.read_only,
+        sectors: block.sectors(),
+    };
+    attach_virtio(builder, event_loop, slot, kind, Box::new(block), from)
+}
+
+/// Each console as a single-port virtio-console, in order (`/dev/hvc0`, …), from `first_slot`.
 fn attach_consoles(
     builder: &mut VmBuilder,
     event_loop: &mut devices::event_loop::EventLoop,
     first_slot: usize,
     consoles: Vec<ConsoleSpec>,
-) -> Result<(), BootError> {
+    from: Option<&devices::virtio::TransportState>,
+) -> Result<Vec<crate::snapshot::LiveDevice>, BootError> {
+    let mut live = Vec::new();
     for (i, spec) in consoles.into_iter().enumerate() {
         let console = devices::virtio::console::Console::new(spec.output)
             .map_err(|e| BootError::Device(e.to_string()))?;
         if let Some(ready) = spec.on_ready {
             ready(console.input());
         }
-        attach_virtio(builder, event_loop, first_slot + i, Box::new(console))?;
+        live.push(attach_virtio(
+            builder,
+            event_loop,
+            first_slot + i,
+            crate::snapshot::DeviceKind::Console,
+            Box::new(console),
+            from,
+        )?);
     }
-    Ok(())
+    Ok(live)
+}
+
+/// The vsock device (guest CID [`GUEST_CID`]) with its host side on `socket`.
+fn attach_vsock(
+    builder: &mut VmBuilder,
+    event_loop: &mut devices::event_loop::EventLoop,
+    slot: usize,
+    socket: PathBuf,
+    from: Option<&devices::virtio::TransportState>,
+) -> Result<crate::snapshot::LiveDevice, BootError> {
+    let vsock = devices::virtio::vsock::Vsock::new(GUEST_CID, socket)
+        .map_err(|e| BootError::Device(e.to_string()))?;
+    attach_virtio(
+        builder,
+        event_loop,
+        slot,
+        crate::snapshot::DeviceKind::Vsock { cid: GUEST_CID },
+        Box::new(vsock),
+        from,
+    )
 }
 
 /// Feeds `input` to the guest console from a background thread, as fast as its FIFO drains.

@@ -24,8 +24,12 @@ enum Command {
     /// Boot a kernel and initramfs and run COMMAND with our init as PID 1; exits with
     /// COMMAND's exit status.
     Boot(BootArgs),
-    /// Run an image in a new microVM, as `docker run` does
+    /// Run an image in a new microVM, as `docker run` does (restored from its bake, when one
+    /// exists for the same configuration)
     Run(RunArgs),
+    /// Bake an image: boot it, wait until its workload is ready, and save a snapshot that
+    /// later `run`s restore in milliseconds
+    Bake(BakeArgs),
     /// Pull an image (docker://REF or bare REF, oci:PATH[:TAG], oci-archive:PATH[:TAG],
     /// docker-archive:PATH[:REF]) and build its root filesystem image
     Pull(PullArgs),
@@ -139,12 +143,47 @@ struct RunArgs {
     /// Show the guest kernel's log on stderr
     #[arg(long)]
     debug: bool,
+    /// Restore this snapshot (a directory, or the name of a bake) instead of booting the image
+    #[arg(long, value_name = "DIR|NAME")]
+    snapshot: Option<String>,
+    /// Boot even if a bake of this image and configuration exists
+    #[arg(long)]
+    no_restore: bool,
     /// The image
-    #[arg(value_name = "IMAGE")]
-    image: String,
+    #[arg(value_name = "IMAGE", required_unless_present = "snapshot")]
+    image: Option<String>,
     /// Command and arguments (replace the image's Cmd)
     #[arg(value_name = "COMMAND", allow_hyphen_values = true)]
     command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+#[command(trailing_var_arg = true)]
+struct BakeArgs {
+    /// Write the snapshot to this directory [default: the bake cache, where `run` finds it]
+    #[arg(short, long, value_name = "DIR", conflicts_with = "bake_name")]
+    output: Option<PathBuf>,
+    /// Keep the bake under this name in the cache (`run --snapshot NAME`)
+    #[arg(long = "as", value_name = "NAME")]
+    bake_name: Option<String>,
+    /// Ready when this TCP port accepts connections inside the guest
+    /// [default: the image's first exposed port, else as soon as the workload started]
+    #[arg(long, value_name = "PORT", group = "ready")]
+    ready_port: Option<u16>,
+    /// Ready when this shell command exits 0 inside the guest
+    #[arg(long, value_name = "CMD", group = "ready")]
+    ready_cmd: Option<String>,
+    /// Ready when a line of the workload's output matches this regular expression
+    #[arg(long, value_name = "REGEX", group = "ready")]
+    ready_log: Option<String>,
+    /// Ready this many milliseconds after the workload started
+    #[arg(long, value_name = "MS", group = "ready")]
+    ready_delay: Option<u64>,
+    /// Give up when not ready within this many seconds
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    ready_timeout: u64,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -232,8 +271,7 @@ struct BootArgs {
     /// Show only COMMAND's output: no kernel log, no init progress
     #[arg(long, short = 'q')]
     quiet: bool,
-    /// Snapshot the VM into this directory once it prints --snapshot-when (then stop it);
-    /// VMs without virtio devices only, for now
+    /// Snapshot the VM into this directory once it prints --snapshot-when (then stop it)
     #[arg(long, value_name = "DIR", requires = "snapshot_when")]
     snapshot_to: Option<PathBuf>,
     /// The serial-console text that triggers --snapshot-to
@@ -273,6 +311,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Boot(args) => run_boot(args),
         Command::Run(args) => run_run(args),
+        Command::Bake(args) => run_bake(args),
         Command::Pull(args) => image_command(|| run_pull(args)),
         Command::Images => image_command(run_images),
         Command::Rmi { images } => image_command(|| run_rmi(&images)),
@@ -298,8 +337,9 @@ fn image_command(f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<ExitC
     }
 }
 
-fn run_run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    use supermachine::run::{run, PullPolicy, RunOptions};
+/// The library's options for `run` (and `bake`) from the command line.
+fn run_options(args: RunArgs) -> anyhow::Result<supermachine::run::RunOptions> {
+    use supermachine::run::{PullPolicy, RunOptions};
     let mut env = Vec::new();
     for file in &args.env_file {
         let text = std::fs::read_to_string(file)
@@ -312,14 +352,26 @@ fn run_run(args: RunArgs) -> anyhow::Result<ExitCode> {
         );
     }
     env.extend(args.env);
-    let opts = RunOptions {
-        image: args.image,
+    let mut command = args.command;
+    let mut image = args.image.unwrap_or_default();
+    let snapshot = match args.snapshot {
+        Some(s) => {
+            // With --snapshot the image is optional: a first word is then part of the command.
+            if !image.is_empty() {
+                command.insert(0, std::mem::take(&mut image));
+            }
+            Some(resolve_snapshot(&s)?)
+        }
+        None => None,
+    };
+    Ok(RunOptions {
+        image,
         pull: match args.pull {
             PullPolicyArg::Missing => PullPolicy::Missing,
             PullPolicyArg::Always => PullPolicy::Always,
             PullPolicyArg::Never => PullPolicy::Never,
         },
-        command: args.command,
+        command,
         entrypoint: args.entrypoint,
         env,
         workdir: args.workdir,
@@ -343,15 +395,98 @@ fn run_run(args: RunArgs) -> anyhow::Result<ExitCode> {
         publish: args.publish,
         publish_all: args.publish_all,
         stop_timeout: Some(std::time::Duration::from_secs(args.stop_timeout)),
+        bake: None,
+        snapshot,
+        no_restore: args.no_restore,
+    })
+}
+
+/// `--snapshot`: a directory, or the name of a bake in the cache.
+fn resolve_snapshot(given: &str) -> anyhow::Result<PathBuf> {
+    let path = PathBuf::from(given);
+    if path.is_dir() {
+        return Ok(path);
+    }
+    if !given.contains('/') {
+        let store = images::store()?;
+        let named = supermachine::run::bake_cache_dir(&store).join(given);
+        if named.is_dir() {
+            return Ok(named);
+        }
+    }
+    anyhow::bail!("--snapshot {given}: no such snapshot directory or bake")
+}
+
+fn run_bake(args: BakeArgs) -> anyhow::Result<ExitCode> {
+    use supermachine::run::{BakeOptions, ReadyCheck};
+    let detached = args.run.detach || args.run.interactive || args.run.tty;
+    if detached {
+        anyhow::bail!("bake runs in the foreground without a terminal: drop -d, -i and -t");
+    }
+    let debug = args.run.debug;
+    let mut opts = run_options(args.run)?;
+    if opts.snapshot.is_some() {
+        anyhow::bail!("bake boots the image: --snapshot does not apply");
+    }
+    let ready = if let Some(p) = args.ready_port {
+        ReadyCheck::Port(p)
+    } else if let Some(c) = args.ready_cmd {
+        ReadyCheck::Command(c)
+    } else if let Some(r) = args.ready_log {
+        ReadyCheck::Log(r)
+    } else if let Some(ms) = args.ready_delay {
+        ReadyCheck::Delay(std::time::Duration::from_millis(ms))
+    } else {
+        ReadyCheck::Default
     };
+    let dir = match (args.output, args.bake_name) {
+        (Some(dir), _) => Some(dir),
+        (None, Some(name)) => {
+            if name.is_empty() || name.contains('/') || name.starts_with('.') {
+                anyhow::bail!("--as {name:?}: a bake name is one path component");
+            }
+            let store = images::store()?;
+            Some(supermachine::run::bake_cache_dir(&store).join(name))
+        }
+        (None, None) => None,
+    };
+    opts.bake = Some(BakeOptions {
+        dir,
+        ready,
+        ready_limit: Some(std::time::Duration::from_secs(args.ready_timeout)),
+    });
+    let started = std::time::Instant::now();
+    // The workload's output goes to stderr with --debug, and nowhere otherwise.
+    let output = || -> Box<dyn std::io::Write + Send> {
+        if debug {
+            Box::new(std::io::stderr())
+        } else {
+            Box::new(std::io::sink())
+        }
+    };
+    let dir = supermachine::run::bake(&opts, output(), output())?;
+    eprintln!(
+        "supermachine: baked {} in {:.2} s",
+        opts.image,
+        started.elapsed().as_secs_f64()
+    );
+    println!("{}", dir.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    use supermachine::run::run;
+    let rm = args.rm;
+    let detach = args.detach;
+    let opts = run_options(args)?;
     let mut opts = opts;
     if let Ok(id) = std::env::var(crate::vm_commands::DETACHED_CHILD_ENV) {
         // We are the background process of `run -d`: the parent reserved our entry.
         opts.reserved_id = Some(id);
-        opts.keep_record = !args.rm;
+        opts.keep_record = !rm;
         opts.interactive = false;
         opts.tty = false;
-    } else if args.detach {
+    } else if detach {
         return crate::vm_commands::detach(opts.name.as_deref());
     }
     let stdin: Option<Box<dyn std::io::Read + Send>> = if opts.interactive {
@@ -401,6 +536,24 @@ fn run_images() -> anyhow::Result<()> {
             r.manifest.short(),
             images::human_size(r.size)
         );
+    }
+    let bakes = supermachine::run::list_bakes(&store);
+    if !bakes.is_empty() {
+        println!();
+        println!(
+            "{:<34} {:<40} {:>7} {:>9} {:>10}",
+            "BAKED", "IMAGE", "MEMORY", "BAKE", "ON DISK"
+        );
+        for b in bakes {
+            println!(
+                "{:<34} {:<40} {:>7} {:>8.1}s {:>10}",
+                b.name,
+                b.workload.image,
+                format!("{}m", b.workload.memory_mib),
+                b.workload.bake_ms as f64 / 1000.0,
+                images::human_size(b.disk_bytes)
+            );
+        }
     }
     Ok(())
 }
@@ -464,9 +617,13 @@ fn run_boot(args: BootArgs) -> anyhow::Result<ExitCode> {
         let outcome = supermachine::boot::restore(supermachine::boot::RestoreOptions {
             dir,
             kernel: args.kernel,
+            initramfs: None,
             console: Box::new(std::io::stdout()),
             console_input: Some(Box::new(std::io::stdin())),
             control: None,
+            consoles: Vec::new(),
+            vsock: None,
+            on_started: None,
         })?;
         return Ok(boot_exit_code(outcome.exit));
     }
@@ -498,6 +655,7 @@ fn run_boot(args: BootArgs) -> anyhow::Result<ExitCode> {
                 dir,
             }
         }),
+        on_started: None,
     })?;
     Ok(boot_exit_code(outcome.exit))
 }

@@ -76,6 +76,161 @@ pub struct RunOptions {
     /// How long the workload has to exit after its stop signal before the VM is powered off
     /// (default [`STOP_GRACE`]).
     pub stop_timeout: Option<std::time::Duration>,
+    /// Bake instead of run: boot, wait until the workload is ready, snapshot, stop.
+    pub bake: Option<BakeOptions>,
+    /// Restore this snapshot instead of booting (it must be a bake of the same image).
+    pub snapshot: Option<std::path::PathBuf>,
+    /// Boot even when a bake of this image and configuration exists.
+    pub no_restore: bool,
+}
+
+/// How `bake` decides that the workload is ready to be snapshotted.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ReadyCheck {
+    /// The first port the image exposes accepts connections in the guest; with no exposed
+    /// port, the workload has started.
+    #[default]
+    Default,
+    /// This TCP port accepts connections inside the guest.
+    Port(u16),
+    /// This command (`/bin/sh -c`) exits 0 in the guest (tried every 100 ms).
+    Command(String),
+    /// A line of the workload's stdout or stderr matches this regular expression.
+    Log(String),
+    /// This long after the workload started.
+    Delay(std::time::Duration),
+}
+
+impl std::fmt::Display for ReadyCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadyCheck::Default => write!(f, "default"),
+            ReadyCheck::Port(p) => write!(f, "port {p}"),
+            ReadyCheck::Command(c) => write!(f, "command {c:?}"),
+            ReadyCheck::Log(r) => write!(f, "log /{r}/"),
+            ReadyCheck::Delay(d) => write!(f, "delay {} ms", d.as_millis()),
+        }
+    }
+}
+
+/// Where and when to bake.
+#[derive(Debug, Clone, Default)]
+pub struct BakeOptions {
+    /// The snapshot directory (default: the bake cache, keyed by image and configuration).
+    pub dir: Option<std::path::PathBuf>,
+    /// When the workload counts as ready.
+    pub ready: ReadyCheck,
+    /// How long to wait for it (default [`BAKE_READY_LIMIT`]).
+    pub ready_limit: Option<std::time::Duration>,
+}
+
+/// How long `bake` waits for the workload to be ready.
+pub const BAKE_READY_LIMIT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// The workload a baked snapshot runs (kept in the snapshot's state).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BakedWorkload {
+    /// The image reference it was baked from.
+    pub image: String,
+    /// The image's manifest digest.
+    pub manifest: String,
+    /// The bake cache key (image and the configuration that a restore cannot change).
+    pub key: String,
+    /// The command line it runs.
+    pub argv: Vec<String>,
+    /// The image's stop signal.
+    pub stop_signal: String,
+    /// The ports the image exposes.
+    pub exposed_ports: Vec<String>,
+    /// Baked with a terminal.
+    pub tty: bool,
+    /// Baked with stdin open.
+    pub interactive: bool,
+    /// Guest RAM in MiB.
+    pub memory_mib: u32,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// The ready check that was met.
+    pub ready: String,
+    /// When it was baked (Unix seconds).
+    pub baked_at: u64,
+    /// How long the bake took, boot to snapshot written (ms).
+    pub bake_ms: u64,
+}
+
+/// The bake cache key: the image and every setting a restore cannot change (command, user,
+/// working directory, memory, vCPUs, terminal, kernel and initramfs builds). Environment is
+/// not in it: `-e` at restore reaches processes started after the restore.
+pub fn bake_key(
+    record: &ImageRecord,
+    opts: &RunOptions,
+    argv: &[String],
+    workdir: &Option<String>,
+) -> String {
+    use sha2::Digest;
+    let identity = crate::snapshot::Identity::here(
+        Some(&paths::default_kernel()),
+        Some(&paths::default_initramfs()),
+    );
+    let material = serde_json::json!({
+        "manifest": record.manifest.to_string(),
+        "argv": argv,
+        "workdir": workdir,
+        "user": opts.user,
+        "memory_mib": opts.memory_mib,
+        "vcpus": opts.vcpus,
+        "tty": opts.tty,
+        "interactive": opts.interactive,
+        "identity": [identity.supermachine, identity.kernel, identity.initramfs],
+    });
+    let digest = sha2::Sha256::digest(material.to_string().as_bytes());
+    digest.iter().take(16).map(|b| format!("{b:02x}")).collect()
+}
+
+/// A bake in the cache.
+#[derive(Debug, Clone)]
+pub struct BakeEntry {
+    /// Its directory name (the cache key, or the name given with `bake --as`).
+    pub name: String,
+    /// Its directory.
+    pub dir: std::path::PathBuf,
+    /// What it runs.
+    pub workload: BakedWorkload,
+    /// Space its files take on disk (the memory file is sparse).
+    pub disk_bytes: u64,
+}
+
+/// The bakes in the cache, by name; unreadable ones are skipped.
+pub fn list_bakes(store: &images::Store) -> Vec<BakeEntry> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(bake_cache_dir(store)) else {
+        return Vec::new();
+    };
+    let mut bakes: Vec<BakeEntry> = entries
+        .flatten()
+        .filter_map(|e| {
+            let dir = e.path();
+            let state: crate::snapshot::MachineState = snapshot::read_state(&dir).ok()?;
+            let disk_bytes = [snapshot::STATE_FILE, snapshot::MEMORY_FILE]
+                .iter()
+                .filter_map(|f| std::fs::metadata(dir.join(f)).ok())
+                .map(|m| m.blocks() * 512)
+                .sum();
+            Some(BakeEntry {
+                name: e.file_name().to_string_lossy().into_owned(),
+                workload: state.workload?,
+                dir,
+                disk_bytes,
+            })
+        })
+        .collect();
+    bakes.sort_by(|a, b| a.name.cmp(&b.name));
+    bakes
+}
+
+/// Where baked snapshots are kept: `<store>/bakes/<key>`.
+pub fn bake_cache_dir(store: &images::Store) -> std::path::PathBuf {
+    store.root().join("bakes")
 }
 
 /// Why `run` failed before the workload could report a status.
@@ -102,6 +257,17 @@ pub enum RunError {
     /// A published port could not be bound.
     #[error("{0}")]
     Publish(std::io::Error),
+    /// Baking failed.
+    #[error("bake failed: {0}")]
+    Bake(String),
+    /// The snapshot cannot be restored with these options.
+    #[error("cannot restore {dir}: {why}")]
+    Restore {
+        /// The snapshot.
+        dir: std::path::PathBuf,
+        /// Why.
+        why: String,
+    },
     /// The guest ended without reporting the workload's status.
     #[error("the VM ended without the workload's exit status ({why}){tail}")]
     NoStatus {
@@ -383,6 +549,32 @@ pub fn run(
     stderr: Box<dyn Write + Send>,
     stdin: Option<Box<dyn Read + Send>>,
 ) -> Result<i32, RunError> {
+    run_or_bake(opts, stdout, stderr, stdin).map(|(status, _)| status)
+}
+
+/// Bakes the image (`opts.bake` says where and when; the other options as for [`run`]): boots
+/// it, waits until the workload is ready, snapshots it and stops. Returns the snapshot's
+/// directory.
+pub fn bake(
+    opts: &RunOptions,
+    stdout: Box<dyn Write + Send>,
+    stderr: Box<dyn Write + Send>,
+) -> Result<std::path::PathBuf, RunError> {
+    if opts.bake.is_none() {
+        return Err(RunError::Bake("no bake options".into()));
+    }
+    match run_or_bake(opts, stdout, stderr, None)? {
+        (_, Some(dir)) => Ok(dir),
+        (status, None) => Err(RunError::Bake(format!("the workload exited with {status}"))),
+    }
+}
+
+fn run_or_bake(
+    opts: &RunOptions,
+    stdout: Box<dyn Write + Send>,
+    stderr: Box<dyn Write + Send>,
+    stdin: Option<Box<dyn Read + Send>>,
+) -> Result<(i32, Option<std::path::PathBuf>), RunError> {
     let registry = crate::vms::Registry::open()?;
     let (id, name, dir) = match &opts.reserved_id {
         Some(id) => registry.reserved(id)?,
@@ -390,7 +582,7 @@ pub fn run(
     };
     let result = run_registered(opts, &id, &name, &dir, stdout, stderr, stdin);
     let recorded = dir.record().ok().map(|mut r| {
-        r.exit_code = Some(*result.as_ref().unwrap_or(&125));
+        r.exit_code = Some(result.as_ref().map(|r| r.0).unwrap_or(125));
         r
     });
     match recorded {
@@ -411,6 +603,223 @@ fn now_seconds() -> u64 {
         .unwrap_or(0)
 }
 
+/// What `run` starts: a snapshot, or a boot of the image.
+enum Start {
+    Restore {
+        dir: std::path::PathBuf,
+        loaded: crate::snapshot::LoadedSnapshot,
+        workload: BakedWorkload,
+    },
+    Boot {
+        store: images::Store,
+        record: Box<ImageRecord>,
+        argv: Vec<String>,
+        workdir: Option<String>,
+        key: String,
+    },
+}
+
+/// Restore or boot: `--snapshot`, else (not baking, no `--no-restore`) a bake of this image and
+/// configuration in the cache, else a boot.
+fn plan(opts: &RunOptions) -> Result<Start, RunError> {
+    let load = |dir: &std::path::Path| {
+        crate::snapshot::load(
+            dir,
+            Some(&paths::default_kernel()),
+            Some(&paths::default_initramfs()),
+        )
+        .map_err(|e| RunError::Boot(e.into()))
+    };
+    if let Some(dir) = &opts.snapshot {
+        let loaded = load(dir)?;
+        let workload = check_restorable(dir, &loaded, opts)?;
+        return Ok(Start::Restore {
+            dir: dir.clone(),
+            loaded,
+            workload,
+        });
+    }
+    let (store, record) = resolve_image(opts, true)?;
+    let argv = command_line(&record.run_config, opts);
+    if argv.is_empty() {
+        return Err(RunError::NoCommand);
+    }
+    let workdir = opts
+        .workdir
+        .clone()
+        .or_else(|| Some(record.run_config.working_dir.clone()).filter(|w| !w.is_empty()));
+    let key = bake_key(&record, opts, &argv, &workdir);
+    let baked = bake_cache_dir(&store).join(&key);
+    if opts.bake.is_none()
+        && !opts.no_restore
+        && opts.volumes.is_empty()
+        && baked.join(snapshot::STATE_FILE).exists()
+    {
+        match load(&baked) {
+            Ok(loaded) => {
+                let workload = check_restorable(&baked, &loaded, opts)?;
+                return Ok(Start::Restore {
+                    dir: baked,
+                    loaded,
+                    workload,
+                });
+            }
+            // A bake made with another kernel or build: boot, and say why.
+            Err(e) => eprintln!(
+                "supermachine: not restoring the bake of {}: {e}",
+                opts.image
+            ),
+        }
+    }
+    Ok(Start::Boot {
+        store,
+        record: Box::new(record),
+        argv,
+        workdir,
+        key,
+    })
+}
+
+/// What a restore cannot change: refused with the reason.
+fn check_restorable(
+    dir: &std::path::Path,
+    loaded: &crate::snapshot::LoadedSnapshot,
+    opts: &RunOptions,
+) -> Result<BakedWorkload, RunError> {
+    let bad = |why: &str| {
+        Err(RunError::Restore {
+            dir: dir.to_path_buf(),
+            why: why.into(),
+        })
+    };
+    let Some(w) = loaded.state.workload.clone() else {
+        return bad("it is not a bake of an image (make one with `supermachine bake`)");
+    };
+    if w.tty != opts.tty {
+        return bad(if w.tty {
+            "it was baked with a terminal: run it with -t"
+        } else {
+            "it was baked without a terminal: run it without -t"
+        });
+    }
+    if w.interactive != opts.interactive {
+        return bad(if w.interactive {
+            "it was baked with stdin open: run it with -i"
+        } else {
+            "it was baked with stdin closed: run it without -i (or bake with -i)"
+        });
+    }
+    if !opts.volumes.is_empty() {
+        return bad("volumes cannot be attached to a restored VM (bake and run without -v)");
+    }
+    Ok(w)
+}
+
+/// Passes output through and notes when a line matches a regular expression (`--ready-log`).
+struct LogWatch {
+    inner: Box<dyn Write + Send>,
+    pattern: regex::Regex,
+    line: Vec<u8>,
+    seen: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Write for LogWatch {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(b)?;
+        if !self.seen.load(std::sync::atomic::Ordering::Relaxed) {
+            for &c in &b[..n] {
+                if c == b'\n' || self.line.len() >= 4096 {
+                    if self.pattern.is_match(&String::from_utf8_lossy(&self.line)) {
+                        self.seen.store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    self.line.clear();
+                } else {
+                    self.line.push(c);
+                }
+            }
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Waits until the bake's ready check passes; an error if the VM ends first or `limit` passes.
+fn wait_until_ready(
+    check: &ReadyCheck,
+    exposed: &[String],
+    agent: &crate::agent::Agent,
+    log_seen: &std::sync::atomic::AtomicBool,
+    vm: &crate::VmControl,
+    limit: std::time::Duration,
+) -> Result<(), String> {
+    let started = std::time::Instant::now();
+    let default_port = exposed
+        .iter()
+        .filter_map(|p| p.split('/').next()?.parse::<u16>().ok())
+        .next();
+    let check = match (check, default_port) {
+        (ReadyCheck::Default, Some(port)) => ReadyCheck::Port(port),
+        (c, _) => c.clone(),
+    };
+    loop {
+        if vm.is_stopping() {
+            return Err("the VM ended before the workload was ready".into());
+        }
+        if started.elapsed() > limit {
+            return Err(format!(
+                "the workload was not ready ({check}) within {} s",
+                limit.as_secs()
+            ));
+        }
+        let ready = match &check {
+            ReadyCheck::Default => agent.ping().is_ok(),
+            ReadyCheck::Port(p) => agent.connect(*p).is_ok(),
+            ReadyCheck::Command(c) => {
+                let req = agent_protocol::ExecRequest {
+                    argv: vec!["/bin/sh".into(), "-c".into(), c.clone()],
+                    ..Default::default()
+                };
+                matches!(
+                    agent.exec(req, None, &mut std::io::sink(), &mut std::io::sink()),
+                    Ok(status) if status.code == 0
+                )
+            }
+            ReadyCheck::Log(_) => log_seen.load(std::sync::atomic::Ordering::SeqCst),
+            ReadyCheck::Delay(d) => {
+                while started.elapsed() < *d && !vm.is_stopping() {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                !vm.is_stopping()
+            }
+        };
+        if ready {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// The environment entries of `-e`: `NAME=value`, or `NAME` for the host's value.
+fn env_entries(given: &[String]) -> Vec<String> {
+    let mut env = Vec::new();
+    for e in given {
+        match e.split_once('=') {
+            Some(_) => env.push(e.clone()),
+            None => {
+                if let Ok(v) = std::env::var(e) {
+                    env.push(format!("{e}={v}"));
+                }
+            }
+        }
+    }
+    env
+}
+
+/// What a bake produced (shared between the bake thread and `run`).
+type BakeResult = Arc<Mutex<Option<Result<std::path::PathBuf, String>>>>;
+
 fn run_registered(
     opts: &RunOptions,
     id: &str,
@@ -419,14 +828,36 @@ fn run_registered(
     stdout: Box<dyn Write + Send>,
     stderr: Box<dyn Write + Send>,
     stdin: Option<Box<dyn Read + Send>>,
-) -> Result<i32, RunError> {
+) -> Result<(i32, Option<std::path::PathBuf>), RunError> {
     let started = std::time::Instant::now();
-    let (store, record) = resolve_image(opts, true)?;
+    let start = plan(opts)?;
+    if opts.bake.is_some() {
+        if !opts.volumes.is_empty() {
+            return Err(RunError::Bake(
+                "volumes are not part of a snapshot: bake without -v".into(),
+            ));
+        }
+        if !opts.publish.is_empty() || opts.publish_all {
+            return Err(RunError::Bake(
+                "a bake publishes no ports: give -p to the `run` that restores it".into(),
+            ));
+        }
+    }
+    let (exposed, stop_signal, image) = match &start {
+        Start::Restore { workload, .. } => (
+            workload.exposed_ports.clone(),
+            workload.stop_signal.clone(),
+            workload.image.clone(),
+        ),
+        Start::Boot { record, .. } => (
+            record.run_config.exposed_ports.clone(),
+            record.run_config.stop_signal.clone(),
+            opts.image.clone(),
+        ),
+    };
     let mut mappings = opts.publish.clone();
     if opts.publish_all {
-        mappings.extend(crate::ports::PortMapping::for_exposed(
-            &record.run_config.exposed_ports,
-        ));
+        mappings.extend(crate::ports::PortMapping::for_exposed(&exposed));
     }
     let published = mappings
         .into_iter()
@@ -445,7 +876,7 @@ fn run_registered(
     dir.save(&crate::vms::VmRecord {
         id: id.into(),
         name: name.into(),
-        image: opts.image.clone(),
+        image,
         created: now_seconds(),
         pid: std::process::id(),
         pid_start: crate::vms::process_start(std::process::id()).unwrap_or(0),
@@ -458,59 +889,23 @@ fn run_registered(
     for p in published {
         p.forward(agent.clone());
     }
-    let argv = command_line(&record.run_config, opts);
-    if argv.is_empty() {
-        return Err(RunError::NoCommand);
-    }
-    let mut env = record.run_config.env.clone();
-    for e in &opts.env {
-        match e.split_once('=') {
-            Some(_) => env.push(e.clone()),
-            None => {
-                if let Ok(v) = std::env::var(e) {
-                    env.push(format!("{e}={v}"));
-                }
-            }
+    // `--ready-log`: watch the workload's output.
+    let log_seen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (stdout, stderr) = match opts.bake.as_ref().map(|b| &b.ready) {
+        Some(ReadyCheck::Log(pattern)) => {
+            let pattern = regex::Regex::new(pattern)
+                .map_err(|e| RunError::Bake(format!("--ready-log: {e}")))?;
+            let watch = |inner| -> Box<dyn Write + Send> {
+                Box::new(LogWatch {
+                    inner,
+                    pattern: pattern.clone(),
+                    line: Vec::new(),
+                    seen: log_seen.clone(),
+                })
+            };
+            (watch(stdout), watch(stderr))
         }
-    }
-    let workdir = opts
-        .workdir
-        .clone()
-        .or_else(|| Some(record.run_config.working_dir.clone()).filter(|w| !w.is_empty()));
-    let mut disks = vec![DiskSpec {
-        path: store.rootfs_path(&record.rootfs),
-        read_only: true,
-    }];
-    let mut volume_mounts = Vec::new();
-    for v in &opts.volumes {
-        let path = crate::volumes::prepare(v, opts.volume_size).map_err(RunError::Volume)?;
-        // /dev/vda is the image; volumes follow in order.
-        volume_mounts.push(guest_init::MountSpec {
-            device: format!("/dev/vd{}", (b'a' + disks.len() as u8) as char),
-            target: v.target.clone(),
-            fstype: "ext4".into(),
-            read_only: v.read_only,
-        });
-        disks.push(DiskSpec {
-            path,
-            read_only: v.read_only,
-        });
-    }
-    let container = ContainerConfig {
-        rootfs_device: "/dev/vda".into(),
-        rootfs_type: "squashfs".into(),
-        user: opts
-            .user
-            .clone()
-            .unwrap_or_else(|| record.run_config.user.clone()),
-        hostname: opts.hostname.clone().unwrap_or_else(|| id.to_string()),
-        tty: opts.tty,
-        interactive: opts.interactive,
-        tty_size: if opts.tty { host_terminal_size() } else { None },
-        stdout_device: "/dev/hvc0".into(),
-        stderr_device: "/dev/hvc1".into(),
-        control_device: "/dev/hvc2".into(),
-        mounts: volume_mounts,
+        _ => (stdout, stderr),
     };
     let tail = ConsoleTail::default();
     let serial: Box<dyn Write + Send> = if opts.debug {
@@ -576,7 +971,7 @@ fn run_registered(
             on_ready: None,
         },
         ConsoleSpec {
-            output: Box::new(ready),
+            output: Box::new(ready.clone()),
             on_ready: Some(Box::new(move |c| {
                 *control_input.lock().unwrap_or_else(|e| e.into_inner()) = Some(c);
             })),
@@ -584,7 +979,7 @@ fn run_registered(
     ];
     let vm_control = crate::VmControl::new();
     forward_host_signals(
-        &record.run_config.stop_signal,
+        &stop_signal,
         signal_control,
         vm_control.clone(),
         opts.tty,
@@ -595,7 +990,7 @@ fn run_registered(
     let never_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let come_up_limit = opts.come_up_limit.unwrap_or(COME_UP_LIMIT);
     {
-        let (ready, vm, never_up) = (ready_watch, vm_control.clone(), never_up.clone());
+        let (ready, vm, never_up) = (ready_watch.clone(), vm_control.clone(), never_up.clone());
         std::thread::spawn(move || {
             if !ready.wait_timeout(come_up_limit) && !vm.is_stopping() {
                 never_up.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -603,29 +998,187 @@ fn run_registered(
             }
         });
     }
-    let outcome = boot(BootOptions {
-        kernel: paths::default_kernel(),
-        initramfs: Some(paths::default_initramfs()),
-        extra_cmdline: if opts.debug {
-            String::new()
-        } else {
-            "quiet".into()
-        },
-        memory_mib: opts.memory_mib,
-        vcpus: opts.vcpus,
-        command: argv,
-        env,
-        quiet: !opts.debug,
-        console: serial,
-        console_input: None,
-        workdir,
-        disks,
-        container: Some(container),
-        consoles,
-        control: Some(vm_control),
-        vsock: Some(dir.vsock()),
-        snapshot: None,
-    })?;
+    let baked: BakeResult = Arc::default();
+    let outcome = match start {
+        Start::Restore {
+            dir: snapshot_dir,
+            loaded,
+            workload: _,
+        } => {
+            // Init came up before the snapshot.
+            let _ = ready.clone().write_all(guest_init::GUEST_READY.as_bytes());
+            // The agent's socket gets its public name only after the guest caught up (clock,
+            // entropy, env), so nothing reaches a clone that still has the snapshot's.
+            let public = dir.vsock();
+            let restoring = public.with_extension("restoring");
+            let _ = std::fs::remove_file(&restoring);
+            let env = env_entries(&opts.env);
+            let hostname = opts.hostname.clone().unwrap_or_else(|| id.to_string());
+            let private = restoring.clone();
+            let vm = vm_control.clone();
+            let on_started: Box<dyn FnOnce(crate::snapshot::Snapshotter) + Send> =
+                Box::new(move |_| {
+                    std::thread::spawn(move || {
+                        let agent = crate::agent::Agent::new(&private);
+                        let caught_up = agent
+                            .wait_ready(std::time::Duration::from_secs(30))
+                            .and_then(|()| agent.restored(&env, Some(&hostname)));
+                        if let Err(e) = caught_up {
+                            // A clone with the snapshot's clock and entropy must not serve.
+                            eprintln!("supermachine: the restored guest did not catch up: {e}");
+                            vm.request_exit(VmExit::Stopped);
+                            return;
+                        }
+                        if let Err(e) = std::fs::rename(&private, &public) {
+                            eprintln!("supermachine: {}: {e}", public.display());
+                            vm.request_exit(VmExit::Stopped);
+                        }
+                    });
+                });
+            crate::boot::restore_loaded(
+                crate::boot::RestoreOptions {
+                    dir: snapshot_dir,
+                    kernel: None,
+                    initramfs: None,
+                    console: serial,
+                    console_input: None,
+                    control: Some(vm_control.clone()),
+                    consoles,
+                    vsock: Some(restoring),
+                    on_started: Some(on_started),
+                },
+                loaded,
+            )?
+        }
+        Start::Boot {
+            store,
+            record,
+            argv,
+            workdir,
+            key,
+        } => {
+            let mut env = record.run_config.env.clone();
+            env.extend(env_entries(&opts.env));
+            let mut disks = vec![DiskSpec {
+                path: store.rootfs_path(&record.rootfs),
+                read_only: true,
+            }];
+            let mut volume_mounts = Vec::new();
+            for v in &opts.volumes {
+                let path =
+                    crate::volumes::prepare(v, opts.volume_size).map_err(RunError::Volume)?;
+                // /dev/vda is the image; volumes follow in order.
+                volume_mounts.push(guest_init::MountSpec {
+                    device: format!("/dev/vd{}", (b'a' + disks.len() as u8) as char),
+                    target: v.target.clone(),
+                    fstype: "ext4".into(),
+                    read_only: v.read_only,
+                });
+                disks.push(DiskSpec {
+                    path,
+                    read_only: v.read_only,
+                });
+            }
+            let container = ContainerConfig {
+                rootfs_device: "/dev/vda".into(),
+                rootfs_type: "squashfs".into(),
+                user: opts
+                    .user
+                    .clone()
+                    .unwrap_or_else(|| record.run_config.user.clone()),
+                hostname: opts.hostname.clone().unwrap_or_else(|| id.to_string()),
+                tty: opts.tty,
+                interactive: opts.interactive,
+                tty_size: if opts.tty { host_terminal_size() } else { None },
+                stdout_device: "/dev/hvc0".into(),
+                stderr_device: "/dev/hvc1".into(),
+                control_device: "/dev/hvc2".into(),
+                mounts: volume_mounts,
+            };
+            let on_started = opts.bake.as_ref().map(|bake| {
+                let target = bake
+                    .dir
+                    .clone()
+                    .unwrap_or_else(|| bake_cache_dir(&store).join(&key));
+                let workload = BakedWorkload {
+                    image: opts.image.clone(),
+                    manifest: record.manifest.to_string(),
+                    key: key.clone(),
+                    argv: argv.clone(),
+                    stop_signal: record.run_config.stop_signal.clone(),
+                    exposed_ports: record.run_config.exposed_ports.clone(),
+                    tty: opts.tty,
+                    interactive: opts.interactive,
+                    memory_mib: opts.memory_mib,
+                    vcpus: opts.vcpus,
+                    ready: bake.ready.to_string(),
+                    baked_at: now_seconds(),
+                    bake_ms: 0,
+                };
+                let (check, limit) = (
+                    bake.ready.clone(),
+                    bake.ready_limit.unwrap_or(BAKE_READY_LIMIT),
+                );
+                let (agent, vm, log_seen, baked) = (
+                    agent.clone(),
+                    vm_control.clone(),
+                    log_seen.clone(),
+                    baked.clone(),
+                );
+                let (ready, exposed) = (ready_watch.clone(), exposed.clone());
+                let on_started: Box<dyn FnOnce(crate::snapshot::Snapshotter) + Send> =
+                    Box::new(move |snapshotter: crate::snapshot::Snapshotter| {
+                        std::thread::spawn(move || {
+                            if !ready.wait_timeout(come_up_limit) {
+                                return;
+                            }
+                            let result =
+                                wait_until_ready(&check, &exposed, &agent, &log_seen, &vm, limit)
+                                    .and_then(|()| {
+                                        let mut workload = workload;
+                                        workload.bake_ms = booting.elapsed().as_millis() as u64;
+                                        snapshotter
+                                            .take(
+                                                &target,
+                                                Some(workload),
+                                                crate::snapshot::AfterSnapshot::Stop,
+                                            )
+                                            .map_err(|e| e.to_string())
+                                    });
+                            if result.is_err() {
+                                vm.request_exit(VmExit::Stopped);
+                            }
+                            *baked.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
+                        });
+                    });
+                on_started
+            });
+            boot(BootOptions {
+                kernel: paths::default_kernel(),
+                initramfs: Some(paths::default_initramfs()),
+                extra_cmdline: if opts.debug {
+                    String::new()
+                } else {
+                    "quiet".into()
+                },
+                memory_mib: opts.memory_mib,
+                vcpus: opts.vcpus,
+                command: argv,
+                env,
+                quiet: !opts.debug,
+                console: serial,
+                console_input: None,
+                workdir,
+                disks,
+                container: Some(container),
+                consoles,
+                control: Some(vm_control),
+                vsock: Some(dir.vsock()),
+                snapshot: None,
+                on_started,
+            })?
+        }
+    };
     if std::env::var_os("SUPERMACHINE_TIMINGS").is_some() {
         // For `cargo xtask bench run`: host preparation, VM start + kernel + init setup,
         // workload (init ready → VM end).
@@ -643,7 +1196,14 @@ fn run_registered(
             ms(ready, ended)
         );
     }
-    match outcome.exit {
+    if opts.bake.is_some() {
+        match baked.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            Some(Ok(path)) => return Ok((0, Some(path))),
+            Some(Err(why)) => return Err(RunError::Bake(why)),
+            None => {}
+        }
+    }
+    let status = match outcome.exit {
         VmExit::PowerOff(Some(status)) => Ok(status),
         VmExit::Stopped if never_up.load(std::sync::atomic::Ordering::SeqCst) => {
             Err(RunError::NoStatus {
@@ -664,7 +1224,13 @@ fn run_registered(
             },
             tail: tail.last_lines(8),
         }),
+    }?;
+    if opts.bake.is_some() {
+        return Err(RunError::Bake(format!(
+            "the workload exited with status {status} before it was ready"
+        )));
     }
+    Ok((status, None))
 }
 
 #[cfg(test)]

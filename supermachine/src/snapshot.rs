@@ -1,16 +1,19 @@
 //! Snapshots of whole VMs: what a snapshot of ours contains (on the `snapshot` crate's format),
 //! taking one from a running VM, and restoring one.
 //!
-//! Today a snapshot holds the vCPUs, the VM's interrupt controllers, timer and clock, the
-//! serial port and guest memory; VMs with virtio devices are refused until those devices save
-//! their state (see the notes on issue 7).
+//! A snapshot holds the vCPUs, the VM's interrupt controllers, timer and clock, the serial
+//! port, every virtio device (what it is, its MMIO slot, its transport and queue positions),
+//! guest memory, and for `run` the workload's description. Devices are recreated on restore in
+//! the same slots from their recipes ([`DeviceKind`]): disks are reopened (and must still have
+//! their size), consoles are wired to the restoring process, vsock gets a new host socket and
+//! resets the guest's old connections.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use vmm_core::arch::x86_64::state::{VcpuState, VmState};
-use vmm_core::{CapturedVm, GuestMemory};
+use vmm_core::{CapturedVm, GuestMemory, VmControl, VmExit};
 
 /// Why taking or restoring a snapshot failed.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +49,55 @@ pub struct Identity {
     pub host_cpu: String,
     /// The guest kernel file's identity (size and modification time), if one was booted.
     pub kernel: Option<String>,
+    /// The base initramfs file's identity, if there was one.
+    pub initramfs: Option<String>,
+}
+
+impl Identity {
+    /// This host and build, with the given kernel and initramfs.
+    pub fn here(kernel: Option<&Path>, initramfs: Option<&Path>) -> Identity {
+        Identity {
+            supermachine: env!("CARGO_PKG_VERSION").into(),
+            host_cpu: host_cpu(),
+            kernel: kernel.and_then(file_identity),
+            initramfs: initramfs.and_then(file_identity),
+        }
+    }
+}
+
+/// The layout of [`MachineState`]; a state written with another is refused.
+pub const MACHINE_STATE_VERSION: u32 = 2;
+
+/// What a virtio device in a snapshot is, so restore can make it again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceKind {
+    /// A virtio-blk disk backed by `path`.
+    Block {
+        /// The backing file.
+        path: PathBuf,
+        /// Attached read-only.
+        read_only: bool,
+        /// Its size in 512-byte sectors when the snapshot was taken.
+        sectors: u64,
+    },
+    /// A single-port virtio console (the n-th console of the VM, in slot order).
+    Console,
+    /// The virtio-vsock device.
+    Vsock {
+        /// The guest's context id.
+        cid: u64,
+    },
+}
+
+/// One virtio device in a snapshot.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceSnapshot {
+    /// Its MMIO slot (address and interrupt line follow from it).
+    pub slot: u32,
+    /// What it is.
+    pub kind: DeviceKind,
+    /// Its transport registers and queues.
+    pub transport: devices::virtio::TransportState,
 }
 
 /// The host CPU's identity: a snapshot's CPU state (CPUID, MSRs, XSAVE layout) is only known
@@ -93,6 +145,8 @@ pub fn file_identity(path: &Path) -> Option<String> {
 /// Everything in a snapshot's state file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MachineState {
+    /// [`MACHINE_STATE_VERSION`] when written.
+    pub version: u32,
     /// What must match to restore.
     pub identity: Identity,
     /// Guest RAM in MiB.
@@ -105,15 +159,31 @@ pub struct MachineState {
     pub vm: VmState,
     /// COM1.
     pub serial: devices::legacy::SerialSnapshot,
+    /// The virtio devices, in slot order.
+    pub devices: Vec<DeviceSnapshot>,
+    /// For a VM started by `run`/`bake`: the workload it runs.
+    pub workload: Option<crate::run::BakedWorkload>,
+}
+
+/// The parts of a [`MachineState`] that do not come from the capture.
+pub struct MachineParts {
+    /// What must match to restore.
+    pub identity: Identity,
+    /// Guest RAM in MiB.
+    pub memory_mib: u32,
+    /// COM1.
+    pub serial: devices::legacy::SerialSnapshot,
+    /// The virtio devices.
+    pub devices: Vec<DeviceSnapshot>,
+    /// The workload, for `run`.
+    pub workload: Option<crate::run::BakedWorkload>,
 }
 
 /// Writes a captured VM to `dir` (atomically replacing what was there).
 pub fn write(
     dir: &Path,
     captured: &CapturedVm,
-    identity: Identity,
-    memory_mib: u32,
-    serial: devices::legacy::SerialSnapshot,
+    parts: MachineParts,
 ) -> Result<PathBuf, SnapshotError> {
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
     let ranges: Vec<(u64, u64)> = captured
@@ -133,12 +203,15 @@ pub fn write(
         writer.write_memory(placed, bytes)?;
     }
     let state = MachineState {
-        identity,
-        memory_mib,
+        version: MACHINE_STATE_VERSION,
+        identity: parts.identity,
+        memory_mib: parts.memory_mib,
         memory: layout,
         vcpus: captured.vcpus.clone(),
         vm: captured.vm.clone(),
-        serial,
+        serial: parts.serial,
+        devices: parts.devices,
+        workload: parts.workload,
     };
     Ok(writer.commit(&state)?)
 }
@@ -151,14 +224,24 @@ pub struct LoadedSnapshot {
     pub memory: GuestMemory,
 }
 
-/// Reads `dir`, checks it can run here (`kernel`: the kernel it must have been taken with, if
-/// the caller has one), and maps its memory.
-pub fn load(dir: &Path, kernel: Option<&Path>) -> Result<LoadedSnapshot, SnapshotError> {
+/// Reads `dir`, checks it can run here (`kernel`, `initramfs`: the files it must have been
+/// taken with, if the caller has them), and maps its memory.
+pub fn load(
+    dir: &Path,
+    kernel: Option<&Path>,
+    initramfs: Option<&Path>,
+) -> Result<LoadedSnapshot, SnapshotError> {
     let state: MachineState = snapshot::read_state(dir)?;
     let incompatible = |why: String| SnapshotError::Incompatible {
         dir: dir.to_path_buf(),
         why,
     };
+    if state.version != MACHINE_STATE_VERSION {
+        return Err(incompatible(format!(
+            "its state layout is version {}, this build reads {MACHINE_STATE_VERSION}",
+            state.version
+        )));
+    }
     let here = host_cpu();
     if state.identity.host_cpu != here {
         return Err(incompatible(format!(
@@ -177,6 +260,17 @@ pub fn load(dir: &Path, kernel: Option<&Path>) -> Result<LoadedSnapshot, Snapsho
             )));
         }
     }
+    if let Some(initramfs) = initramfs {
+        let now = file_identity(initramfs);
+        if state.identity.initramfs.is_some() && state.identity.initramfs != now {
+            return Err(incompatible(format!(
+                "it was taken with another build of the initramfs {} ({}; now {})",
+                initramfs.display(),
+                state.identity.initramfs.as_deref().unwrap_or("?"),
+                now.as_deref().unwrap_or("missing")
+            )));
+        }
+    }
     if state.vcpus.is_empty() || state.vcpus.len() > usize::from(vmm_core::builder::MAX_VCPUS) {
         return Err(incompatible(format!("it has {} vCPUs", state.vcpus.len())));
     }
@@ -189,6 +283,81 @@ pub fn load(dir: &Path, kernel: Option<&Path>) -> Result<LoadedSnapshot, Snapsho
     let memory = vmm_core::memory::guest_memory_from_file(&file, &regions)
         .map_err(|e| SnapshotError::Memory(format!("{}: {e}", dir.display())))?;
     Ok(LoadedSnapshot { state, memory })
+}
+
+/// What the VM does after [`Snapshotter::take`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterSnapshot {
+    /// Carry on running.
+    Resume,
+    /// Stop (the VM ends with [`VmExit::Stopped`]).
+    Stop,
+}
+
+/// A device of a running VM, as the snapshotter sees it.
+#[derive(Clone)]
+pub(crate) struct LiveDevice {
+    pub(crate) slot: u32,
+    pub(crate) kind: DeviceKind,
+    pub(crate) transport: Arc<Mutex<devices::virtio::MmioTransport>>,
+}
+
+/// Takes snapshots of one running VM (any number, from any thread but the VM's own).
+#[derive(Clone)]
+pub struct Snapshotter {
+    pub(crate) control: VmControl,
+    pub(crate) serial: Arc<Mutex<devices::legacy::SerialConsole>>,
+    pub(crate) devices: Vec<LiveDevice>,
+    pub(crate) identity: Identity,
+    pub(crate) memory_mib: u32,
+}
+
+impl Snapshotter {
+    /// Pauses the VM, saves it to `dir` (atomically), and resumes or stops it. Devices are
+    /// quiesced by holding their locks: the event loop finishes the request in hand and waits,
+    /// so no device touches guest memory or its queues while they are saved.
+    pub fn take(
+        &self,
+        dir: &Path,
+        workload: Option<crate::run::BakedWorkload>,
+        after: AfterSnapshot,
+    ) -> Result<PathBuf, SnapshotError> {
+        let captured = self.control.pause_and_capture()?;
+        let result = {
+            let serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+            let transports: Vec<_> = self
+                .devices
+                .iter()
+                .map(|d| d.transport.lock().unwrap_or_else(|e| e.into_inner()))
+                .collect();
+            let devices = self
+                .devices
+                .iter()
+                .zip(&transports)
+                .map(|(d, t)| DeviceSnapshot {
+                    slot: d.slot,
+                    kind: d.kind.clone(),
+                    transport: t.save_state(),
+                })
+                .collect();
+            write(
+                dir,
+                &captured,
+                MachineParts {
+                    identity: self.identity.clone(),
+                    memory_mib: self.memory_mib,
+                    serial: serial.save_state(),
+                    devices,
+                    workload,
+                },
+            )
+        };
+        if after == AfterSnapshot::Stop {
+            self.control.request_exit(VmExit::Stopped);
+        }
+        self.control.resume();
+        result
+    }
 }
 
 /// When to take a snapshot of a booting VM, and where to put it.

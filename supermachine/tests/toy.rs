@@ -45,6 +45,7 @@ fn boot_toy(vcpus: u8) -> (VmExit, String) {
         control: None,
         vsock: None,
         snapshot: None,
+        on_started: None,
     })
     .expect("booting the toy guest needs a usable /dev/kvm");
     std::fs::remove_dir_all(&dir).ok();
