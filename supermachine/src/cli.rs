@@ -768,7 +768,7 @@ mod tests {
         assert!(r.interactive && !r.tty);
         assert_eq!((r.memory, r.cpus), (1024, 2));
         assert_eq!(r.entrypoint.as_deref(), Some(""));
-        assert_eq!(r.image, "img");
+        assert_eq!(r.image.as_deref(), Some("img"));
         assert_eq!(r.command, ["sh", "-c", "echo -n hi"]);
         assert!(Cli::try_parse_from(["supermachine", "run", "--memory", "1k", "img"]).is_err());
         assert!(Cli::try_parse_from(["supermachine", "run", "--cpus", "0", "img"]).is_err());
