@@ -222,7 +222,7 @@ pub struct SnapshotWriter {
 }
 
 impl SnapshotWriter {
-    /// Starts a snapshot that will replace `dir` (its parent must exist).
+    /// Starts a snapshot that will replace `dir` (its parent is created if missing).
     pub fn create(dir: &Path) -> Result<Self, SnapshotError> {
         let name = dir
             .file_name()
@@ -232,6 +232,7 @@ impl SnapshotWriter {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
+        std::fs::create_dir_all(&parent).map_err(io_err(&parent))?;
         let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir(&tmp).map_err(io_err(&tmp))?;

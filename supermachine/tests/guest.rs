@@ -1119,3 +1119,201 @@ fn detached_vm_serves_published_port_and_takes_exec_cp_stop_rm() {
     let (_, ps, _) = env.sm(&["ps", "-a"], None);
     assert!(!String::from_utf8_lossy(&ps).contains(&id));
 }
+
+// ---------- bake and restore ----------
+
+/// The web server the bake tests bake: its page is written at start, and the ready command
+/// (run only while baking) leaves a mark in the guest's tmpfs.
+const BAKED_SERVER: &str =
+    "mkdir -p /www && echo baked-body > /www/index.html && exec httpd -f -p 80 -h /www";
+const BAKE_READY: &str =
+    "wget -q -O /dev/null http://127.0.0.1/ && echo from-bake > /dev/shm/baked";
+
+/// Bakes [`BAKED_SERVER`] with 128 MiB; returns the snapshot directory.
+fn bake_server(env: &RunEnv) -> String {
+    let (code, out, err) = env.sm(
+        &[
+            "bake",
+            "-m",
+            "128m",
+            "--ready-cmd",
+            BAKE_READY,
+            &env.image,
+            "sh",
+            "-c",
+            BAKED_SERVER,
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "bake failed: {err}");
+    assert!(err.contains("baked"), "{err}");
+    let dir = String::from_utf8_lossy(&out).trim().to_string();
+    assert!(std::path::Path::new(&dir).join("state").is_file(), "{dir}");
+    dir
+}
+
+/// `run -d` of the baked server (restored from the bake), publishing `port`; returns its id.
+fn start_baked(env: &RunEnv, port: u16, extra: &[&str]) -> String {
+    let publish = format!("127.0.0.1:{port}:80");
+    let mut args = vec!["run", "-d", "-m", "128m", "-p", &publish];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[&env.image, "sh", "-c", BAKED_SERVER]);
+    let (code, out, err) = env.sm(&args, None);
+    assert_eq!(code, 0, "restore failed: {err}");
+    String::from_utf8_lossy(&out).trim().to_string()
+}
+
+fn exec_out(env: &RunEnv, id: &str, argv: &[&str]) -> String {
+    let mut args = vec!["exec", id];
+    args.extend_from_slice(argv);
+    let (code, out, err) = env.sm(&args, None);
+    assert_eq!(code, 0, "exec {argv:?}: {err}");
+    String::from_utf8_lossy(&out).trim().to_string()
+}
+
+#[test]
+fn a_baked_server_restores_twenty_times_and_answers_each_time() {
+    let env = RunEnv::new("bake-twenty");
+    bake_server(&env);
+    let (code, images, _) = env.sm(&["images"], None);
+    assert_eq!(code, 0);
+    let images = String::from_utf8_lossy(&images);
+    assert!(
+        images.contains("BAKED") && images.contains(&env.image) && images.contains("128m"),
+        "{images}"
+    );
+    for i in 0..20u16 {
+        let port = 18200 + i;
+        let id = start_baked(&env, port, &[]);
+        let (status, body) = http_get(port, "/").unwrap();
+        assert!(status.contains("200"), "restore {i}: {status}");
+        assert_eq!(body, b"baked-body\n", "restore {i}");
+        // The mark the ready command left while baking: this VM was restored, not booted.
+        assert_eq!(
+            exec_out(&env, &id, &["cat", "/dev/shm/baked"]),
+            "from-bake",
+            "restore {i}"
+        );
+        let (code, _, err) = env.sm(&["rm", "-f", &id], None);
+        assert_eq!(code, 0, "{err}");
+    }
+    // `--no-restore` boots instead: no mark.
+    let (code, out, err) = env.sm(
+        &[
+            "run",
+            "--no-restore",
+            "-m",
+            "128m",
+            &env.image,
+            "sh",
+            "-c",
+            "cat /dev/shm/baked || echo booted",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(String::from_utf8_lossy(&out).trim(), "booted");
+}
+
+#[test]
+fn restored_clones_get_fresh_entropy_the_host_clock_and_their_own_env() {
+    let env = RunEnv::new("bake-clones");
+    let dir = bake_server(&env);
+    // Let the snapshot's clock fall behind the host's.
+    std::thread::sleep(Duration::from_secs(3));
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| start_baked(&env, 18301, &["-e", "TENANT=alpha"]));
+        let b = s.spawn(|| start_baked(&env, 18302, &["-e", "TENANT=beta"]));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    for (id, port) in [(&a, 18301), (&b, 18302)] {
+        let (_, body) = http_get(port, "/").unwrap();
+        assert_eq!(body, b"baked-body\n");
+        let host_now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        let guest_now: f64 = exec_out(&env, id, &["date", "+%s"]).parse().unwrap();
+        // `date +%s` truncates: the guest is within 1 s when it is in (host - 2, host + 1).
+        assert!(
+            guest_now > host_now - 2.0 && guest_now < host_now + 1.0,
+            "guest clock {guest_now}, host {host_now}"
+        );
+        assert_eq!(exec_out(&env, id, &["hostname"]), id.as_str());
+    }
+    assert_eq!(exec_out(&env, &a, &["sh", "-c", "echo $TENANT"]), "alpha");
+    assert_eq!(exec_out(&env, &b, &["sh", "-c", "echo $TENANT"]), "beta");
+    let random = |id: &str| exec_out(&env, id, &["od", "-An", "-tx1", "-N32", "/dev/urandom"]);
+    let (ra, rb) = (random(&a), random(&b));
+    assert_eq!(ra.split_whitespace().count(), 32, "{ra}");
+    assert_ne!(
+        ra, rb,
+        "two clones of one snapshot produced the same random bytes"
+    );
+    for id in [&a, &b] {
+        env.sm(&["rm", "-f", id], None);
+    }
+
+    // Damaged or foreign snapshots are refused with the reason, and nothing runs.
+    let copy = |name: &str| {
+        let to = env.dir.join(name);
+        let status = Command::new("cp")
+            .args(["-r", "--sparse=always", &dir, to.to_str().unwrap()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        to
+    };
+    let restore = |snapshot: &std::path::Path, vars: &[(&str, &str)]| {
+        let (code, out, err) = env.command(
+            vars,
+            &[
+                "run",
+                "-m",
+                "128m",
+                "--snapshot",
+                snapshot.to_str().unwrap(),
+            ],
+            None,
+        );
+        assert_eq!(code, 125, "stdout {:?}", String::from_utf8_lossy(&out));
+        err
+    };
+    let truncated = copy("truncated");
+    let memory = std::fs::OpenOptions::new()
+        .write(true)
+        .open(truncated.join("memory"))
+        .unwrap();
+    let len = memory.metadata().unwrap().len();
+    memory.set_len(len / 2).unwrap();
+    let err = restore(&truncated, &[]);
+    assert!(err.contains("truncated"), "{err}");
+
+    let flipped = copy("flipped");
+    let mut state = std::fs::read(flipped.join("state")).unwrap();
+    let at = state.len() / 2;
+    state[at] ^= 0x40;
+    std::fs::write(flipped.join("state"), state).unwrap();
+    let err = restore(&flipped, &[]);
+    assert!(err.contains("damaged"), "{err}");
+
+    let kernel = env.dir.join("other-vmlinux");
+    let ours = std::env::var("SUPERMACHINE_KERNEL")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| {
+            std::path::PathBuf::from(std::env::var("HOME").unwrap())
+                .join(".cache/supermachine/guest/vmlinux")
+        });
+    std::fs::copy(&ours, &kernel).unwrap();
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&kernel)
+        .unwrap()
+        .set_len(std::fs::metadata(&ours).unwrap().len() + 4096)
+        .unwrap();
+    let err = restore(
+        std::path::Path::new(&dir),
+        &[("SUPERMACHINE_KERNEL", kernel.to_str().unwrap())],
+    );
+    assert!(err.contains("another build of the guest kernel"), "{err}");
+}

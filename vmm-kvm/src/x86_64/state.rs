@@ -239,7 +239,21 @@ pub fn restore_vcpu(fd: &VcpuFd, s: &VcpuState) -> Result<(), HypervisorError> {
         slot.xcr = xcr;
         slot.value = value;
     }
-    fd.set_xcrs(&xcrs).map_err(err("KVM_SET_XCRS"))?;
+    // A host without XSAVE reports no XCRs, and refuses to be given any (even none).
+    if xcrs.nr_xcrs == 0 {
+        // Nothing to restore.
+    } else if let Err(e) = fd.set_xcrs(&xcrs) {
+        // Say which value KVM refused and what the guest's CPUID allows.
+        let leaf_d = s
+            .cpuid
+            .iter()
+            .find(|c| c.function == 0xd && c.index == 0)
+            .map(|c| (u64::from(c.edx) << 32) | u64::from(c.eax));
+        return Err(HypervisorError::call(
+            "KVM_SET_XCRS",
+            format!("{e} (XCRs {:x?}; CPUID 0xD allows {leaf_d:x?})", s.xcrs),
+        ));
+    }
     let dregs = kvm_debugregs {
         db: s.debug.db,
         dr6: s.debug.dr6,
