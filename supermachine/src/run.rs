@@ -1018,6 +1018,13 @@ fn run_registered(
             let vm = vm_control.clone();
             let on_started: Box<dyn FnOnce(crate::snapshot::Snapshotter) + Send> =
                 Box::new(move |_| {
+                    if std::env::var_os("SUPERMACHINE_TIMINGS").is_some() {
+                        // For `cargo xtask bench restore`: `run` called → vCPUs about to run.
+                        eprintln!(
+                            "timings: restore_call={:.2}",
+                            started.elapsed().as_secs_f64() * 1e3
+                        );
+                    }
                     std::thread::spawn(move || {
                         let agent = crate::agent::Agent::new(&private);
                         let caught_up = agent

@@ -61,15 +61,23 @@ pub enum Which {
         #[arg(long, default_value_t = 40)]
         layer_mib: usize,
     },
-    /// VMM restore overhead with the echo toy guest on this machine's KVM, next to QEMU
-    /// restoring the same guest with -incoming
+    /// Restore: the VMM's own overhead with the echo toy guest on this machine's KVM, next to
+    /// QEMU -incoming; then a baked busybox httpd (restore vs cold boot to the first HTTP
+    /// response, QEMU -incoming of the same Linux guest, bake time, PSS of 20 clones), where
+    /// Linux guests boot
     Restore {
-        /// Runs per VMM and memory size
+        /// Runs per VMM and memory size (toy)
         #[arg(long, default_value_t = 20)]
         runs: usize,
-        /// Guest memory sizes in MiB
+        /// Guest memory sizes in MiB (toy)
         #[arg(long, value_delimiter = ',', default_value = "128,1024")]
         sizes: Vec<u32>,
+        /// Runs of each Linux measurement
+        #[arg(long, default_value_t = 30)]
+        linux_runs: usize,
+        /// Only the Linux part, here (used inside the test host)
+        #[arg(long)]
+        here: bool,
     },
     /// Exec round trips (`true`) in a running VM and vsock stream throughput both ways
     Exec {
@@ -198,7 +206,7 @@ fn stats(mut v: Vec<f64>) -> Stats {
     }
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
@@ -286,9 +294,26 @@ pub fn run(which: Which) -> Result<()> {
         Which::Toy { runs } => bench_toy(runs),
         Which::Boot { runs, here } => bench_boot(runs, here),
         Which::Run { runs, here } => bench_run(runs, here),
-        Which::Restore { runs, sizes } => {
-            let supermachine = build_release()?;
-            crate::bench_restore::bench(&supermachine, runs, &sizes)
+        Which::Restore {
+            runs,
+            sizes,
+            linux_runs,
+            here,
+        } => {
+            if !here {
+                let supermachine = build_release()?;
+                crate::bench_restore::bench(&supermachine, runs, &sizes)?;
+                crate::tests::busybox_image()?;
+            }
+            let args = [
+                "restore".to_string(),
+                "--linux-runs".into(),
+                linux_runs.to_string(),
+            ];
+            match guest_bench_host(here, &args)? {
+                Some(sm) => crate::bench_restore::bench_linux(&sm, linux_runs),
+                None => Ok(()),
+            }
         }
         Which::Exec { calls, mib, here } => {
             let args = [
@@ -393,7 +418,7 @@ fn guest_bench_host(here: bool, args: &[String]) -> Result<Option<PathBuf>> {
 
 /// The installed base initramfs with `config` appended, as a file for QEMU's `-initrd`
 /// (we pass the same archive to our VMM in memory).
-fn initramfs_with(config: &guest_init::InitConfig, dir: &Path) -> Result<PathBuf> {
+pub(crate) fn initramfs_with(config: &guest_init::InitConfig, dir: &Path) -> Result<PathBuf> {
     let mut combined = std::fs::read(installed_initramfs())?;
     combined.resize(combined.len().next_multiple_of(4), 0);
     combined.extend_from_slice(&config.to_initramfs());
@@ -403,7 +428,7 @@ fn initramfs_with(config: &guest_init::InitConfig, dir: &Path) -> Result<PathBuf
 }
 
 /// QEMU microvm booting our kernel with `initrd`, quiet, ending through the exit-status port.
-fn qemu_linux(kernel: &Path, initrd: &Path, memory_mib: u32) -> Command {
+pub(crate) fn qemu_linux(kernel: &Path, initrd: &Path, memory_mib: u32) -> Command {
     let mut c = qemu_microvm(kernel, memory_mib);
     c.arg("-initrd").arg(initrd).args([
         "-append",

@@ -216,3 +216,332 @@ pub fn bench(supermachine: &Path, runs: usize, sizes: &[u32]) -> Result<()> {
     }
     Ok(())
 }
+
+/// The Linux guest's shell command for the echo comparison: raw console, a ready line, echo.
+const LINUX_ECHO: &str = "stty raw -echo; echo ECHO-READY; exec cat";
+
+/// The web server baked for the HTTP measurements.
+const WEB: &str = "mkdir -p /www && echo hello > /www/index.html && exec httpd -f -p 80 -h /www";
+
+/// Sends `GET /` to `port` until a `200` comes back; the time from `since`.
+fn first_http_response(port: u16, since: Instant, child: &mut Child) -> Result<Duration> {
+    let deadline = since + Duration::from_secs(120);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            bail!("the VM process ended ({status}) before it answered");
+        }
+        if Instant::now() > deadline {
+            bail!("no HTTP answer on port {port} within 120 s");
+        }
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            s.set_read_timeout(Some(Duration::from_secs(60)))?;
+            if s.write_all(b"GET / HTTP/1.0\r\n\r\n").is_ok() {
+                let mut reply = Vec::new();
+                let _ = s.read_to_end(&mut reply);
+                if reply.starts_with(b"HTTP/1.0 200") || reply.starts_with(b"HTTP/1.1 200") {
+                    return Ok(since.elapsed());
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Ends a foreground `run` the way a user would: SIGTERM (the workload's stop signal).
+fn stop(mut child: Child) -> Result<()> {
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = child.wait();
+    Ok(())
+}
+
+/// Proportional set size of a process, in KiB.
+fn pss_kib(pid: u32) -> Result<u64> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
+    rollup
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no Pss in smaps_rollup")
+}
+
+fn summary(v: &mut [f64]) -> String {
+    v.sort_by(|a, b| a.total_cmp(b));
+    format!(
+        "{:.1} | {:.1} | {:.1} | {:.1}",
+        percentile(v, 0.5),
+        percentile(v, 0.9),
+        v[0],
+        v[v.len() - 1]
+    )
+}
+
+/// The Linux part of `bench restore`, run where Linux guests boot (the emulated KVM host):
+/// restore vs cold boot of a baked web server, QEMU `-incoming` of the same kernel and
+/// initramfs, bake time, and the memory cost of 20 VMs restored from one snapshot.
+pub fn bench_linux(supermachine: &Path, runs: usize) -> Result<()> {
+    let mib = 128u32;
+    let work = PathBuf::from("/run").join(format!("sm-bench-restore-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    let home = work.join("home");
+    let runtime = work.join("vms");
+    let sm = |args: &[&str]| {
+        let mut c = Command::new(supermachine);
+        c.args(args)
+            .env("SUPERMACHINE_HOME", &home)
+            .env("SUPERMACHINE_RUNTIME_DIR", &runtime)
+            .env("SUPERMACHINE_TIMINGS", "1")
+            .stdin(Stdio::null());
+        c
+    };
+    let layout = target_dir().join("images/busybox");
+    let image = format!("oci:{}:latest", layout.display());
+    let out = sm(&["pull", "-q", &image]).output()?;
+    if !out.status.success() {
+        bail!("pull failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let memory = format!("{mib}m");
+
+    // Bake (timed), next to a cold `run` to the same point below.
+    step("baking busybox httpd");
+    let mut bake_times = Vec::new();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let out = sm(&["bake", "-m", &memory, &image, "sh", "-c", WEB])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()?;
+        if !out.status.success() {
+            bail!("bake failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        bake_times.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+
+    // (a) + (b): restores; (c) cold boots; each to the first HTTP response.
+    step(&format!(
+        "{runs} restores and {runs} cold boots to the first HTTP response"
+    ));
+    let port = 18900u16;
+    let publish = format!("127.0.0.1:{port}:80");
+    let (mut restore_call, mut restored, mut cold) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..=runs {
+        for boot in [false, true] {
+            let mut args = vec!["run", "-m", &memory, "-p", &publish];
+            if boot {
+                args.push("--no-restore");
+            }
+            args.extend_from_slice(&[&image, "sh", "-c", WEB]);
+            let mut cmd = sm(&args);
+            cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+            let since = Instant::now();
+            let mut child = cmd.spawn()?;
+            let mut err = child.stderr.take().context("no stderr")?;
+            let err_reader = std::thread::spawn(move || {
+                let mut s = String::new();
+                let _ = err.read_to_string(&mut s);
+                s
+            });
+            let t = first_http_response(port, since, &mut child);
+            stop(child)?;
+            let err = err_reader.join().unwrap_or_default();
+            let t = t.with_context(|| err.clone())?;
+            if i == 0 {
+                continue; // warm-up
+            }
+            if boot {
+                cold.push(t.as_secs_f64() * 1e3);
+            } else {
+                restored.push(t.as_secs_f64() * 1e3);
+                let call = err
+                    .lines()
+                    .find_map(|l| l.strip_prefix("timings: restore_call="))
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+                    .with_context(|| {
+                        format!("a restore printed no timing (was it restored?): {err}")
+                    })?;
+                restore_call.push(call);
+            }
+        }
+    }
+
+    // QEMU restoring the same kernel + initramfs from its own saved state, next to ours: process
+    // start → first echoed byte on the serial console.
+    step("Linux echo guest: QEMU -incoming and supermachine restore");
+    let kernel = crate::util::installed_kernel();
+    let ours_dir = work.join("linux-echo");
+    let out = sm(&[
+        "boot",
+        "--quiet",
+        "-m",
+        &mib.to_string(),
+        "--snapshot-to",
+        ours_dir.to_str().unwrap_or_default(),
+        "--snapshot-when",
+        "ECHO-READY",
+        "--",
+        "/bin/sh",
+        "-c",
+        LINUX_ECHO,
+    ])
+    .output()?;
+    if !out.status.success() {
+        bail!(
+            "Linux echo snapshot failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let config = guest_init::InitConfig {
+        argv: vec!["/bin/sh".into(), "-c".into(), LINUX_ECHO.into()],
+        ..Default::default()
+    };
+    let initrd = crate::bench::initramfs_with(&config, &work)?;
+    let qemu_state = work.join("qemu-linux.state");
+    qemu_linux_snapshot(&kernel, &initrd, mib, &qemu_state, &work)?;
+    let (mut ours_echo, mut qemu_echo) = (Vec::new(), Vec::new());
+    for i in 0..=runs {
+        let mut ours_cmd = Command::new(supermachine);
+        ours_cmd.args(["boot", "--restore"]).arg(&ours_dir);
+        let t = time_echo(ours_cmd).context("supermachine restore (Linux)")?;
+        let mut q = crate::bench::qemu_linux(&kernel, &initrd, mib);
+        q.arg("-incoming")
+            .arg(format!("exec:cat {}", qemu_state.display()));
+        let u = time_echo(q).context("QEMU -incoming (Linux)")?;
+        if i > 0 {
+            ours_echo.push(t.as_secs_f64() * 1e3);
+            qemu_echo.push(u.as_secs_f64() * 1e3);
+        }
+    }
+
+    // Memory: 20 VMs restored from one snapshot at once.
+    step("20 VMs restored from one snapshot: memory");
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        let out = sm(&["run", "-d", "-m", &memory, &image, "sh", "-c", WEB])
+            .stderr(Stdio::piped())
+            .output()?;
+        if !out.status.success() {
+            bail!("run -d failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        ids.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    }
+    // Let every guest settle (its first steps after restore touch pages).
+    std::thread::sleep(Duration::from_secs(2));
+    let mut pss = Vec::new();
+    for id in &ids {
+        let record: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(runtime.join(id).join("vm.json"))?)?;
+        let pid = record["pid"].as_u64().context("no pid")? as u32;
+        pss.push(pss_kib(pid)? as f64 / 1024.0);
+    }
+    for id in &ids {
+        let _ = sm(&["rm", "-f", id]).output();
+    }
+    let _ = std::fs::remove_dir_all(&work);
+
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        percentile(v, 0.5)
+    };
+    let (r, c) = (median(&mut restored.clone()), median(&mut cold.clone()));
+    println!("\nbusybox httpd, {mib} MiB guest, in this host ({runs} runs each, ms)\n");
+    println!("| measurement | median | p90 | min | max |");
+    println!("|---|---:|---:|---:|---:|");
+    println!(
+        "| (a) restore call → vCPUs running | {} |",
+        summary(&mut restore_call)
+    );
+    println!(
+        "| (b) restore: process start → first HTTP response | {} |",
+        summary(&mut restored)
+    );
+    println!(
+        "| (c) cold boot: process start → first HTTP response | {} |",
+        summary(&mut cold)
+    );
+    println!(
+        "| Linux echo guest, supermachine restore → first echoed byte | {} |",
+        summary(&mut ours_echo)
+    );
+    println!(
+        "| Linux echo guest, QEMU -incoming → first echoed byte | {} |",
+        summary(&mut qemu_echo)
+    );
+    println!(
+        "| bake (boot → ready → snapshot written) | {} |",
+        summary(&mut bake_times)
+    );
+    println!(
+        "\nrestore is {:.1}× faster than a cold boot to the first response (medians); \
+         supermachine restores the Linux echo guest {:.1}× faster than QEMU -incoming.",
+        c / r,
+        median(&mut qemu_echo.clone()) / median(&mut ours_echo.clone())
+    );
+    println!(
+        "20 VMs restored from one {mib} MiB snapshot: PSS per VM median {:.1} MiB (max {:.1}), {:.0} MiB for all 20.",
+        median(&mut pss.clone()),
+        pss.iter().copied().fold(0.0, f64::max),
+        pss.iter().sum::<f64>()
+    );
+    Ok(())
+}
+
+/// Boots the Linux echo guest in QEMU, waits for it to echo, saves its state to `file`.
+fn qemu_linux_snapshot(
+    kernel: &Path,
+    initrd: &Path,
+    mib: u32,
+    file: &Path,
+    work: &Path,
+) -> Result<()> {
+    let sock = work.join("qemu-linux-monitor.sock");
+    let _ = std::fs::remove_file(&sock);
+    let mut cmd = crate::bench::qemu_linux(kernel, initrd, mib);
+    cmd.arg("-monitor")
+        .arg(format!("unix:{},server=on,wait=off", sock.display()))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child: Child = cmd.spawn().context("qemu-system-x86_64")?;
+    let mut out = child.stdout.take().context("no stdout")?;
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("ECHO-READY") {
+        let n = out.read(&mut buf)?;
+        if n == 0 || Instant::now() > deadline {
+            let _ = child.kill();
+            bail!(
+                "QEMU's Linux echo guest did not start: {}",
+                String::from_utf8_lossy(&seen)
+            );
+        }
+        seen.extend_from_slice(&buf[..n]);
+    }
+    // Keep draining its console so the guest never blocks on output.
+    std::thread::spawn(move || while matches!(out.read(&mut buf), Ok(n) if n > 0) {});
+    monitor(&sock, &format!("migrate \"exec:cat > {}\"", file.display()))?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let info = monitor(&sock, "info migrate")?;
+        if info.contains("completed") {
+            break;
+        }
+        if info.contains("failed") || Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("QEMU migration to a file failed: {info}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = monitor(&sock, "quit");
+    let _ = child.kill();
+    let _ = child.wait();
+    Ok(())
+}
