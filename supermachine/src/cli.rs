@@ -58,6 +58,8 @@ enum Command {
     Stop(crate::vm_commands::StopArgs),
     /// Remove VMs (-f stops running ones first)
     Rm(crate::vm_commands::RmArgs),
+    /// Snapshot a running VM into DIR (it goes on running unless --stop)
+    Snapshot(crate::vm_commands::SnapshotArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -323,6 +325,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Cp(a) => crate::vm_commands::cp(a),
         Command::Stop(a) => crate::vm_commands::stop(a),
         Command::Rm(a) => crate::vm_commands::rm(a),
+        Command::Snapshot(a) => crate::vm_commands::snapshot(a),
     }
 }
 

@@ -11,6 +11,7 @@
 
 pub mod agent;
 pub mod boot;
+pub mod control;
 pub mod images;
 pub mod paths;
 pub mod ports;

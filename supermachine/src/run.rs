@@ -607,7 +607,7 @@ fn now_seconds() -> u64 {
 enum Start {
     Restore {
         dir: std::path::PathBuf,
-        loaded: crate::snapshot::LoadedSnapshot,
+        loaded: Box<crate::snapshot::LoadedSnapshot>,
         workload: BakedWorkload,
     },
     Boot {
@@ -635,7 +635,7 @@ fn plan(opts: &RunOptions) -> Result<Start, RunError> {
         let workload = check_restorable(dir, &loaded, opts)?;
         return Ok(Start::Restore {
             dir: dir.clone(),
-            loaded,
+            loaded: Box::new(loaded),
             workload,
         });
     }
@@ -660,7 +660,7 @@ fn plan(opts: &RunOptions) -> Result<Start, RunError> {
                 let workload = check_restorable(&baked, &loaded, opts)?;
                 return Ok(Start::Restore {
                     dir: baked,
-                    loaded,
+                    loaded: Box::new(loaded),
                     workload,
                 });
             }
@@ -815,6 +815,41 @@ fn env_entries(given: &[String]) -> Vec<String> {
         }
     }
     env
+}
+
+/// The running VM's snapshotter and workload, once it runs (for `supermachine snapshot`).
+type LiveVm = Arc<Mutex<Option<(crate::snapshot::Snapshotter, BakedWorkload)>>>;
+
+/// Carries out a control-socket request on the running VM.
+fn snapshot_request(
+    live: &LiveVm,
+    has_volumes: bool,
+    request: crate::control::ControlRequest,
+) -> crate::control::ControlReply {
+    use crate::control::{ControlReply, ControlRequest};
+    let error = |message: String| ControlReply::Error { message };
+    match request {
+        ControlRequest::Snapshot { dir, stop } => {
+            if has_volumes {
+                return error("volumes are not part of a snapshot: this VM has -v".into());
+            }
+            let Some((snapshotter, mut workload)) =
+                live.lock().unwrap_or_else(|e| e.into_inner()).clone()
+            else {
+                return error("the VM is not running yet".into());
+            };
+            workload.baked_at = now_seconds();
+            let after = if stop {
+                crate::snapshot::AfterSnapshot::Stop
+            } else {
+                crate::snapshot::AfterSnapshot::Resume
+            };
+            match snapshotter.take(&dir, Some(workload), after) {
+                Ok(dir) => ControlReply::Snapshot { dir },
+                Err(e) => error(e.to_string()),
+            }
+        }
+    }
 }
 
 /// What a bake produced (shared between the bake thread and `run`).
@@ -999,11 +1034,21 @@ fn run_registered(
         });
     }
     let baked: BakeResult = Arc::default();
+    // `supermachine snapshot` of this VM, through its control socket.
+    let live: LiveVm = Arc::default();
+    {
+        let live = live.clone();
+        let has_volumes = !opts.volumes.is_empty();
+        crate::control::serve(&dir.control(), move |request| {
+            snapshot_request(&live, has_volumes, request)
+        })
+        .map_err(|e| RunError::Publish(std::io::Error::other(format!("control socket: {e}"))))?;
+    }
     let outcome = match start {
         Start::Restore {
             dir: snapshot_dir,
             loaded,
-            workload: _,
+            workload,
         } => {
             // Init came up before the snapshot.
             let _ = ready.clone().write_all(guest_init::GUEST_READY.as_bytes());
@@ -1016,8 +1061,10 @@ fn run_registered(
             let hostname = opts.hostname.clone().unwrap_or_else(|| id.to_string());
             let private = restoring.clone();
             let vm = vm_control.clone();
+            let live = live.clone();
             let on_started: Box<dyn FnOnce(crate::snapshot::Snapshotter) + Send> =
-                Box::new(move |_| {
+                Box::new(move |snapshotter| {
+                    *live.lock().unwrap_or_else(|e| e.into_inner()) = Some((snapshotter, workload));
                     if std::env::var_os("SUPERMACHINE_TIMINGS").is_some() {
                         // For `cargo xtask bench restore`: `run` called → vCPUs about to run.
                         eprintln!(
@@ -1054,7 +1101,7 @@ fn run_registered(
                     vsock: Some(restoring),
                     on_started: Some(on_started),
                 },
-                loaded,
+                *loaded,
             )?
         }
         Start::Boot {
@@ -1102,26 +1149,30 @@ fn run_registered(
                 control_device: "/dev/hvc2".into(),
                 mounts: volume_mounts,
             };
-            let on_started = opts.bake.as_ref().map(|bake| {
+            let workload = BakedWorkload {
+                image: opts.image.clone(),
+                manifest: record.manifest.to_string(),
+                key: key.clone(),
+                argv: argv.clone(),
+                stop_signal: record.run_config.stop_signal.clone(),
+                exposed_ports: record.run_config.exposed_ports.clone(),
+                tty: opts.tty,
+                interactive: opts.interactive,
+                memory_mib: opts.memory_mib,
+                vcpus: opts.vcpus,
+                ready: opts
+                    .bake
+                    .as_ref()
+                    .map(|b| b.ready.to_string())
+                    .unwrap_or_else(|| "snapshot of a running VM".into()),
+                baked_at: now_seconds(),
+                bake_ms: 0,
+            };
+            let bake = opts.bake.as_ref().map(|bake| {
                 let target = bake
                     .dir
                     .clone()
                     .unwrap_or_else(|| bake_cache_dir(&store).join(&key));
-                let workload = BakedWorkload {
-                    image: opts.image.clone(),
-                    manifest: record.manifest.to_string(),
-                    key: key.clone(),
-                    argv: argv.clone(),
-                    stop_signal: record.run_config.stop_signal.clone(),
-                    exposed_ports: record.run_config.exposed_ports.clone(),
-                    tty: opts.tty,
-                    interactive: opts.interactive,
-                    memory_mib: opts.memory_mib,
-                    vcpus: opts.vcpus,
-                    ready: bake.ready.to_string(),
-                    baked_at: now_seconds(),
-                    bake_ms: 0,
-                };
                 let (check, limit) = (
                     bake.ready.clone(),
                     bake.ready_limit.unwrap_or(BAKE_READY_LIMIT),
@@ -1132,34 +1183,44 @@ fn run_registered(
                     log_seen.clone(),
                     baked.clone(),
                 );
-                let (ready, exposed) = (ready_watch.clone(), exposed.clone());
-                let on_started: Box<dyn FnOnce(crate::snapshot::Snapshotter) + Send> =
-                    Box::new(move |snapshotter: crate::snapshot::Snapshotter| {
-                        std::thread::spawn(move || {
-                            if !ready.wait_timeout(come_up_limit) {
-                                return;
-                            }
-                            let result =
-                                wait_until_ready(&check, &exposed, &agent, &log_seen, &vm, limit)
-                                    .and_then(|()| {
-                                        let mut workload = workload;
-                                        workload.bake_ms = booting.elapsed().as_millis() as u64;
-                                        snapshotter
-                                            .take(
-                                                &target,
-                                                Some(workload),
-                                                crate::snapshot::AfterSnapshot::Stop,
-                                            )
-                                            .map_err(|e| e.to_string())
-                                    });
-                            if result.is_err() {
-                                vm.request_exit(VmExit::Stopped);
-                            }
-                            *baked.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
-                        });
+                let (ready, exposed, workload) =
+                    (ready_watch.clone(), exposed.clone(), workload.clone());
+                move |snapshotter: crate::snapshot::Snapshotter| {
+                    std::thread::spawn(move || {
+                        if !ready.wait_timeout(come_up_limit) {
+                            return;
+                        }
+                        let result =
+                            wait_until_ready(&check, &exposed, &agent, &log_seen, &vm, limit)
+                                .and_then(|()| {
+                                    let mut workload = workload;
+                                    workload.bake_ms = booting.elapsed().as_millis() as u64;
+                                    workload.baked_at = now_seconds();
+                                    snapshotter
+                                        .take(
+                                            &target,
+                                            Some(workload),
+                                            crate::snapshot::AfterSnapshot::Stop,
+                                        )
+                                        .map_err(|e| e.to_string())
+                                });
+                        if result.is_err() {
+                            vm.request_exit(VmExit::Stopped);
+                        }
+                        *baked.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
                     });
-                on_started
+                }
             });
+            let live = live.clone();
+            let on_started: Option<Box<dyn FnOnce(crate::snapshot::Snapshotter) + Send>> = Some(
+                Box::new(move |snapshotter: crate::snapshot::Snapshotter| {
+                    *live.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some((snapshotter.clone(), workload));
+                    if let Some(bake) = bake {
+                        bake(snapshotter);
+                    }
+                }),
+            );
             boot(BootOptions {
                 kernel: paths::default_kernel(),
                 initramfs: Some(paths::default_initramfs()),

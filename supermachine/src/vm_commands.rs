@@ -81,6 +81,17 @@ pub struct StopArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct SnapshotArgs {
+    /// Stop the VM after the snapshot (default: it goes on running)
+    #[arg(long)]
+    stop: bool,
+    /// The VM (name or id)
+    vm: String,
+    /// The snapshot directory (replaced atomically; `run --snapshot DIR` restores it)
+    dir: std::path::PathBuf,
+}
+
+#[derive(Debug, Args)]
 pub struct RmArgs {
     /// Stop running VMs first
     #[arg(short, long)]
@@ -507,6 +518,26 @@ pub fn stop(args: StopArgs) -> anyhow::Result<ExitCode> {
         stop_vm(&record, Duration::from_secs(args.time));
         Ok(())
     }))
+}
+
+/// `snapshot VM DIR`: asks the VM's process to pause it, save it and resume (or stop) it.
+pub fn snapshot(args: SnapshotArgs) -> anyhow::Result<ExitCode> {
+    use supermachine::control::{call, ControlReply, ControlRequest};
+    let (dir, _) = running(&args.vm)?;
+    let target = if args.dir.is_absolute() {
+        args.dir
+    } else {
+        std::env::current_dir()?.join(args.dir)
+    };
+    let request = ControlRequest::Snapshot {
+        dir: target,
+        stop: args.stop,
+    };
+    match call(&dir.control(), &request, Duration::from_secs(600))? {
+        ControlReply::Snapshot { dir } => println!("{}", dir.display()),
+        ControlReply::Error { message } => bail!("{message}"),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 pub fn rm(args: RmArgs) -> anyhow::Result<ExitCode> {

@@ -150,6 +150,10 @@ impl VmDir {
     pub fn vsock(&self) -> PathBuf {
         self.path.join("vsock.sock")
     }
+    /// The VM process's control socket ([`crate::control`]).
+    pub fn control(&self) -> PathBuf {
+        self.path.join("control.sock")
+    }
     /// The workload's stdout, for detached VMs.
     pub fn stdout_log(&self) -> PathBuf {
         self.path.join("stdout.log")

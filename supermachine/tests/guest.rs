@@ -1317,3 +1317,88 @@ fn restored_clones_get_fresh_entropy_the_host_clock_and_their_own_env() {
     );
     assert!(err.contains("another build of the guest kernel"), "{err}");
 }
+
+#[test]
+fn a_running_vm_is_snapshotted_and_goes_on_or_stops_on_request() {
+    let env = RunEnv::new("snapshot-live");
+    let (code, out, err) = env.sm(
+        &[
+            "run",
+            "-d",
+            "--name",
+            "live",
+            "-m",
+            "128m",
+            "-p",
+            "127.0.0.1:18401:80",
+            &env.image,
+            "sh",
+            "-c",
+            BAKED_SERVER,
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let first = String::from_utf8_lossy(&out).trim().to_string();
+    exec_out(
+        &env,
+        "live",
+        &["sh", "-c", "echo before-snapshot > /dev/shm/state"],
+    );
+    let snap = env.dir.join("live-snapshot");
+    let (code, out, err) = env.sm(&["snapshot", "live", snap.to_str().unwrap()], None);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(String::from_utf8_lossy(&out).trim(), snap.to_str().unwrap());
+    // The original goes on serving.
+    let (_, body) = http_get(18401, "/").unwrap();
+    assert_eq!(body, b"baked-body\n");
+    exec_out(&env, "live", &["sh", "-c", "echo after > /dev/shm/state"]);
+
+    // A VM restored from it has the state of the moment of the snapshot.
+    let (code, out, err) = env.sm(
+        &[
+            "run",
+            "-d",
+            "-p",
+            "127.0.0.1:18402:80",
+            "--snapshot",
+            snap.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let clone = String::from_utf8_lossy(&out).trim().to_string();
+    let (_, body) = http_get(18402, "/").unwrap();
+    assert_eq!(body, b"baked-body\n");
+    assert_eq!(
+        exec_out(&env, &clone, &["cat", "/dev/shm/state"]),
+        "before-snapshot"
+    );
+    assert_eq!(exec_out(&env, &first, &["cat", "/dev/shm/state"]), "after");
+
+    // --stop: snapshot, then the VM is gone.
+    let again = env.dir.join("live-snapshot-2");
+    let (code, _, err) = env.sm(
+        &["snapshot", "--stop", &clone, again.to_str().unwrap()],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(again.join("state").is_file());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, ps, _) = env.sm(&["ps", "-q"], None);
+        if !String::from_utf8_lossy(&ps).contains(&clone) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the VM did not stop after snapshot --stop"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A stopped or unknown VM cannot be snapshotted.
+    let (code, _, err) = env.sm(&["snapshot", "no-such-vm", "/tmp/x"], None);
+    assert_ne!(code, 0);
+    assert!(!err.is_empty());
+    env.sm(&["rm", "-f", "live"], None);
+}

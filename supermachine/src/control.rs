@@ -1,0 +1,163 @@
+//! The control socket of a VM's process (`control.sock` in its registry directory): requests
+//! that only the process running the VM can carry out, such as a snapshot of the live VM
+//! (`supermachine snapshot`). One JSON line in, one JSON line out, per connection.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// A request on the control socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum ControlRequest {
+    /// Snapshot the VM into `dir`, then stop it if `stop`, else let it go on.
+    Snapshot {
+        /// The snapshot directory (replaced atomically).
+        dir: PathBuf,
+        /// Stop the VM after the snapshot.
+        stop: bool,
+    },
+}
+
+/// The answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum ControlReply {
+    /// Done; the snapshot's directory.
+    Snapshot {
+        /// Where it is.
+        dir: PathBuf,
+    },
+    /// Refused or failed.
+    Error {
+        /// Why.
+        message: String,
+    },
+}
+
+/// Errors talking to a VM's control socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The socket could not be reached or the exchange failed.
+    #[error("control socket {path}: {source}")]
+    Io {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The VM's process answered with an error.
+    #[error("{0}")]
+    Refused(String),
+    /// The answer did not parse.
+    #[error("control socket {0}: unexpected answer")]
+    Protocol(PathBuf),
+}
+
+/// Sends `request` to the VM whose control socket is `socket` and waits for the answer (at
+/// most `limit`).
+pub fn call(
+    socket: &Path,
+    request: &ControlRequest,
+    limit: Duration,
+) -> Result<ControlReply, ControlError> {
+    let io = |source| ControlError::Io {
+        path: socket.to_path_buf(),
+        source,
+    };
+    let mut s = UnixStream::connect(socket).map_err(io)?;
+    s.set_read_timeout(Some(limit)).map_err(io)?;
+    let mut line = serde_json::to_vec(request).map_err(|e| io(std::io::Error::other(e)))?;
+    line.push(b'\n');
+    s.write_all(&line).map_err(io)?;
+    let mut answer = String::new();
+    BufReader::new(s).read_line(&mut answer).map_err(io)?;
+    match serde_json::from_str(&answer) {
+        Ok(ControlReply::Error { message }) => Err(ControlError::Refused(message)),
+        Ok(reply) => Ok(reply),
+        Err(_) => Err(ControlError::Protocol(socket.to_path_buf())),
+    }
+}
+
+/// Serves requests on `socket` from a background thread, one at a time, with `handle`.
+pub fn serve(
+    socket: &Path,
+    handle: impl Fn(ControlRequest) -> ControlReply + Send + 'static,
+) -> std::io::Result<()> {
+    let _ = std::fs::remove_file(socket);
+    let listener = UnixListener::bind(socket)?;
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+                let mut line = String::new();
+                let Ok(reader) = conn.try_clone() else {
+                    continue;
+                };
+                // A request is one short line: refuse anything longer.
+                if BufReader::new(reader.take(64 << 10))
+                    .read_line(&mut line)
+                    .is_err()
+                {
+                    continue;
+                }
+                let reply = match serde_json::from_str::<ControlRequest>(&line) {
+                    Ok(request) => handle(request),
+                    Err(e) => ControlReply::Error {
+                        message: format!("bad request: {e}"),
+                    },
+                };
+                let mut out = serde_json::to_vec(&reply).unwrap_or_default();
+                out.push(b'\n');
+                let _ = (&conn).write_all(&out);
+            }
+        })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_reaches_the_handler_and_its_answer_comes_back() {
+        let dir = std::env::temp_dir().join(format!("sm-control-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("control.sock");
+        serve(&socket, |req| match req {
+            ControlRequest::Snapshot { dir, stop: false } => ControlReply::Snapshot { dir },
+            ControlRequest::Snapshot { stop: true, .. } => ControlReply::Error {
+                message: "no".into(),
+            },
+        })
+        .unwrap();
+        let req = ControlRequest::Snapshot {
+            dir: "/x".into(),
+            stop: false,
+        };
+        assert_eq!(
+            call(&socket, &req, Duration::from_secs(5)).unwrap(),
+            ControlReply::Snapshot { dir: "/x".into() }
+        );
+        let req = ControlRequest::Snapshot {
+            dir: "/x".into(),
+            stop: true,
+        };
+        assert!(matches!(
+            call(&socket, &req, Duration::from_secs(5)),
+            Err(ControlError::Refused(m)) if m == "no"
+        ));
+        // Garbage gets an error line, not a dead server.
+        let mut s = UnixStream::connect(&socket).unwrap();
+        s.write_all(b"{garbage\n").unwrap();
+        let mut answer = String::new();
+        BufReader::new(s).read_line(&mut answer).unwrap();
+        assert!(answer.contains("bad request"), "{answer}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
