@@ -75,6 +75,9 @@ pub enum Which {
         /// Runs of each Linux measurement
         #[arg(long, default_value_t = 30)]
         linux_runs: usize,
+        /// VMs restored from one snapshot at once for the memory measurement
+        #[arg(long, default_value_t = 20)]
+        clones: usize,
         /// Only the Linux part, here (used inside the test host)
         #[arg(long)]
         here: bool,
@@ -298,6 +301,7 @@ pub fn run(which: Which) -> Result<()> {
             runs,
             sizes,
             linux_runs,
+            clones,
             here,
         } => {
             if !here {
@@ -309,9 +313,11 @@ pub fn run(which: Which) -> Result<()> {
                 "restore".to_string(),
                 "--linux-runs".into(),
                 linux_runs.to_string(),
+                "--clones".into(),
+                clones.to_string(),
             ];
             match guest_bench_host(here, &args)? {
-                Some(sm) => crate::bench_restore::bench_linux(&sm, linux_runs),
+                Some(sm) => crate::bench_restore::bench_linux(&sm, linux_runs, clones),
                 None => Ok(()),
             }
         }

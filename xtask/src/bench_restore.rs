@@ -295,7 +295,7 @@ fn summary(v: &mut [f64]) -> String {
 /// The Linux part of `bench restore`, run where Linux guests boot (the emulated KVM host):
 /// restore vs cold boot of a baked web server, QEMU `-incoming` of the same kernel and
 /// initramfs, bake time, and the memory cost of 20 VMs restored from one snapshot.
-pub fn bench_linux(supermachine: &Path, runs: usize) -> Result<()> {
+pub fn bench_linux(supermachine: &Path, runs: usize, clones: usize) -> Result<()> {
     let mib = 128u32;
     let work = PathBuf::from("/run").join(format!("sm-bench-restore-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
@@ -442,33 +442,6 @@ pub fn bench_linux(supermachine: &Path, runs: usize) -> Result<()> {
         bail!("QEMU -incoming never answered ({qemu_failed} runs)");
     }
 
-    // Memory: 20 VMs restored from one snapshot at once.
-    step("20 VMs restored from one snapshot: memory");
-    let mut ids = Vec::new();
-    for _ in 0..20 {
-        let out = sm(&["run", "-d", "-m", &memory, &image, "sh", "-c", WEB])
-            .stderr(Stdio::piped())
-            .output()?;
-        if !out.status.success() {
-            bail!("run -d failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        ids.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
-    }
-    // Let every guest settle (its first steps after restore touch pages).
-    std::thread::sleep(Duration::from_secs(2));
-    let mut pss = Vec::new();
-    for id in &ids {
-        let record: serde_json::Value = serde_json::from_slice(&std::fs::read(
-            runtime.join("vms").join(id).join("vm.json"),
-        )?)?;
-        let pid = record["pid"].as_u64().context("no pid")? as u32;
-        pss.push(pss_kib(pid)? as f64 / 1024.0);
-    }
-    for id in &ids {
-        let _ = sm(&["rm", "-f", id]).output();
-    }
-    let _ = std::fs::remove_dir_all(&work);
-
     let median = |v: &mut Vec<f64>| {
         v.sort_by(|a, b| a.total_cmp(b));
         percentile(v, 0.5)
@@ -512,8 +485,37 @@ pub fn bench_linux(supermachine: &Path, runs: usize) -> Result<()> {
         c / r,
         median(&mut qemu_echo.clone()) / median(&mut ours_echo.clone())
     );
+    // Memory: 20 VMs restored from one snapshot at once.
+    step(&format!("{clones} VMs restored from one snapshot: memory"));
+    let mut ids = Vec::new();
+    for i in 0..clones {
+        eprintln!("clone {i}/{clones}");
+        let out = sm(&["run", "-d", "-m", &memory, &image, "sh", "-c", WEB])
+            .stderr(Stdio::piped())
+            .output()?;
+        if !out.status.success() {
+            bail!("run -d failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        ids.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    }
+    // Let every guest settle (its first steps after restore touch pages).
+    std::thread::sleep(Duration::from_secs(2));
+    let mut pss = Vec::new();
+    for id in &ids {
+        let record: serde_json::Value = serde_json::from_slice(&std::fs::read(
+            runtime.join("vms").join(id).join("vm.json"),
+        )?)?;
+        let pid = record["pid"].as_u64().context("no pid")? as u32;
+        pss.push(pss_kib(pid)? as f64 / 1024.0);
+    }
+    for id in &ids {
+        let _ = sm(&["rm", "-f", id]).output();
+    }
+
+    let _ = std::fs::remove_dir_all(&work);
     println!(
-        "20 VMs restored from one {mib} MiB snapshot: PSS per VM median {:.1} MiB (max {:.1}), {:.0} MiB for all 20.",
+        "\n{clones} VMs restored from one {mib} MiB snapshot, running at once: PSS per VM \
+         median {:.1} MiB (max {:.1}), {:.0} MiB for all {clones}.",
         median(&mut pss.clone()),
         pss.iter().copied().fold(0.0, f64::max),
         pss.iter().sum::<f64>()
