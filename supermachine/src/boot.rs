@@ -397,6 +397,14 @@ pub fn restore_loaded(
         live.push(device);
     }
     let vm = builder.restore(&state.vm, &state.vcpus)?;
+    // Now that the interrupt controllers hold their saved state, devices may interrupt.
+    for device in &live {
+        device
+            .transport
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .finish_restore();
+    }
     if let Some(input) = opts.console_input {
         forward_input(input, serial.clone(), control.clone());
     }
