@@ -62,7 +62,12 @@ fn time_echo(mut cmd: Command) -> Result<Duration> {
     let echoed = rx.recv_timeout(Duration::from_secs(30));
     echoed_flag.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = child.kill();
-    let status = child.wait();
+    // Reaped on a thread: a QEMU stuck in the emulated host's kernel must not stop the run.
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(child.wait());
+    });
+    let status = done_rx.recv_timeout(Duration::from_secs(5));
     match echoed {
         Ok(at) => Ok(at - started),
         Err(_) => {
