@@ -972,8 +972,16 @@ fn detached_vm_serves_published_port_and_takes_exec_cp_stop_rm() {
     let id = String::from_utf8_lossy(&out).trim().to_string();
     assert_eq!(id.len(), 12, "{id:?}");
 
-    // Its output is in its log.
-    let (code, out, err) = env.sm(&["logs", "web"], None);
+    // Its output is in its log (`run -d` returns once the agent answers, which can be just
+    // before the workload's first line).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (code, out, err) = loop {
+        let (code, out, err) = env.sm(&["logs", "web"], None);
+        if !out.is_empty() || Instant::now() > deadline {
+            break (code, out, err);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert_eq!(
         (code, String::from_utf8_lossy(&out).into_owned()),
         (0, "serving\n".into()),
