@@ -366,6 +366,11 @@ pub fn bench_linux(supermachine: &Path, runs: usize, clones: usize) -> Result<()
             stop(child)?;
             let err = err_reader.join().unwrap_or_default();
             let t = t.with_context(|| err.clone())?;
+            eprintln!(
+                "run {i}/{runs} {}: {:.1} ms",
+                if boot { "cold boot" } else { "restore" },
+                t.as_secs_f64() * 1e3
+            );
             if i == 0 {
                 continue; // warm-up
             }
