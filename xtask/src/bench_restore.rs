@@ -151,10 +151,16 @@ fn qemu_snapshot(kernel: &Path, mib: u32, file: &Path, work: &Path) -> Result<()
     }
     // Live, not stopped first: QEMU keeps a VM that was paused at migration paused after
     // `-incoming`, and the guest dirties next to no memory while it polls.
-    monitor(&sock, &format!("migrate \"exec:cat > {}\"", file.display()))?;
-    let deadline = Instant::now() + Duration::from_secs(60);
+    save_and_quit(&sock, file, child, Duration::from_secs(60))
+}
+
+/// Has the QEMU whose monitor is `sock` migrate its running VM into `file`, waits until that
+/// completed (at most `limit`), and ends it.
+fn save_and_quit(sock: &Path, file: &Path, mut child: Child, limit: Duration) -> Result<()> {
+    monitor(sock, &format!("migrate \"exec:cat > {}\"", file.display()))?;
+    let deadline = Instant::now() + limit;
     loop {
-        let info = monitor(&sock, "info migrate")?;
+        let info = monitor(sock, "info migrate")?;
         if info.contains("completed") {
             break;
         }
@@ -164,7 +170,7 @@ fn qemu_snapshot(kernel: &Path, mib: u32, file: &Path, work: &Path) -> Result<()
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let _ = monitor(&sock, "quit");
+    let _ = monitor(sock, "quit");
     let _ = child.kill();
     let _ = child.wait();
     Ok(())
@@ -581,21 +587,5 @@ fn qemu_linux_snapshot(
         }
     }
     std::thread::spawn(move || while rx.recv().is_ok() {});
-    monitor(&sock, &format!("migrate \"exec:cat > {}\"", file.display()))?;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let info = monitor(&sock, "info migrate")?;
-        if info.contains("completed") {
-            break;
-        }
-        if info.contains("failed") || Instant::now() > deadline {
-            let _ = child.kill();
-            bail!("QEMU migration to a file failed: {info}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = monitor(&sock, "quit");
-    let _ = child.kill();
-    let _ = child.wait();
-    Ok(())
+    save_and_quit(&sock, file, child, Duration::from_secs(120))
 }
