@@ -127,17 +127,21 @@ fn monitor(sock: &Path, cmd: &str) -> Result<String> {
     Ok(out)
 }
 
-/// Boots the echo toy in QEMU, waits for it to echo, saves its state to `file`.
-fn qemu_snapshot(kernel: &Path, mib: u32, file: &Path, work: &Path) -> Result<()> {
-    let sock = work.join(format!("qemu-monitor-{mib}.sock"));
-    let _ = std::fs::remove_file(&sock);
-    let mut cmd = crate::bench::qemu_microvm(kernel, mib);
+/// Starts QEMU (`cmd`) with its human monitor on the Unix socket `sock` and piped stdio.
+fn spawn_with_monitor(mut cmd: Command, sock: &Path) -> Result<Child> {
+    let _ = std::fs::remove_file(sock);
     cmd.arg("-monitor")
         .arg(format!("unix:{},server=on,wait=off", sock.display()))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut child: Child = cmd.spawn().context("qemu-system-x86_64")?;
+    cmd.spawn().context("qemu-system-x86_64")
+}
+
+/// Boots the echo toy in QEMU, waits for it to echo, saves its state to `file`.
+fn qemu_snapshot(kernel: &Path, mib: u32, file: &Path, work: &Path) -> Result<()> {
+    let sock = work.join(format!("qemu-monitor-{mib}.sock"));
+    let mut child = spawn_with_monitor(crate::bench::qemu_microvm(kernel, mib), &sock)?;
     let mut out = BufReader::new(child.stdout.take().context("no stdout")?);
     let mut seen = String::new();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -548,14 +552,7 @@ fn qemu_linux_snapshot(
     work: &Path,
 ) -> Result<()> {
     let sock = work.join("qemu-linux-monitor.sock");
-    let _ = std::fs::remove_file(&sock);
-    let mut cmd = crate::bench::qemu_linux(kernel, initrd, mib);
-    cmd.arg("-monitor")
-        .arg(format!("unix:{},server=on,wait=off", sock.display()))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child: Child = cmd.spawn().context("qemu-system-x86_64")?;
+    let mut child = spawn_with_monitor(crate::bench::qemu_linux(kernel, initrd, mib), &sock)?;
     let mut out = child.stdout.take().context("no stdout")?;
     // Its console, read on a thread (and drained to the end, so the guest never blocks).
     let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
