@@ -153,6 +153,30 @@ impl Agent {
         }
     }
 
+    /// [`Agent::restored`], retried while the agent cannot be reached yet (a clone's vsock
+    /// device is still coming up), until `limit` passes: one round trip when it is up.
+    pub fn restored_within(
+        &self,
+        env: &[String],
+        hostname: Option<&str>,
+        limit: Duration,
+    ) -> Result<(), AgentClientError> {
+        let deadline = Instant::now() + limit;
+        loop {
+            match self.restored(env, hostname) {
+                Err(AgentClientError::Unreachable { .. } | AgentClientError::Refused(_))
+                    if Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(2))
+                }
+                Err(AgentClientError::Unreachable { .. } | AgentClientError::Refused(_)) => {
+                    return Err(AgentClientError::Timeout(limit))
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Pings until the agent answers or `limit` passes.
     pub fn wait_ready(&self, limit: Duration) -> Result<(), AgentClientError> {
         let deadline = Instant::now() + limit;

@@ -193,38 +193,57 @@ impl Drop for Permit<'_> {
 /// How long a connection waits for the guest agent while the VM boots.
 const AGENT_WAIT: Duration = Duration::from_secs(120);
 
+/// Opens once the guest's agent takes connections (init is up after a boot; the clone caught
+/// up after a restore). Forwarded connections wait on it instead of pinging the agent, which
+/// saves a vsock round trip before the first request.
+#[derive(Clone, Default)]
+pub struct AgentGate(std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>);
+
+impl AgentGate {
+    /// Lets every waiting and later connection through.
+    pub fn open(&self) {
+        let (lock, cv) = &*self.0;
+        *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        cv.notify_all();
+    }
+
+    /// Waits until open or `limit` passes; true if open.
+    pub fn wait(&self, limit: Duration) -> bool {
+        let (lock, cv) = &*self.0;
+        let guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let (open, _) = cv
+            .wait_timeout_while(guard, limit, |open| !*open)
+            .unwrap_or_else(|e| e.into_inner());
+        *open
+    }
+}
+
 impl PublishedPort {
     /// Forwards every connection to the guest port through `agent`, each on its own thread,
-    /// for as long as the process lives.
-    pub fn forward(self, agent: Agent) {
+    /// for as long as the process lives; connections wait for `gate` first.
+    pub fn forward(self, agent: Agent, gate: AgentGate) {
         let guest_port = self.mapping.guest_port;
-        // Once the agent has answered, connections skip the readiness check.
-        let agent_up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let in_flight = std::sync::Arc::new(InFlight::default());
         let _ = std::thread::Builder::new()
             .name(format!("publish-{}", self.local.port()))
             .spawn(move || {
                 for conn in self.listener.incoming() {
                     let Ok(tcp) = conn else { continue };
-                    let (agent, agent_up) = (agent.clone(), agent_up.clone());
+                    let (agent, gate) = (agent.clone(), gate.clone());
                     let in_flight = in_flight.clone();
                     std::thread::spawn(move || {
-                        use std::sync::atomic::Ordering;
                         let _ = tcp.set_nodelay(true);
                         // A burst of clients waits here rather than overflowing a small
                         // server's accept backlog inside the guest.
                         let _permit = in_flight.acquire();
                         // Early clients wait for the agent instead of being refused.
-                        let up = if agent_up.load(Ordering::Relaxed) {
-                            Ok(())
-                        } else {
-                            agent.wait_ready(AGENT_WAIT)
-                        };
-                        let guest = up.and_then(|()| {
-                            agent_up.store(true, Ordering::Relaxed);
-                            connect_patiently(&agent, guest_port)
-                        });
-                        match guest {
+                        if !gate.wait(AGENT_WAIT) {
+                            eprintln!(
+                                "supermachine: guest port {guest_port}: the guest agent was not up within {AGENT_WAIT:?}"
+                            );
+                            return;
+                        }
+                        match connect_patiently(&agent, guest_port) {
                             Ok(guest) => crate::agent::splice(guest, tcp),
                             Err(e) => eprintln!("supermachine: guest port {guest_port}: {e}"),
                         }

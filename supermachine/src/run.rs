@@ -921,8 +921,9 @@ fn run_registered(
         exit_code: None,
     })?;
     let agent = crate::agent::Agent::new(dir.vsock());
+    let agent_gate = crate::ports::AgentGate::default();
     for p in published {
-        p.forward(agent.clone());
+        p.forward(agent.clone(), agent_gate.clone());
     }
     // `--ready-log`: watch the workload's output.
     let log_seen = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1026,8 +1027,15 @@ fn run_registered(
     let come_up_limit = opts.come_up_limit.unwrap_or(COME_UP_LIMIT);
     {
         let (ready, vm, never_up) = (ready_watch.clone(), vm_control.clone(), never_up.clone());
+        // After a boot, init writes its ready line once the agent listens; a restore opens
+        // the gate itself, after the clone caught up.
+        let gate = matches!(start, Start::Boot { .. }).then(|| agent_gate.clone());
         std::thread::spawn(move || {
-            if !ready.wait_timeout(come_up_limit) && !vm.is_stopping() {
+            if ready.wait_timeout(come_up_limit) {
+                if let Some(gate) = gate {
+                    gate.open();
+                }
+            } else if !vm.is_stopping() {
                 never_up.store(true, std::sync::atomic::Ordering::SeqCst);
                 vm.request_exit(VmExit::Stopped);
             }
@@ -1062,6 +1070,7 @@ fn run_registered(
             let private = restoring.clone();
             let vm = vm_control.clone();
             let live = live.clone();
+            let gate = agent_gate.clone();
             let on_started: Box<dyn FnOnce(crate::snapshot::Snapshotter) + Send> =
                 Box::new(move |snapshotter| {
                     *live.lock().unwrap_or_else(|e| e.into_inner()) = Some((snapshotter, workload));
@@ -1074,9 +1083,11 @@ fn run_registered(
                     }
                     std::thread::spawn(move || {
                         let agent = crate::agent::Agent::new(&private);
-                        let caught_up = agent
-                            .wait_ready(std::time::Duration::from_secs(30))
-                            .and_then(|()| agent.restored(&env, Some(&hostname)));
+                        let caught_up = agent.restored_within(
+                            &env,
+                            Some(&hostname),
+                            std::time::Duration::from_secs(30),
+                        );
                         if let Err(e) = caught_up {
                             // A clone with the snapshot's clock and entropy must not serve.
                             eprintln!("supermachine: the restored guest did not catch up: {e}");
@@ -1086,6 +1097,14 @@ fn run_registered(
                         if let Err(e) = std::fs::rename(&private, &public) {
                             eprintln!("supermachine: {}: {e}", public.display());
                             vm.request_exit(VmExit::Stopped);
+                            return;
+                        }
+                        gate.open();
+                        if std::env::var_os("SUPERMACHINE_TIMINGS").is_some() {
+                            eprintln!(
+                                "timings: caught_up={:.2}",
+                                started.elapsed().as_secs_f64() * 1e3
+                            );
                         }
                     });
                 });

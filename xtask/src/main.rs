@@ -73,6 +73,9 @@ enum Cmd {
         /// Working directory for the command
         #[arg(short = 'C', long)]
         dir: Option<PathBuf>,
+        /// Kill the emulated host (and dump its CPUs) after this many seconds without output
+        #[arg(long)]
+        silence: Option<u64>,
         /// The command
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -101,6 +104,9 @@ enum Cmd {
         /// Only these tests (default: all)
         tests: Vec<String>,
     },
+    /// Keep one idle KVM VM alive in the background (inside the emulated host, see testhost.rs)
+    #[command(hide = true)]
+    HoldKvm,
     /// Benchmarks, each next to QEMU in the same run
     Bench {
         #[command(subcommand)]
@@ -124,10 +130,12 @@ fn main() -> ExitCode {
             memory,
             cpus,
             dir,
+            silence,
             command,
         } => {
             let mut opts = testhost::Options {
                 memory_mib: memory,
+                silence_limit: silence.map(std::time::Duration::from_secs),
                 ..Default::default()
             };
             if let Some(c) = cpus {
@@ -141,6 +149,7 @@ fn main() -> ExitCode {
         Cmd::Test { local } => tests::run_all(local).map(|_| 0),
         Cmd::Fuzz { seconds } => fuzz::run_all(seconds).map(|_| 0),
         Cmd::Bench { which } => bench::run(which).map(|_| 0),
+        Cmd::HoldKvm => testhost::hold_kvm().map(|_| 0),
         Cmd::IsolatedTests {
             timeout,
             binary,

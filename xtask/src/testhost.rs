@@ -287,6 +287,12 @@ pub fn run_command_lines(command: &[String], opts: &Options) -> Result<(i32, Vec
             text.push_str(&format!("export {k}={}\n", shell_quote(&v)));
         }
     }
+    // See `hold_kvm`: before the command creates any VM of its own.
+    let xtask = std::env::current_exe()?;
+    text.push_str(&format!(
+        "[ -c /dev/kvm ] && {{ {} hold-kvm || echo 'testhost: could not hold an idle VM'; }}\n",
+        shell_quote(&xtask.to_string_lossy())
+    ));
     text.push_str(
         &command
             .iter()
@@ -297,8 +303,14 @@ pub fn run_command_lines(command: &[String], opts: &Options) -> Result<(i32, Vec
     text.push('\n');
     write_atomic(&script, text.as_bytes())?;
 
+    // A monitor socket, so that a machine that stopped responding can be asked where its CPUs are.
+    let monitor = scripts.join(format!("monitor-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&monitor);
+    let loglevel = std::env::var("SUPERMACHINE_TESTHOST_LOGLEVEL").unwrap_or_else(|_| "1".into());
     let mut qemu = Command::new("qemu-system-x86_64");
     qemu.args(["-accel", "tcg,thread=multi", "-cpu", "max,xsave=off"])
+        .arg("-monitor")
+        .arg(format!("unix:{},server=on,wait=off", monitor.display()))
         .args(["-smp", &opts.cpus.to_string(), "-m", &opts.memory_mib.to_string()])
         .args(["-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio"])
         .arg("-kernel")
@@ -307,7 +319,7 @@ pub fn run_command_lines(command: &[String], opts: &Options) -> Result<(i32, Vec
         .arg(&initrd)
         .arg("-append")
         .arg(format!(
-            "console=ttyS0 quiet loglevel=1 panic=-1 sm_cmd={}",
+            "console=ttyS0 quiet loglevel={loglevel} panic=-1 sm_cmd={}",
             script.display()
         ))
         .args([
@@ -331,11 +343,13 @@ pub fn run_command_lines(command: &[String], opts: &Options) -> Result<(i32, Vec
     let wedged = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     if let Some(limit) = opts.silence_limit {
         let (last, wedged, pid) = (last_output.clone(), wedged.clone(), child.id());
+        let monitor_for_watchdog = monitor.clone();
         std::thread::spawn(move || loop {
             std::thread::sleep(std::time::Duration::from_secs(5));
             let quiet = last.lock().map(|t| t.elapsed()).unwrap_or_default();
             if quiet > limit {
                 wedged.store(true, std::sync::atomic::Ordering::SeqCst);
+                dump_cpus(&monitor_for_watchdog);
                 // SAFETY: signalling our own QEMU child, which we have not reaped yet.
                 unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
                 return;
@@ -356,7 +370,12 @@ pub fn run_command_lines(command: &[String], opts: &Options) -> Result<(i32, Vec
             && (line.contains("soft lockup") || line.contains("rcu_preempt detected stalls"))
         {
             eprintln!("testhost: {}", line.trim());
-            wedged.store(true, std::sync::atomic::Ordering::SeqCst);
+            if !wedged.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                // Give the kernel a moment to print the stuck task's stack (with a higher
+                // SUPERMACHINE_TESTHOST_LOGLEVEL), then record where every CPU is.
+                std::thread::sleep(std::time::Duration::from_secs(3));
+                dump_cpus(&monitor);
+            }
             let _ = child.kill();
             continue;
         }
@@ -388,6 +407,7 @@ pub fn run_command_lines(command: &[String], opts: &Options) -> Result<(i32, Vec
     }
     let _ = child.wait();
     let _ = std::fs::remove_file(&script);
+    let _ = std::fs::remove_file(&monitor);
     if wedged.load(std::sync::atomic::Ordering::SeqCst) {
         eprintln!(
             "testhost: the emulated machine stopped making progress (a stuck CPU, or nothing \
@@ -407,5 +427,89 @@ pub fn run_command_lines(command: &[String], opts: &Options) -> Result<(i32, Vec
             }
             Ok((125, printed))
         }
+    }
+}
+
+/// Prints where each CPU of a stuck emulated machine is (registers, the instructions at its
+/// program counter), from QEMU's monitor: the evidence for telling a nested guest that never
+/// exits from a host kernel that spins.
+fn dump_cpus(monitor: &Path) {
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+    let Ok(mut s) = UnixStream::connect(monitor) else {
+        eprintln!("testhost: no monitor at {}", monitor.display());
+        return;
+    };
+    let _ = s.set_read_timeout(Some(std::time::Duration::from_millis(1500)));
+    let mut commands = String::from("info cpus\n");
+    for cpu in 0..16 {
+        commands.push_str(&format!(
+            "cpu {cpu}\ninfo registers\nx/6i $pc\ninfo lapic\n"
+        ));
+    }
+    let _ = s.write_all(commands.as_bytes());
+    let mut out = Vec::new();
+    let mut buf = [0u8; 65536];
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&out);
+    // HMP draws its prompt with terminal escapes: drop them (ESC [ ... final letter).
+    let mut plain = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for e in chars.by_ref() {
+                if e.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else if c != '\r' {
+            plain.push(c);
+        }
+    }
+    eprintln!("testhost: the stuck machine's CPUs (QEMU monitor):");
+    for line in plain.lines().filter(|l| !l.trim().is_empty()) {
+        eprintln!("  | {line}");
+    }
+}
+
+/// Creates one KVM VM with an in-kernel irqchip and one vCPU that never runs, then leaves it to
+/// a background process that lives as long as the emulated host.
+///
+/// Why: the emulated host's kernel flips static keys when the first VM appears and the last one
+/// goes (KVM's preempt notifiers, patched into `__schedule`; the lapic's enable keys), by
+/// live-patching its code with `int3`. QEMU 7.2's multi-threaded TCG sometimes keeps running a
+/// stale translation of the patched code on the other CPU: it hits an `int3` that memory no
+/// longer holds, the kernel backs up over it and retries, forever, with interrupts off (seen as
+/// both CPUs looping in `asm_exc_int3` from `__schedule+0x2ab`, soft lockups, a silent host).
+/// With one VM held for the whole run, those counts never return to zero, so tests that create
+/// and destroy many VMs no longer patch the scheduler each time.
+pub fn hold_kvm() -> Result<()> {
+    let kvm = kvm_ioctls::Kvm::new().context("hold-kvm: /dev/kvm")?;
+    let vm = kvm.create_vm().context("hold-kvm: KVM_CREATE_VM")?;
+    vm.create_irq_chip().context("hold-kvm: KVM_CREATE_IRQCHIP")?;
+    let vcpu = vm.create_vcpu(0).context("hold-kvm: KVM_CREATE_VCPU")?;
+    // SAFETY: fork in a single-threaded process; the child only sleeps and keeps the fds.
+    match unsafe { libc::fork() } {
+        -1 => bail!("hold-kvm: fork: {}", std::io::Error::last_os_error()),
+        0 => {
+            let _held = (kvm, vm, vcpu);
+            // Let go of the console the script's caller reads.
+            if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+                use std::os::fd::AsRawFd;
+                for fd in 0..3 {
+                    // SAFETY: dup2 onto the standard descriptors of this process.
+                    unsafe { libc::dup2(null.as_raw_fd(), fd) };
+                }
+            }
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
+        }
+        _ => Ok(()),
     }
 }
