@@ -24,6 +24,7 @@ fn run() -> Result<i32, String> {
     if std::process::id() != 1 {
         return Err("must run as PID 1 inside a guest".into());
     }
+    report_fatal_signals();
     mount_kernel_filesystems()?;
     let config = load_config()?;
     if let Some(secs) = config.clock_seconds {
@@ -212,3 +213,91 @@ fn report_exit_status(status: i32) {
 
 #[cfg(not(target_arch = "x86_64"))]
 fn report_exit_status(_status: i32) {}
+
+/// The kernel prints nothing when PID 1 faults (only "Attempted to kill init!"): say which
+/// thread faulted, where, and on what address, on the console and in the kernel log.
+fn report_fatal_signals() {
+    extern "C" {
+        // The linker's symbol for our own ELF header: where this (static-pie) binary is loaded.
+        static __ehdr_start: u8;
+    }
+    // Only the symbol's address is taken (no read).
+    let base = std::ptr::addr_of!(__ehdr_start) as usize;
+    LOAD_BASE.store(base, std::sync::atomic::Ordering::Relaxed);
+    for sig in [libc::SIGSEGV, libc::SIGBUS, libc::SIGILL, libc::SIGFPE] {
+        // SAFETY: a zeroed sigaction with a handler that only makes async-signal-safe calls.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_fatal_signal as *const () as usize;
+            sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESETHAND | libc::SA_NODEFER;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+}
+
+/// Where init is loaded, so a reported `ip` minus this is an address in the binary.
+static LOAD_BASE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+extern "C" fn on_fatal_signal(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // Formats into a stack buffer: no allocation in a signal handler.
+    struct Buf {
+        bytes: [u8; 200],
+        len: usize,
+    }
+    impl Buf {
+        fn text(&mut self, t: &[u8]) {
+            for &b in t {
+                if self.len < self.bytes.len() {
+                    self.bytes[self.len] = b;
+                    self.len += 1;
+                }
+            }
+        }
+        fn hex(&mut self, v: u64) {
+            self.text(b"0x");
+            for i in (0..16).rev() {
+                self.text(&[b"0123456789abcdef"[((v >> (i * 4)) & 0xf) as usize]]);
+            }
+        }
+    }
+    let mut b = Buf {
+        bytes: [0; 200],
+        len: 0,
+    };
+    let mut name = [0u8; 17];
+    // SAFETY: PR_GET_NAME writes at most 16 bytes and a NUL into `name`.
+    unsafe { libc::prctl(libc::PR_GET_NAME, name.as_mut_ptr() as libc::c_ulong, 0, 0, 0) };
+    let name_len = name.iter().position(|&c| c == 0).unwrap_or(16);
+    b.text(b"supermachine-init: fatal signal ");
+    b.text(&[b'0' + (sig / 10) as u8, b'0' + (sig % 10) as u8]);
+    b.text(b" in thread '");
+    b.text(&name[..name_len]);
+    b.text(b"' addr=");
+    // SAFETY: the kernel passes a valid siginfo (SA_SIGINFO).
+    b.hex(unsafe { (*info).si_addr() } as u64);
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: with SA_SIGINFO the third argument is the interrupted ucontext.
+        let gregs = unsafe { &(*(ctx as *const libc::ucontext_t)).uc_mcontext.gregs };
+        b.text(b" ip=");
+        b.hex(gregs[libc::REG_RIP as usize] as u64);
+        b.text(b" sp=");
+        b.hex(gregs[libc::REG_RSP as usize] as u64);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = ctx;
+    b.text(b" base=");
+    b.hex(LOAD_BASE.load(std::sync::atomic::Ordering::Relaxed) as u64);
+    b.text(b"\n");
+    // SAFETY: write(2) and open(2) are async-signal-safe; the buffer outlives the calls.
+    unsafe {
+        libc::write(2, b.bytes.as_ptr().cast(), b.len);
+        let kmsg = libc::open(c"/dev/kmsg".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if kmsg >= 0 {
+            libc::write(kmsg, b.bytes.as_ptr().cast(), b.len);
+            libc::close(kmsg);
+        }
+    }
+    // SA_RESETHAND restored the default action: returning re-runs the faulting instruction.
+}

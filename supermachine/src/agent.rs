@@ -163,12 +163,14 @@ impl Agent {
     ) -> Result<(), AgentClientError> {
         let deadline = Instant::now() + limit;
         loop {
+            // Idempotent, so a connection lost on the way (the vsock reset of a restore) is
+            // simply retried.
             match self.restored(env, hostname) {
-                Err(AgentClientError::Unreachable { .. } | AgentClientError::Refused(_))
-                    if Instant::now() < deadline =>
-                {
-                    std::thread::sleep(Duration::from_millis(2))
-                }
+                Err(
+                    AgentClientError::Unreachable { .. }
+                    | AgentClientError::Refused(_)
+                    | AgentClientError::Protocol(_),
+                ) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
                 Err(AgentClientError::Unreachable { .. } | AgentClientError::Refused(_)) => {
                     return Err(AgentClientError::Timeout(limit))
                 }

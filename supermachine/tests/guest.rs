@@ -1205,6 +1205,32 @@ fn a_baked_server_restores_twenty_times_and_answers_each_time() {
         let (code, _, err) = env.sm(&["rm", "-f", &id], None);
         assert_eq!(code, 0, "{err}");
     }
+    // A restored VM in the foreground stops like a booted one: SIGTERM reaches httpd and its
+    // status (128 + 15) is supermachine's, with init shutting down cleanly.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_supermachine"))
+        .args(["run", "-m", "128m", "-p", "127.0.0.1:18230:80", &env.image])
+        .args(["sh", "-c", BAKED_SERVER])
+        .env("SUPERMACHINE_HOME", env.dir.join("home"))
+        .env("SUPERMACHINE_RUNTIME_DIR", env.runtime_dir())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while http_get(18230, "/").map(|(s, _)| !s.contains("200")).unwrap_or(true) {
+        assert!(started.elapsed() < HANG_LIMIT, "the foreground restore never answered");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(143), "{err}");
     // `--no-restore` boots instead: no mark.
     let (code, out, err) = env.sm(
         &[

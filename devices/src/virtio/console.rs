@@ -178,7 +178,7 @@ impl VirtioDevice for Console {
 
     fn ack_features(&mut self, _features: u64) {}
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
+    fn read_config(&mut self, offset: u64, data: &mut [u8]) {
         // cols, rows, max_nr_ports, emerg_wr: all zero (no size, one port).
         crate::virtio::read_config_bytes(&[0u8; 12], offset, data);
     }

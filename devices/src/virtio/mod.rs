@@ -128,7 +128,8 @@ pub trait VirtioDevice: Send {
     /// The features the driver accepted (a subset of [`features`](Self::features)).
     fn ack_features(&mut self, features: u64);
     /// Reads the device configuration space at `offset`; bytes past its end read as zero.
-    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Mutable because a read can be the driver's answer to an event (vsock's CID re-read).
+    fn read_config(&mut self, offset: u64, data: &mut [u8]);
     /// Writes the device configuration space (most devices ignore it).
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
     /// Starts the device with the driver's queues.

@@ -220,6 +220,12 @@ pub fn restore_vcpu(fd: &VcpuFd, s: &VcpuState) -> Result<(), HypervisorError> {
         .map_err(err("KVM_SET_REGS"))?;
     let mut ksregs = fd.get_sregs().map_err(err("KVM_GET_SREGS"))?;
     regs::apply_sregs(&mut ksregs, &s.sregs);
+    if host_is_amd() && ksregs.tr.type_ == TSS_BUSY {
+        // KVM on SVM reports TR as busy whatever the VMCB holds, but AMD CPUs keep the type
+        // LTR found (available) in TR's hidden part. Give it back as the CPU had it: an
+        // emulated AMD CPU (QEMU) otherwise refuses the guest's `ioperm` I/O with a #GP.
+        ksregs.tr.type_ = TSS_AVAILABLE;
+    }
     fd.set_sregs(&ksregs).map_err(err("KVM_SET_SREGS"))?;
     let mut xsave = kvm_xsave::default();
     if s.xsave.len() != xsave.region.len() * 4 {
@@ -323,4 +329,19 @@ pub fn restore_vm(fd: &VmFd, s: &VmState) -> Result<(), HypervisorError> {
     };
     fd.set_clock(&clock).map_err(err("KVM_SET_CLOCK"))?;
     Ok(())
+}
+
+/// 64-bit TSS descriptor types.
+const TSS_AVAILABLE: u8 = 9;
+const TSS_BUSY: u8 = 11;
+
+/// Whether this host's CPU is AMD's (or Hygon's): KVM runs guests with SVM there.
+fn host_is_amd() -> bool {
+    // CPUID leaf 0 exists on every x86-64 CPU.
+    let id = std::arch::x86_64::__cpuid(0);
+    let vendor: Vec<u8> = [id.ebx, id.edx, id.ecx]
+        .iter()
+        .flat_map(|r| r.to_le_bytes())
+        .collect();
+    vendor == b"AuthenticAMD" || vendor == b"HygonGenuine"
 }

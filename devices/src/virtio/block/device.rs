@@ -269,7 +269,7 @@ impl VirtioDevice for Block {
         self.acked_features = features & self.features();
     }
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
+    fn read_config(&mut self, offset: u64, data: &mut [u8]) {
         crate::virtio::read_config_bytes(&self.config, offset, data);
     }
 

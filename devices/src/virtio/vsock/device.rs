@@ -48,6 +48,10 @@ pub struct Vsock {
     acked_features: u64,
     muxer: Muxer,
     active: Option<Active>,
+    /// A TRANSPORT_RESET was delivered and the driver has not re-read the CID yet. Its reset
+    /// of every connected socket follows that read; a connection delivered before it would be
+    /// reset with the snapshot's, so nothing goes to the rx queue until then.
+    reset_unacknowledged: bool,
     /// Scratch: a chain's buffers, and a tx payload.
     bufs: Vec<(GuestAddress, u32)>,
     payload: Vec<u8>,
@@ -95,6 +99,7 @@ impl Vsock {
             acked_features: 0,
             muxer: Muxer::new(guest_cid, &uds_path)?,
             active: None,
+            reset_unacknowledged: false,
             bufs: Vec::new(),
             payload: Vec::with_capacity(MAX_PAYLOAD),
         })
@@ -128,6 +133,7 @@ impl Vsock {
         if q.needs_notification(&a.mem).unwrap_or(true) {
             a.interrupt.signal_used_queue();
         }
+        self.reset_unacknowledged = ok;
         ok
     }
 
@@ -175,6 +181,9 @@ impl Vsock {
 
     /// Moves what waits for the guest into its rx buffers; returns whether to interrupt.
     fn receive(&mut self) -> bool {
+        if self.reset_unacknowledged {
+            return false;
+        }
         let Some(a) = self.active.as_mut() else {
             return false;
         };
@@ -241,8 +250,13 @@ impl VirtioDevice for Vsock {
         self.acked_features = features & self.features();
     }
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
+    fn read_config(&mut self, offset: u64, data: &mut [u8]) {
         crate::virtio::read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
+        if std::mem::take(&mut self.reset_unacknowledged) {
+            // The driver handles the reset: deliver what waited for it.
+            let rx = self.receive();
+            self.notify(rx);
+        }
     }
 
     fn activate(
@@ -298,6 +312,7 @@ impl VirtioDevice for Vsock {
     }
     fn reset(&mut self) {
         self.muxer.reset();
+        self.reset_unacknowledged = false;
         self.active = None;
         self.acked_features = 0;
     }

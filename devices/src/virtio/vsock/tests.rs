@@ -833,6 +833,22 @@ fn transport_reset_event_drops_connections() {
     assert_eq!(g.connections(), 0);
     let mut buf = [0u8; 4];
     assert_eq!(a.read(&mut buf).unwrap(), 0);
+    // A host connection made before the driver re-read the CID waits: it would be reset
+    // along with the snapshot's sockets.
+    let mut host = UnixStream::connect(&g.uds).unwrap();
+    host.write_all(b"CONNECT 22\n").unwrap();
+    g.post_rx(1);
+    let waited = std::time::Instant::now();
+    while waited.elapsed() < Duration::from_millis(100) {
+        g.pump();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(g.rx.take_used(&g.mem).is_empty());
+    let mut cid = [0u8; 8];
+    g.dev.read_config(0, &mut cid);
+    let p = g.wait_packets(1);
+    assert_eq!(p[0].0.op, op::REQUEST);
+    assert_eq!(p[0].0.dst_port, 22);
     // No buffer, or not active: not delivered (connections still dropped).
     assert!(!g.dev.send_transport_reset());
     g.dev.reset();
