@@ -288,8 +288,12 @@ struct BootArgs {
 }
 
 pub fn main() -> ExitCode {
+    supermachine::timings::mark("main");
     let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+        Ok(cli) => {
+            supermachine::timings::mark("parsed");
+            cli
+        }
         Err(e) => {
             let _ = e.print();
             // A bad flag is supermachine failing to start anything: 125, as Docker does.

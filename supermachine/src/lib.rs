@@ -17,6 +17,7 @@ pub mod paths;
 pub mod ports;
 pub mod run;
 pub mod snapshot;
+pub mod timings;
 pub mod vms;
 pub mod volumes;
 

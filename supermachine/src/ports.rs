@@ -232,6 +232,7 @@ impl PublishedPort {
                     let (agent, gate) = (agent.clone(), gate.clone());
                     let in_flight = in_flight.clone();
                     std::thread::spawn(move || {
+                        crate::timings::mark("connection_accepted");
                         let _ = tcp.set_nodelay(true);
                         // A burst of clients waits here rather than overflowing a small
                         // server's accept backlog inside the guest.
@@ -244,7 +245,10 @@ impl PublishedPort {
                             return;
                         }
                         match connect_patiently(&agent, guest_port) {
-                            Ok(guest) => crate::agent::splice(guest, tcp),
+                            Ok(guest) => {
+                                crate::timings::mark("guest_port_connected");
+                                crate::agent::splice(guest, tcp)
+                            }
                             Err(e) => eprintln!("supermachine: guest port {guest_port}: {e}"),
                         }
                     });

@@ -866,6 +866,7 @@ fn run_registered(
 ) -> Result<(i32, Option<std::path::PathBuf>), RunError> {
     let started = std::time::Instant::now();
     let start = plan(opts)?;
+    crate::timings::mark("planned");
     if opts.bake.is_some() {
         if !opts.volumes.is_empty() {
             return Err(RunError::Bake(
@@ -920,6 +921,7 @@ fn run_registered(
         auto_remove: !opts.keep_record,
         exit_code: None,
     })?;
+    crate::timings::mark("ports_bound");
     let agent = crate::agent::Agent::new(dir.vsock());
     let agent_gate = crate::ports::AgentGate::default();
     for p in published {
@@ -1074,6 +1076,7 @@ fn run_registered(
             let on_started: Box<dyn FnOnce(crate::snapshot::Snapshotter) + Send> =
                 Box::new(move |snapshotter| {
                     *live.lock().unwrap_or_else(|e| e.into_inner()) = Some((snapshotter, workload));
+                    crate::timings::mark("vcpus_running");
                     if std::env::var_os("SUPERMACHINE_TIMINGS").is_some() {
                         // For `cargo xtask bench restore`: `run` called → vCPUs about to run.
                         eprintln!(
@@ -1100,12 +1103,7 @@ fn run_registered(
                             return;
                         }
                         gate.open();
-                        if std::env::var_os("SUPERMACHINE_TIMINGS").is_some() {
-                            eprintln!(
-                                "timings: caught_up={:.2}",
-                                started.elapsed().as_secs_f64() * 1e3
-                            );
-                        }
+                        crate::timings::mark("caught_up");
                     });
                 });
             crate::boot::restore_loaded(

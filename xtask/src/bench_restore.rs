@@ -338,7 +338,19 @@ pub fn bench_linux(supermachine: &Path, runs: usize, clones: usize) -> Result<()
     let mut bake_times = Vec::new();
     for _ in 0..3 {
         let started = Instant::now();
-        let out = sm(&["bake", "-m", &memory, &image, "sh", "-c", WEB])
+        // Snapshotted once httpd accepts on port 80 (busybox's image exposes no port, so
+        // the default check would only wait for the shell to start).
+        let out = sm(&[
+            "bake",
+            "-m",
+            &memory,
+            "--ready-port",
+            "80",
+            &image,
+            "sh",
+            "-c",
+            WEB,
+        ])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .output()?;
