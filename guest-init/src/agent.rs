@@ -92,9 +92,8 @@ fn vsock_listener(port: u32) -> io::Result<OwnedFd> {
 }
 
 /// Starts listening; connections are served on their own threads from then on.
-pub fn start(defaults: ExecDefaults) -> io::Result<()> {
+pub fn start(defaults: Arc<RwLock<ExecDefaults>>) -> io::Result<()> {
     let listener = vsock_listener(AGENT_PORT)?;
-    let defaults = Arc::new(RwLock::new(defaults));
     std::thread::Builder::new()
         .name("agent".into())
         .spawn(move || loop {
@@ -397,6 +396,15 @@ fn open_pty(rows: u16, cols: u16) -> io::Result<(File, File)> {
 /// Catches up after a restore: the wall clock, the entropy pool, exec's environment and the
 /// host name. Each step is independent; the first failure is reported after all were tried.
 fn restored(info: RestoredInfo, defaults: &RwLock<ExecDefaults>) -> Frame {
+    match apply_restored(info, defaults) {
+        Ok(()) => Frame::Done,
+        Err(why) => error(ErrorKind::Other, why),
+    }
+}
+
+/// Catches a restored guest up with the host: steps the clock, reseeds the entropy pool, sets
+/// the host name, adds env for later execs. Everything is tried; the failures are joined.
+pub fn apply_restored(info: RestoredInfo, defaults: &RwLock<ExecDefaults>) -> Result<(), String> {
     let mut failures = Vec::new();
     if info.unix_time_ns > 0 {
         let ts = libc::timespec {
@@ -426,9 +434,10 @@ fn restored(info: RestoredInfo, defaults: &RwLock<ExecDefaults>) -> Frame {
             d.hostname = h;
         }
     }
-    match failures.first() {
-        None => Frame::Done,
-        Some(_) => error(ErrorKind::Other, failures.join("; ")),
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(failures.join("; "))
     }
 }
 

@@ -9,6 +9,7 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
+use std::sync::{Arc, RwLock};
 
 use guest_init::{
     ContainerConfig, ControlMessage, InitConfig, EXIT_INIT_FAILED, EXIT_NOT_EXECUTABLE,
@@ -490,7 +491,7 @@ pub fn run(config: &InitConfig, c: &ContainerConfig) -> i32 {
     }
     // The agent (exec, files, published ports) serves from now on; a VM without vsock only
     // loses those.
-    if let Err(e) = crate::agent::start(crate::agent::ExecDefaults {
+    let exec_defaults = Arc::new(RwLock::new(crate::agent::ExecDefaults {
         env: config.env.clone(),
         workdir: config
             .workdir
@@ -499,7 +500,8 @@ pub fn run(config: &InitConfig, c: &ContainerConfig) -> i32 {
             .unwrap_or_else(|| "/".into()),
         user: c.user.clone(),
         hostname: c.hostname.clone(),
-    }) {
+    }));
+    if let Err(e) = crate::agent::start(exec_defaults.clone()) {
         eprintln!("supermachine-init: no agent: {e}");
     }
     // Tell the host it may send input now.
@@ -607,10 +609,24 @@ pub fn run(config: &InitConfig, c: &ContainerConfig) -> i32 {
     } else {
         None
     };
+    let mut answers = control.try_clone().ok();
     std::thread::spawn(move || {
         for line in BufReader::new(control).lines() {
             let Ok(line) = line else { break };
             match ControlMessage::decode(&line) {
+                Some(ControlMessage::Restored(info)) => {
+                    let answer = match crate::agent::apply_restored(info, &exec_defaults) {
+                        Ok(()) => guest_init::CAUGHT_UP.to_string(),
+                        Err(why) => format!(
+                            "{}{}\n",
+                            guest_init::CATCH_UP_FAILED,
+                            why.replace('\n', " ")
+                        ),
+                    };
+                    if let Some(a) = answers.as_mut() {
+                        let _ = a.write_all(answer.as_bytes());
+                    }
+                }
                 Some(ControlMessage::Signal(n)) => {
                     // SAFETY: signalling the workload's process group (its pid is the pgid).
                     unsafe { libc::kill(-pid, n) };

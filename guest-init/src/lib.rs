@@ -103,8 +103,14 @@ pub struct MountSpec {
 /// mode): host input sent earlier could be echoed or mangled by the terminal layer.
 pub const GUEST_READY: &str = "ready\n";
 
+/// What init writes on the control console once it applied a [`ControlMessage::Restored`];
+/// a failure is [`CATCH_UP_FAILED`] followed by the reason and a newline.
+pub const CAUGHT_UP: &str = "caught-up\n";
+/// See [`CAUGHT_UP`].
+pub const CATCH_UP_FAILED: &str = "catch-up-failed ";
+
 /// Messages the host sends on the control console, one per line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ControlMessage {
     /// Deliver signal N to the workload's process group.
     Signal(i32),
@@ -112,6 +118,9 @@ pub enum ControlMessage {
     StdinEof,
     /// The host terminal's size changed: (rows, columns) for the workload's terminal.
     Resize(u16, u16),
+    /// The VM was just restored from a snapshot: catch up (clock, entropy, host name, env),
+    /// then answer [`CAUGHT_UP`]. Sent before the vCPUs run, so it costs no connection.
+    Restored(agent_protocol::RestoredInfo),
 }
 
 impl ControlMessage {
@@ -121,6 +130,11 @@ impl ControlMessage {
             ControlMessage::Signal(n) => format!("signal {n}\n"),
             ControlMessage::StdinEof => "stdin-eof\n".into(),
             ControlMessage::Resize(rows, cols) => format!("resize {rows} {cols}\n"),
+            // JSON escapes newlines: one line whatever the env holds.
+            ControlMessage::Restored(info) => format!(
+                "restored {}\n",
+                serde_json::to_string(info).unwrap_or_default()
+            ),
         }
     }
 
@@ -139,6 +153,9 @@ impl ControlMessage {
                     cols.parse().ok()?,
                 ))
             }
+            Some(("restored", json)) => serde_json::from_str(json)
+                .ok()
+                .map(ControlMessage::Restored),
             None if line.trim() == "stdin-eof" => Some(ControlMessage::StdinEof),
             _ => None,
         }
@@ -196,8 +213,17 @@ mod tests {
             ControlMessage::Signal(15),
             ControlMessage::StdinEof,
             ControlMessage::Resize(50, 132),
+            ControlMessage::Restored(agent_protocol::RestoredInfo {
+                unix_time_ns: 1_795_000_000_123_456_789,
+                entropy: (0..64).collect(),
+                env: vec!["A=two\nlines".into(), "B= spaced ".into()],
+                hostname: Some("vm-1".into()),
+            }),
         ] {
-            assert_eq!(ControlMessage::decode(&m.encode()), Some(m));
+            let line = m.encode();
+            // One line, whatever the env holds.
+            assert_eq!(line.matches('\n').count(), 1, "{line}");
+            assert_eq!(ControlMessage::decode(&line), Some(m));
         }
         for bad in [
             "",
@@ -212,6 +238,10 @@ mod tests {
             "resize 24 x",
             "resize -1 80",
             "resize 24 80 1",
+            "restored",
+            "restored {",
+            "restored {\"unix_time_ns\": -1}",
+            "restored {\"surprise\": 1}",
         ] {
             assert_eq!(ControlMessage::decode(bad), None, "{bad}");
         }

@@ -239,7 +239,11 @@ fn report_fatal_signals() {
 /// Where init is loaded, so a reported `ip` minus this is an address in the binary.
 static LOAD_BASE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-extern "C" fn on_fatal_signal(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+extern "C" fn on_fatal_signal(
+    sig: libc::c_int,
+    info: *mut libc::siginfo_t,
+    ctx: *mut libc::c_void,
+) {
     // Formats into a stack buffer: no allocation in a signal handler.
     struct Buf {
         bytes: [u8; 200],
@@ -267,7 +271,15 @@ extern "C" fn on_fatal_signal(sig: libc::c_int, info: *mut libc::siginfo_t, ctx:
     };
     let mut name = [0u8; 17];
     // SAFETY: PR_GET_NAME writes at most 16 bytes and a NUL into `name`.
-    unsafe { libc::prctl(libc::PR_GET_NAME, name.as_mut_ptr() as libc::c_ulong, 0, 0, 0) };
+    unsafe {
+        libc::prctl(
+            libc::PR_GET_NAME,
+            name.as_mut_ptr() as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    };
     let name_len = name.iter().position(|&c| c == 0).unwrap_or(16);
     b.text(b"supermachine-init: fatal signal ");
     b.text(&[b'0' + (sig / 10) as u8, b'0' + (sig % 10) as u8]);

@@ -153,32 +153,6 @@ impl Agent {
         }
     }
 
-    /// [`Agent::restored`], retried while the agent cannot be reached yet (a clone's vsock
-    /// device is still coming up), until `limit` passes: one round trip when it is up.
-    pub fn restored_within(
-        &self,
-        env: &[String],
-        hostname: Option<&str>,
-        limit: Duration,
-    ) -> Result<(), AgentClientError> {
-        let deadline = Instant::now() + limit;
-        loop {
-            // Idempotent, so a connection lost on the way (the vsock reset of a restore) is
-            // simply retried.
-            match self.restored(env, hostname) {
-                Err(
-                    AgentClientError::Unreachable { .. }
-                    | AgentClientError::Refused(_)
-                    | AgentClientError::Protocol(_),
-                ) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
-                Err(AgentClientError::Unreachable { .. } | AgentClientError::Refused(_)) => {
-                    return Err(AgentClientError::Timeout(limit))
-                }
-                other => return other,
-            }
-        }
-    }
-
     /// Pings until the agent answers or `limit` passes.
     pub fn wait_ready(&self, limit: Duration) -> Result<(), AgentClientError> {
         let deadline = Instant::now() + limit;
@@ -397,7 +371,7 @@ pub fn splice(a: UnixStream, b: std::net::TcpStream) {
 }
 
 /// Fills `buf` from the host kernel's CSPRNG.
-fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
+pub(crate) fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
     let mut filled = 0;
     while filled < buf.len() {
         // SAFETY: getrandom writes at most `len` bytes into the slice we own.

@@ -336,6 +336,74 @@ impl ReadySignal {
     }
 }
 
+/// Init's answer to a [`ControlMessage::Restored`] on the control console: `None` until it
+/// came, then `Ok` or the reason it failed.
+/// (the partial line so far, the answer) under a lock, with a condition variable to wait on.
+type CatchUpState = Arc<(
+    Mutex<(Vec<u8>, Option<Result<(), String>>)>,
+    std::sync::Condvar,
+)>;
+
+#[derive(Clone, Default)]
+struct CatchUp(CatchUpState);
+
+impl CatchUp {
+    /// Looks for the answer line in what the control console printed.
+    fn scan(&self, b: &[u8]) {
+        let (lock, cv) = &*self.0;
+        let mut st = lock.lock().unwrap_or_else(|e| e.into_inner());
+        if st.1.is_some() {
+            return;
+        }
+        for &c in b {
+            if c != b'\n' {
+                if st.0.len() < 4096 {
+                    st.0.push(c);
+                }
+                continue;
+            }
+            let line = String::from_utf8_lossy(&st.0).into_owned();
+            st.0.clear();
+            if line == guest_init::CAUGHT_UP.trim_end() {
+                st.1 = Some(Ok(()));
+            } else if let Some(why) = line.strip_prefix(guest_init::CATCH_UP_FAILED) {
+                st.1 = Some(Err(why.to_string()));
+            } else {
+                continue;
+            }
+            cv.notify_all();
+            return;
+        }
+    }
+
+    /// Waits for the answer, at most `limit`.
+    fn wait(&self, limit: std::time::Duration) -> Result<(), String> {
+        let (lock, cv) = &*self.0;
+        let guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let (st, _) = cv
+            .wait_timeout_while(guard, limit, |st| st.1.is_none())
+            .unwrap_or_else(|e| e.into_inner());
+        st.1.clone()
+            .unwrap_or_else(|| Err(format!("init did not answer within {limit:?}")))
+    }
+}
+
+/// The control console's output: init's ready line and its catch-up answers.
+struct ControlOutput {
+    ready: ReadySignal,
+    catch_up: CatchUp,
+}
+
+impl Write for ControlOutput {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.catch_up.scan(b);
+        self.ready.write(b)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A bounded buffer of the guest's kernel console, for error messages.
 #[derive(Clone, Default)]
 struct ConsoleTail(Arc<Mutex<VecDeque<u8>>>);
@@ -954,7 +1022,9 @@ fn run_registered(
     let control_input: Arc<Mutex<Option<devices::virtio::console::ConsoleInput>>> = Arc::default();
     let ci = control_input.clone();
     let signal_control = control_input.clone();
+    let restore_control = control_input.clone();
     let ready = ReadySignal::default();
+    let catch_up = CatchUp::default();
     let guest_ready = ready.clone();
     let ready_watch = ready.clone();
     let ready_at = ready.1.clone();
@@ -1009,7 +1079,10 @@ fn run_registered(
             on_ready: None,
         },
         ConsoleSpec {
-            output: Box::new(ready.clone()),
+            output: Box::new(ControlOutput {
+                ready: ready.clone(),
+                catch_up: catch_up.clone(),
+            }),
             on_ready: Some(Box::new(move |c| {
                 *control_input.lock().unwrap_or_else(|e| e.into_inner()) = Some(c);
             })),
@@ -1073,9 +1146,31 @@ fn run_registered(
             let vm = vm_control.clone();
             let live = live.clone();
             let gate = agent_gate.clone();
+            let (control, catch_up) = (restore_control, catch_up.clone());
             let on_started: Box<dyn FnOnce(crate::snapshot::Snapshotter) + Send> =
                 Box::new(move |snapshotter| {
                     *live.lock().unwrap_or_else(|e| e.into_inner()) = Some((snapshotter, workload));
+                    // Init reads it as soon as the vCPUs run: no connection to set up first.
+                    let mut entropy = vec![0u8; 64];
+                    let message = crate::agent::getrandom(&mut entropy).map(|()| {
+                        ControlMessage::Restored(agent_protocol::RestoredInfo {
+                            unix_time_ns: std::time::SystemTime::now()
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .map(|d| d.as_nanos() as u64)
+                                .unwrap_or(0),
+                            entropy,
+                            env,
+                            hostname: Some(hostname),
+                        })
+                        .encode()
+                    });
+                    let sent = match (
+                        &message,
+                        control.lock().unwrap_or_else(|e| e.into_inner()).as_ref(),
+                    ) {
+                        (Ok(line), Some(c)) => c.push(line.as_bytes()) == line.len(),
+                        _ => false,
+                    };
                     crate::timings::mark("vcpus_running");
                     if std::env::var_os("SUPERMACHINE_TIMINGS").is_some() {
                         // For `cargo xtask bench restore`: `run` called → vCPUs about to run.
@@ -1085,12 +1180,11 @@ fn run_registered(
                         );
                     }
                     std::thread::spawn(move || {
-                        let agent = crate::agent::Agent::new(&private);
-                        let caught_up = agent.restored_within(
-                            &env,
-                            Some(&hostname),
-                            std::time::Duration::from_secs(30),
-                        );
+                        let caught_up = if sent {
+                            catch_up.wait(std::time::Duration::from_secs(30))
+                        } else {
+                            Err("cannot send it the host's clock and entropy".into())
+                        };
                         if let Err(e) = caught_up {
                             // A clone with the snapshot's clock and entropy must not serve.
                             eprintln!("supermachine: the restored guest did not catch up: {e}");
@@ -1321,6 +1415,32 @@ fn run_registered(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn catch_up_answers_are_found_across_writes_among_other_lines() {
+        let c = CatchUp::default();
+        let mut out = ControlOutput {
+            ready: ReadySignal::default(),
+            catch_up: c.clone(),
+        };
+        out.write_all(b"ready\nnoise\ncaught").unwrap();
+        assert!(c.wait(std::time::Duration::from_millis(10)).is_err());
+        out.write_all(b"-up\n").unwrap();
+        assert_eq!(c.wait(std::time::Duration::from_millis(10)), Ok(()));
+        assert!(out.ready.wait_timeout(std::time::Duration::ZERO));
+
+        let failed = CatchUp::default();
+        failed.scan(b"catch-up-failed clock: Operation not permitted\n");
+        assert_eq!(
+            failed.wait(std::time::Duration::ZERO),
+            Err("clock: Operation not permitted".into())
+        );
+        let silent = CatchUp::default();
+        let e = silent
+            .wait(std::time::Duration::from_millis(5))
+            .unwrap_err();
+        assert!(e.contains("did not answer"), "{e}");
+    }
 
     #[test]
     fn stop_signal_names_and_numbers() {

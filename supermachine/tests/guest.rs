@@ -1218,8 +1218,14 @@ fn a_baked_server_restores_twenty_times_and_answers_each_time() {
         .spawn()
         .unwrap();
     let started = Instant::now();
-    while http_get(18230, "/").map(|(s, _)| !s.contains("200")).unwrap_or(true) {
-        assert!(started.elapsed() < HANG_LIMIT, "the foreground restore never answered");
+    while http_get(18230, "/")
+        .map(|(s, _)| !s.contains("200"))
+        .unwrap_or(true)
+    {
+        assert!(
+            started.elapsed() < HANG_LIMIT,
+            "the foreground restore never answered"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let term = Command::new("kill")
@@ -1228,7 +1234,12 @@ fn a_baked_server_restores_twenty_times_and_answers_each_time() {
         .unwrap();
     assert!(term.success());
     let mut err = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(143), "{err}");
     // `--no-restore` boots instead: no mark.

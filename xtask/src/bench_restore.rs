@@ -351,9 +351,9 @@ pub fn bench_linux(supermachine: &Path, runs: usize, clones: usize) -> Result<()
             "-c",
             WEB,
         ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .output()?;
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()?;
         if !out.status.success() {
             bail!("bake failed: {}", String::from_utf8_lossy(&out.stderr));
         }

@@ -491,7 +491,8 @@ fn dump_cpus(monitor: &Path) {
 pub fn hold_kvm() -> Result<()> {
     let kvm = kvm_ioctls::Kvm::new().context("hold-kvm: /dev/kvm")?;
     let vm = kvm.create_vm().context("hold-kvm: KVM_CREATE_VM")?;
-    vm.create_irq_chip().context("hold-kvm: KVM_CREATE_IRQCHIP")?;
+    vm.create_irq_chip()
+        .context("hold-kvm: KVM_CREATE_IRQCHIP")?;
     let vcpu = vm.create_vcpu(0).context("hold-kvm: KVM_CREATE_VCPU")?;
     // SAFETY: fork in a single-threaded process; the child only sleeps and keeps the fds.
     match unsafe { libc::fork() } {
@@ -499,7 +500,11 @@ pub fn hold_kvm() -> Result<()> {
         0 => {
             let _held = (kvm, vm, vcpu);
             // Let go of the console the script's caller reads.
-            if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+            if let Ok(null) = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/null")
+            {
                 use std::os::fd::AsRawFd;
                 for fd in 0..3 {
                     // SAFETY: dup2 onto the standard descriptors of this process.
