@@ -303,6 +303,52 @@ fn make_raw(f: &File) {
     }
 }
 
+/// Says [`guest_init::HELD`] and waits for the host's start message, catching up first if the
+/// VM was restored meanwhile. Returns the env to add, or the signal the host sent instead.
+/// Reads the control console a byte at a time: what follows the start line is the control
+/// thread's.
+fn hold_until_start(
+    control: &File,
+    defaults: &RwLock<crate::agent::ExecDefaults>,
+) -> Result<Vec<String>, i32> {
+    let mut out = control;
+    let _ = out.write_all(guest_init::HELD.as_bytes());
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match (&*control).read(&mut byte) {
+            Ok(1) if byte[0] != b'\n' => {
+                if line.len() < (1 << 20) {
+                    line.push(byte[0]);
+                }
+                continue;
+            }
+            Ok(1) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            // The console is gone: start with what we have.
+            _ => return Ok(Vec::new()),
+        }
+        let text = String::from_utf8_lossy(&line).into_owned();
+        line.clear();
+        match ControlMessage::decode(&text) {
+            Some(ControlMessage::Start(env)) => return Ok(env),
+            Some(ControlMessage::Restored(info)) => {
+                let answer = match crate::agent::apply_restored(info, defaults) {
+                    Ok(()) => guest_init::CAUGHT_UP.to_string(),
+                    Err(why) => format!(
+                        "{}{}\n",
+                        guest_init::CATCH_UP_FAILED,
+                        why.replace('\n', " ")
+                    ),
+                };
+                let _ = out.write_all(answer.as_bytes());
+            }
+            Some(ControlMessage::Signal(n)) => return Err(n),
+            _ => {}
+        }
+    }
+}
+
 /// The environment of a process in the container: defaults, then `entries` (`KEY=value`; a
 /// later entry overrides an earlier one).
 pub fn workload_env<'a>(
@@ -506,6 +552,14 @@ pub fn run(config: &InitConfig, c: &ContainerConfig) -> i32 {
     }
     // Tell the host it may send input now.
     let _ = (&control).write_all(guest_init::GUEST_READY.as_bytes());
+    let mut start_env = Vec::new();
+    if c.hold_before_start {
+        match hold_until_start(&control, &exec_defaults) {
+            Ok(env) => start_env = env,
+            // The host stopped the VM before the workload started.
+            Err(signal) => return 128 + signal,
+        }
+    }
     let mut report = err_console.try_clone().ok();
     let mut fail = |msg: String, status: i32| {
         if let Some(r) = report.as_mut() {
@@ -524,7 +578,12 @@ pub fn run(config: &InitConfig, c: &ContainerConfig) -> i32 {
     } else {
         config.argv.clone()
     };
-    let env = workload_env(&c.hostname, &id.home, c.tty, config.env.iter());
+    let env = workload_env(
+        &c.hostname,
+        &id.home,
+        c.tty,
+        config.env.iter().chain(start_env.iter()),
+    );
     let workdir = config
         .workdir
         .clone()
@@ -639,7 +698,8 @@ pub fn run(config: &InitConfig, c: &ContainerConfig) -> i32 {
                         set_window_size(t, rows, cols);
                     }
                 }
-                None => {}
+                // A second start, or a line this init does not know.
+                Some(ControlMessage::Start(_)) | None => {}
             }
         }
     });

@@ -82,6 +82,11 @@ pub struct ContainerConfig {
     /// Volumes to mount in the container before the workload starts.
     #[serde(default)]
     pub mounts: Vec<MountSpec>,
+    /// Set up everything, say [`HELD`] on the control console, and start the workload only on
+    /// [`ControlMessage::Start`] (a bake snapshots the VM while it waits: `-e` given at restore
+    /// then reaches the workload).
+    #[serde(default)]
+    pub hold_before_start: bool,
 }
 
 /// A block volume mounted in the container.
@@ -108,6 +113,9 @@ pub const GUEST_READY: &str = "ready\n";
 pub const CAUGHT_UP: &str = "caught-up\n";
 /// See [`CAUGHT_UP`].
 pub const CATCH_UP_FAILED: &str = "catch-up-failed ";
+/// What init writes on the control console when it holds the workload until
+/// [`ControlMessage::Start`] ([`ContainerConfig::hold_before_start`]).
+pub const HELD: &str = "held\n";
 
 /// Messages the host sends on the control console, one per line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,6 +129,8 @@ pub enum ControlMessage {
     /// The VM was just restored from a snapshot: catch up (clock, entropy, host name, env),
     /// then answer [`CAUGHT_UP`]. Sent before the vCPUs run, so it costs no connection.
     Restored(agent_protocol::RestoredInfo),
+    /// Start the held workload with these `KEY=value` entries added to its environment.
+    Start(Vec<String>),
 }
 
 impl ControlMessage {
@@ -135,6 +145,9 @@ impl ControlMessage {
                 "restored {}\n",
                 serde_json::to_string(info).unwrap_or_default()
             ),
+            ControlMessage::Start(env) => {
+                format!("start {}\n", serde_json::to_string(env).unwrap_or_default())
+            }
         }
     }
 
@@ -156,6 +169,7 @@ impl ControlMessage {
             Some(("restored", json)) => serde_json::from_str(json)
                 .ok()
                 .map(ControlMessage::Restored),
+            Some(("start", json)) => serde_json::from_str(json).ok().map(ControlMessage::Start),
             None if line.trim() == "stdin-eof" => Some(ControlMessage::StdinEof),
             _ => None,
         }
@@ -219,6 +233,8 @@ mod tests {
                 env: vec!["A=two\nlines".into(), "B= spaced ".into()],
                 hostname: Some("vm-1".into()),
             }),
+            ControlMessage::Start(vec!["TENANT=a\nb".into()]),
+            ControlMessage::Start(Vec::new()),
         ] {
             let line = m.encode();
             // One line, whatever the env holds.
@@ -242,6 +258,9 @@ mod tests {
             "restored {",
             "restored {\"unix_time_ns\": -1}",
             "restored {\"surprise\": 1}",
+            "start",
+            "start [1]",
+            "start {}",
         ] {
             assert_eq!(ControlMessage::decode(bad), None, "{bad}");
         }

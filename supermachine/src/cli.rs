@@ -181,6 +181,9 @@ struct BakeArgs {
     /// Ready this many milliseconds after the workload started
     #[arg(long, value_name = "MS", group = "ready")]
     ready_delay: Option<u64>,
+    /// Snapshot before the workload starts (every restore starts it, with the `-e` given then)
+    #[arg(long, group = "ready")]
+    before_start: bool,
     /// Give up when not ready within this many seconds
     #[arg(long, value_name = "SECS", default_value_t = 300)]
     ready_timeout: u64,
@@ -443,6 +446,8 @@ fn run_bake(args: BakeArgs) -> anyhow::Result<ExitCode> {
         ReadyCheck::Log(r)
     } else if let Some(ms) = args.ready_delay {
         ReadyCheck::Delay(std::time::Duration::from_millis(ms))
+    } else if args.before_start {
+        ReadyCheck::BeforeStart
     } else {
         ReadyCheck::Default
     };
@@ -548,17 +553,22 @@ fn run_images() -> anyhow::Result<()> {
     if !bakes.is_empty() {
         println!();
         println!(
-            "{:<34} {:<40} {:>7} {:>9} {:>10}",
+            "{:<34} {:<40} {:>7} {:>9} {:>10}  SNAPSHOT TAKEN",
             "BAKED", "IMAGE", "MEMORY", "BAKE", "ON DISK"
         );
         for b in bakes {
             println!(
-                "{:<34} {:<40} {:>7} {:>8.1}s {:>10}",
+                "{:<34} {:<40} {:>7} {:>8.1}s {:>10}  {}",
                 b.name,
                 b.workload.image,
                 format!("{}m", b.workload.memory_mib),
                 b.workload.bake_ms as f64 / 1000.0,
-                images::human_size(b.disk_bytes)
+                images::human_size(b.disk_bytes),
+                if b.workload.before_start {
+                    b.workload.ready.clone()
+                } else {
+                    format!("ready: {}", b.workload.ready)
+                }
             );
         }
     }
@@ -571,7 +581,21 @@ fn run_rmi(names: &[String]) -> anyhow::Result<()> {
     for name in names {
         let record = images::find(&store, name)?;
         match record {
-            Some(r) if store.remove_image(&r.name)? => println!("Untagged: {}", r.name),
+            Some(r) if store.remove_image(&r.name)? => {
+                println!("Untagged: {}", r.name);
+                // Its bakes go with the last name for its manifest: they boot nothing else.
+                let manifest = r.manifest.to_string();
+                if !store.images()?.iter().any(|i| i.manifest == r.manifest) {
+                    for b in supermachine::run::list_bakes(&store) {
+                        if b.workload.manifest == manifest {
+                            anyhow::Context::with_context(std::fs::remove_dir_all(&b.dir), || {
+                                format!("removing the bake {}", b.dir.display())
+                            })?;
+                            println!("Deleted bake: {}", b.name);
+                        }
+                    }
+                }
+            }
             _ => missing.push(name.as_str()),
         }
     }

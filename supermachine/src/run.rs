@@ -99,6 +99,9 @@ pub enum ReadyCheck {
     Log(String),
     /// This long after the workload started.
     Delay(std::time::Duration),
+    /// Init has set everything up and holds the workload: each restore starts it, with the
+    /// `-e` given to that `run`.
+    BeforeStart,
 }
 
 impl std::fmt::Display for ReadyCheck {
@@ -109,6 +112,7 @@ impl std::fmt::Display for ReadyCheck {
             ReadyCheck::Command(c) => write!(f, "command {c:?}"),
             ReadyCheck::Log(r) => write!(f, "log /{r}/"),
             ReadyCheck::Delay(d) => write!(f, "delay {} ms", d.as_millis()),
+            ReadyCheck::BeforeStart => write!(f, "before the workload starts"),
         }
     }
 }
@@ -152,6 +156,8 @@ pub struct BakedWorkload {
     pub vcpus: u8,
     /// The ready check that was met.
     pub ready: String,
+    /// Snapshotted before the workload started: a restore starts it ([`ReadyCheck::BeforeStart`]).
+    pub before_start: bool,
     /// When it was baked (Unix seconds).
     pub baked_at: u64,
     /// How long the bake took, boot to snapshot written (ms).
@@ -337,10 +343,10 @@ impl ReadySignal {
 }
 
 /// Init's answer to a [`ControlMessage::Restored`] on the control console: `None` until it
-/// came, then `Ok` or the reason it failed.
+/// came, then `Ok` or the reason it failed; and whether init said it holds the workload.
 /// (the partial line so far, the answer) under a lock, with a condition variable to wait on.
 type CatchUpState = Arc<(
-    Mutex<(Vec<u8>, Option<Result<(), String>>)>,
+    Mutex<(Vec<u8>, Option<Result<(), String>>, bool)>,
     std::sync::Condvar,
 )>;
 
@@ -356,6 +362,9 @@ impl CatchUp {
             return;
         }
         for &c in b {
+            if st.1.is_some() {
+                break;
+            }
             if c != b'\n' {
                 if st.0.len() < 4096 {
                     st.0.push(c);
@@ -368,12 +377,18 @@ impl CatchUp {
                 st.1 = Some(Ok(()));
             } else if let Some(why) = line.strip_prefix(guest_init::CATCH_UP_FAILED) {
                 st.1 = Some(Err(why.to_string()));
+            } else if line == guest_init::HELD.trim_end() {
+                st.2 = true;
             } else {
                 continue;
             }
             cv.notify_all();
-            return;
         }
+    }
+
+    /// Whether init said it holds the workload until started.
+    fn is_held(&self) -> bool {
+        self.0 .0.lock().unwrap_or_else(|e| e.into_inner()).2
     }
 
     /// Waits for the answer, at most `limit`.
@@ -819,6 +834,7 @@ fn wait_until_ready(
     exposed: &[String],
     agent: &crate::agent::Agent,
     log_seen: &std::sync::atomic::AtomicBool,
+    held: &CatchUp,
     vm: &crate::VmControl,
     limit: std::time::Duration,
 ) -> Result<(), String> {
@@ -855,6 +871,7 @@ fn wait_until_ready(
                 )
             }
             ReadyCheck::Log(_) => log_seen.load(std::sync::atomic::Ordering::SeqCst),
+            ReadyCheck::BeforeStart => held.is_held(),
             ReadyCheck::Delay(d) => {
                 while started.elapsed() < *d && !vm.is_stopping() {
                     std::thread::sleep(std::time::Duration::from_millis(5));
@@ -1147,6 +1164,8 @@ fn run_registered(
             let live = live.clone();
             let gate = agent_gate.clone();
             let (control, catch_up) = (restore_control, catch_up.clone());
+            let before_start = workload.before_start;
+            let start_env = env.clone();
             let on_started: Box<dyn FnOnce(crate::snapshot::Snapshotter) + Send> =
                 Box::new(move |snapshotter| {
                     *live.lock().unwrap_or_else(|e| e.into_inner()) = Some((snapshotter, workload));
@@ -1196,6 +1215,19 @@ fn run_registered(
                             vm.request_exit(VmExit::Stopped);
                             return;
                         }
+                        if before_start {
+                            let start = ControlMessage::Start(start_env).encode();
+                            let sent = control
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .as_ref()
+                                .map(|c| c.push(start.as_bytes()) == start.len());
+                            if sent != Some(true) {
+                                eprintln!("supermachine: cannot start the held workload");
+                                vm.request_exit(VmExit::Stopped);
+                                return;
+                            }
+                        }
                         gate.open();
                         crate::timings::mark("caught_up");
                     });
@@ -1244,6 +1276,10 @@ fn run_registered(
                     read_only: v.read_only,
                 });
             }
+            let hold = matches!(
+                opts.bake.as_ref().map(|b| &b.ready),
+                Some(ReadyCheck::BeforeStart)
+            );
             let container = ContainerConfig {
                 rootfs_device: "/dev/vda".into(),
                 rootfs_type: "squashfs".into(),
@@ -1259,6 +1295,7 @@ fn run_registered(
                 stderr_device: "/dev/hvc1".into(),
                 control_device: "/dev/hvc2".into(),
                 mounts: volume_mounts,
+                hold_before_start: hold,
             };
             let workload = BakedWorkload {
                 image: opts.image.clone(),
@@ -1276,6 +1313,7 @@ fn run_registered(
                     .as_ref()
                     .map(|b| b.ready.to_string())
                     .unwrap_or_else(|| "snapshot of a running VM".into()),
+                before_start: hold,
                 baked_at: now_seconds(),
                 bake_ms: 0,
             };
@@ -1294,27 +1332,32 @@ fn run_registered(
                     log_seen.clone(),
                     baked.clone(),
                 );
-                let (ready, exposed, workload) =
-                    (ready_watch.clone(), exposed.clone(), workload.clone());
+                let (ready, exposed, workload, held) = (
+                    ready_watch.clone(),
+                    exposed.clone(),
+                    workload.clone(),
+                    catch_up.clone(),
+                );
                 move |snapshotter: crate::snapshot::Snapshotter| {
                     std::thread::spawn(move || {
                         if !ready.wait_timeout(come_up_limit) {
                             return;
                         }
-                        let result =
-                            wait_until_ready(&check, &exposed, &agent, &log_seen, &vm, limit)
-                                .and_then(|()| {
-                                    let mut workload = workload;
-                                    workload.bake_ms = booting.elapsed().as_millis() as u64;
-                                    workload.baked_at = now_seconds();
-                                    snapshotter
-                                        .take(
-                                            &target,
-                                            Some(workload),
-                                            crate::snapshot::AfterSnapshot::Stop,
-                                        )
-                                        .map_err(|e| e.to_string())
-                                });
+                        let result = wait_until_ready(
+                            &check, &exposed, &agent, &log_seen, &held, &vm, limit,
+                        )
+                        .and_then(|()| {
+                            let mut workload = workload;
+                            workload.bake_ms = booting.elapsed().as_millis() as u64;
+                            workload.baked_at = now_seconds();
+                            snapshotter
+                                .take(
+                                    &target,
+                                    Some(workload),
+                                    crate::snapshot::AfterSnapshot::Stop,
+                                )
+                                .map_err(|e| e.to_string())
+                        });
                         if result.is_err() {
                             vm.request_exit(VmExit::Stopped);
                         }

@@ -66,7 +66,7 @@ impl Identity {
 }
 
 /// The layout of [`MachineState`]; a state written with another is refused.
-pub const MACHINE_STATE_VERSION: u32 = 2;
+pub const MACHINE_STATE_VERSION: u32 = 3;
 
 /// What a virtio device in a snapshot is, so restore can make it again.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1258,6 +1258,119 @@ fn a_baked_server_restores_twenty_times_and_answers_each_time() {
     );
     assert_eq!(code, 0, "{err}");
     assert_eq!(String::from_utf8_lossy(&out).trim(), "booted");
+    // Removing the image removes its bakes.
+    let (code, out, err) = env.sm(&["rmi", &env.image], None);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        String::from_utf8_lossy(&out).contains("Deleted bake:"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    let (_, images, _) = env.sm(&["images"], None);
+    assert!(
+        !String::from_utf8_lossy(&images).contains("BAKED"),
+        "{}",
+        String::from_utf8_lossy(&images)
+    );
+}
+
+#[test]
+fn a_bake_before_start_gives_each_restore_its_own_env() {
+    let env = RunEnv::new("bake-before-start");
+    const TENANT_SERVER: &str = "mkdir -p /www && echo \"tenant=$TENANT\" > /www/index.html \
+         && echo marked > /dev/shm/started-after && exec httpd -f -p 80 -h /www";
+    let (code, out, err) = env.sm(
+        &[
+            "bake",
+            "-m",
+            "128m",
+            "--before-start",
+            "-e",
+            "TENANT=baked",
+            &env.image,
+            "sh",
+            "-c",
+            TENANT_SERVER,
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "bake failed: {err}");
+    let dir = String::from_utf8_lossy(&out).trim().to_string();
+    let (_, images, _) = env.sm(&["images"], None);
+    assert!(
+        String::from_utf8_lossy(&images).contains("before the workload starts"),
+        "{}",
+        String::from_utf8_lossy(&images)
+    );
+    // Each restore starts the workload with its own `-e`, over the bake's.
+    let mut ids = Vec::new();
+    for (tenant, port) in [("alpha", 18311u16), ("beta", 18312)] {
+        let publish = format!("127.0.0.1:{port}:80");
+        let tenant_env = format!("TENANT={tenant}");
+        let (code, out, err) = env.sm(
+            &[
+                "run",
+                "-d",
+                "-m",
+                "128m",
+                "-p",
+                &publish,
+                "-e",
+                &tenant_env,
+                &env.image,
+                "sh",
+                "-c",
+                TENANT_SERVER,
+            ],
+            None,
+        );
+        assert_eq!(code, 0, "restore failed: {err}");
+        let id = String::from_utf8_lossy(&out).trim().to_string();
+        let started = Instant::now();
+        let body = loop {
+            match http_get(port, "/") {
+                Ok((status, body)) if status.contains("200") => break body,
+                _ => {
+                    assert!(started.elapsed() < HANG_LIMIT, "{tenant}: no answer");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        };
+        assert_eq!(body, format!("tenant={tenant}\n").as_bytes());
+        ids.push(id);
+    }
+    // Without -e, the bake's own env.
+    let (code, out, err) = env.sm(
+        &[
+            "run",
+            "--snapshot",
+            &dir,
+            "-m",
+            "128m",
+            "-p",
+            "127.0.0.1:18313:80",
+            "-d",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    ids.push(String::from_utf8_lossy(&out).trim().to_string());
+    let started = Instant::now();
+    loop {
+        match http_get(18313, "/") {
+            Ok((status, body)) if status.contains("200") => {
+                assert_eq!(body, b"tenant=baked\n");
+                break;
+            }
+            _ => {
+                assert!(started.elapsed() < HANG_LIMIT, "no answer");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    for id in &ids {
+        env.sm(&["rm", "-f", id], None);
+    }
 }
 
 #[test]

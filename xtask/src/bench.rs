@@ -627,6 +627,7 @@ fn bench_run(runs: usize, here: bool) -> Result<()> {
             stderr_device: "/dev/hvc1".into(),
             control_device: "/dev/hvc2".into(),
             mounts: Vec::new(),
+            hold_before_start: false,
         }),
         ..Default::default()
     };
