@@ -790,7 +790,8 @@ fn run_with_a_terminal_passes_keys_and_window_size() {
             &env.image,
             "sh",
             "-c",
-            "stty size; trap 'echo winch' WINCH; \
+            // The trap is set before the size is printed: the host resizes on seeing it.
+            "trap 'echo winch' WINCH; stty size; \
              while [ \"$(stty size)\" = '33 101' ]; do sleep 0.1; done; \
              stty size; read line; echo got-$line; exit 5",
         ])

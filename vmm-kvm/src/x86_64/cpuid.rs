@@ -7,10 +7,14 @@ const LEAF_FEATURES: u32 = 0x1;
 const LEAF_CACHE_PARAMS: u32 = 0x4;
 const LEAF_EXT_TOPOLOGY: u32 = 0xb;
 const LEAF_V2_EXT_TOPOLOGY: u32 = 0x1f;
+const LEAF_AMD_FEATURES: u32 = 0x8000_0001;
 const LEAF_AMD_ADDR_SIZES: u32 = 0x8000_0008;
 const LEAF_AMD_EXT_APIC_ID: u32 = 0x8000_001e;
 
 const ECX_HYPERVISOR: u32 = 1 << 31;
+/// Intel VMX (leaf 1) and AMD SVM (leaf 0x8000_0001), both in ECX.
+const ECX_VMX: u32 = 1 << 5;
+const ECX_SVM: u32 = 1 << 2;
 const EDX_HTT: u32 = 1 << 28;
 const LEVEL_TYPE_SMT: u32 = 1;
 const LEVEL_TYPE_CORE: u32 = 2;
@@ -27,6 +31,9 @@ fn fix_entry(e: &mut kvm_cpuid_entry2, id: u8, count: u8) {
             // EBX: initial APIC ID, logical processors per package, CLFLUSH line size (8 * 8 B).
             e.ebx = (id32 << 24) | (u32::from(count) << 16) | (8 << 8);
             e.ecx |= ECX_HYPERVISOR;
+            // No nested virtualization: a guest's own VMs would be state a snapshot cannot
+            // hold (KVM_GET_NESTED_STATE is not there on every host, or fails where claimed).
+            e.ecx &= !ECX_VMX;
             if count > 1 {
                 e.edx |= EDX_HTT;
             } else {
@@ -63,6 +70,7 @@ fn fix_entry(e: &mut kvm_cpuid_entry2, id: u8, count: u8) {
                 }
             }
         }
+        LEAF_AMD_FEATURES => e.ecx &= !ECX_SVM,
         LEAF_AMD_ADDR_SIZES => {
             // ECX[15:12]: APIC ID size; ECX[7:0]: cores - 1.
             e.ecx = (id_bits(count) << 12) | (u32::from(count.max(1)) - 1);
@@ -105,6 +113,18 @@ mod tests {
         assert_eq!((e.ebx >> 16) & 0xff, 4);
         assert_ne!(e.ecx & ECX_HYPERVISOR, 0);
         assert_ne!(e.edx & EDX_HTT, 0);
+    }
+
+    #[test]
+    fn guests_get_no_hardware_virtualization() {
+        let mut intel = entry(LEAF_FEATURES, 0);
+        intel.ecx = u32::MAX;
+        fix_entry(&mut intel, 0, 1);
+        assert_eq!(intel.ecx & ECX_VMX, 0);
+        let mut amd = entry(LEAF_AMD_FEATURES, 0);
+        amd.ecx = u32::MAX;
+        fix_entry(&mut amd, 0, 1);
+        assert_eq!(amd.ecx, !ECX_SVM);
     }
 
     #[test]
