@@ -106,8 +106,9 @@ fn guest_sees_every_vcpu_it_was_given() {
         assert_eq!(
             last_line(&run.stdout),
             cpus.to_string(),
-            "stdout:\n{}",
-            run.stdout
+            "stdout:\n{}\nstderr:\n{}",
+            run.stdout,
+            run.stderr
         );
     }
 }
