@@ -178,10 +178,12 @@ fn power_off(status: i32) -> ! {
     let _ = io::stderr().flush();
     // The workload's last output may still sit in the console driver's transmit buffer; the VM
     // ends the moment we report the status, so wait until the UART has sent everything.
-    // SAFETY: tcdrain on our standard descriptors; on a non-terminal it fails harmlessly.
-    unsafe {
-        libc::tcdrain(1);
-        libc::tcdrain(2);
+    // A signal (an orphan's SIGCHLD) interrupts the wait: wait again, or the output is lost.
+    for fd in [1, 2] {
+        // SAFETY: tcdrain on our standard descriptors; on a non-terminal it fails harmlessly.
+        while unsafe { libc::tcdrain(fd) } != 0
+            && io::Error::last_os_error().raw_os_error() == Some(libc::EINTR)
+        {}
     }
     // SAFETY: sync has no preconditions.
     unsafe { libc::sync() };
