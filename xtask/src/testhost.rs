@@ -287,10 +287,17 @@ pub fn run_command_lines(command: &[String], opts: &Options) -> Result<(i32, Vec
             text.push_str(&format!("export {k}={}\n", shell_quote(&v)));
         }
     }
-    // See `hold_kvm`: before the command creates any VM of its own.
+    // See `hold_kvm`: before the command creates any VM of its own, and with the other CPUs
+    // offline, so that creating it patches the scheduler while no other CPU runs it.
     let xtask = std::env::current_exe()?;
     text.push_str(&format!(
-        "[ -c /dev/kvm ] && {{ {} hold-kvm || echo 'testhost: could not hold an idle VM'; }}\n",
+        "if [ -c /dev/kvm ]; then\n\
+         \x20 off=; for c in /sys/devices/system/cpu/cpu[0-9]*/online; do\n\
+         \x20   [ \"$(cat $c 2>/dev/null)\" = 1 ] && echo 0 > $c 2>/dev/null && off=\"$off $c\"\n\
+         \x20 done\n\
+         \x20 {} hold-kvm || echo 'testhost: could not hold an idle VM'\n\
+         \x20 for c in $off; do echo 1 > $c; done\n\
+         fi\n",
         shell_quote(&xtask.to_string_lossy())
     ));
     text.push_str(
@@ -487,7 +494,8 @@ fn dump_cpus(monitor: &Path) {
 /// longer holds, the kernel backs up over it and retries, forever, with interrupts off (seen as
 /// both CPUs looping in `asm_exc_int3` from `__schedule+0x2ab`, soft lockups, a silent host).
 /// With one VM held for the whole run, those counts never return to zero, so tests that create
-/// and destroy many VMs no longer patch the scheduler each time.
+/// and destroy many VMs no longer patch the scheduler each time. The one patch left, when this
+/// VM is created, is made with the other emulated CPUs offline (the command script does that).
 pub fn hold_kvm() -> Result<()> {
     let kvm = kvm_ioctls::Kvm::new().context("hold-kvm: /dev/kvm")?;
     let vm = kvm.create_vm().context("hold-kvm: KVM_CREATE_VM")?;
