@@ -1173,6 +1173,20 @@ fn start_baked(env: &RunEnv, port: u16, extra: &[&str]) -> String {
     String::from_utf8_lossy(&out).trim().to_string()
 }
 
+/// The body of `GET /` on `port`, asked until a `200` comes back (within [`HANG_LIMIT`]).
+fn http_body_when_up(port: u16) -> Vec<u8> {
+    let started = Instant::now();
+    loop {
+        match http_get(port, "/") {
+            Ok((status, body)) if status.contains("200") => return body,
+            _ => {
+                assert!(started.elapsed() < HANG_LIMIT, "port {port}: no answer");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
 fn exec_out(env: &RunEnv, id: &str, argv: &[&str]) -> String {
     let mut args = vec!["exec", id];
     args.extend_from_slice(argv);
@@ -1219,17 +1233,7 @@ fn a_baked_server_restores_twenty_times_and_answers_each_time() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let started = Instant::now();
-    while http_get(18230, "/")
-        .map(|(s, _)| !s.contains("200"))
-        .unwrap_or(true)
-    {
-        assert!(
-            started.elapsed() < HANG_LIMIT,
-            "the foreground restore never answered"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    http_body_when_up(18230);
     let term = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -1328,16 +1332,7 @@ fn a_bake_before_start_gives_each_restore_its_own_env() {
         );
         assert_eq!(code, 0, "restore failed: {err}");
         let id = String::from_utf8_lossy(&out).trim().to_string();
-        let started = Instant::now();
-        let body = loop {
-            match http_get(port, "/") {
-                Ok((status, body)) if status.contains("200") => break body,
-                _ => {
-                    assert!(started.elapsed() < HANG_LIMIT, "{tenant}: no answer");
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }
-        };
+        let body = http_body_when_up(port);
         assert_eq!(body, format!("tenant={tenant}\n").as_bytes());
         ids.push(id);
     }
@@ -1357,19 +1352,7 @@ fn a_bake_before_start_gives_each_restore_its_own_env() {
     );
     assert_eq!(code, 0, "{err}");
     ids.push(String::from_utf8_lossy(&out).trim().to_string());
-    let started = Instant::now();
-    loop {
-        match http_get(18313, "/") {
-            Ok((status, body)) if status.contains("200") => {
-                assert_eq!(body, b"tenant=baked\n");
-                break;
-            }
-            _ => {
-                assert!(started.elapsed() < HANG_LIMIT, "no answer");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
+    assert_eq!(http_body_when_up(18313), b"tenant=baked\n");
     for id in &ids {
         env.sm(&["rm", "-f", id], None);
     }
