@@ -1169,6 +1169,7 @@ fn run_registered(
             let on_started: Box<dyn FnOnce(crate::snapshot::Snapshotter) + Send> =
                 Box::new(move |snapshotter| {
                     *live.lock().unwrap_or_else(|e| e.into_inner()) = Some((snapshotter, workload));
+                    let started_live = live.clone();
                     // Init reads it as soon as the vCPUs run: no connection to set up first.
                     let mut entropy = vec![0u8; 64];
                     let message = crate::agent::getrandom(&mut entropy).map(|()| {
@@ -1226,6 +1227,15 @@ fn run_registered(
                                 eprintln!("supermachine: cannot start the held workload");
                                 vm.request_exit(VmExit::Stopped);
                                 return;
+                            }
+                            // A snapshot of this VM from now on has its workload running.
+                            if let Some((_, w)) = started_live
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .as_mut()
+                            {
+                                w.before_start = false;
+                                w.ready = "snapshot of a running VM".into();
                             }
                         }
                         gate.open();
