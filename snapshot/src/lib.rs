@@ -132,6 +132,29 @@ pub fn encode_state<T: Serialize>(state: &T) -> Vec<u8> {
 
 /// Decodes a state file's bytes; `path` is for messages.
 pub fn decode_state<T: DeserializeOwned>(bytes: &[u8], path: &Path) -> Result<T, SnapshotError> {
+    decode_checked(bytes, path, false)
+}
+
+/// Like [`read_state`], but decodes only the first fields of the payload, as `T`: for a state
+/// whose layout changed, to read the field that says which layout it has.
+pub fn read_state_prefix<T: DeserializeOwned>(dir: &Path) -> Result<T, SnapshotError> {
+    let path = dir.join(STATE_FILE);
+    let mut f = File::open(&path).map_err(io_err(&path))?;
+    let mut bytes = Vec::new();
+    Read::by_ref(&mut f)
+        .take(MAX_STATE_LEN + HEADER_LEN as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io_err(&path))?;
+    decode_checked(&bytes, &path, true)
+}
+
+/// The header, length and checksum checks, then the payload as `T` (its start only with
+/// `prefix`).
+fn decode_checked<T: DeserializeOwned>(
+    bytes: &[u8],
+    path: &Path,
+    prefix: bool,
+) -> Result<T, SnapshotError> {
     let corrupt = |why: String| SnapshotError::Corrupt {
         path: path.to_path_buf(),
         why,
@@ -162,12 +185,15 @@ pub fn decode_state<T: DeserializeOwned>(bytes: &[u8], path: &Path) -> Result<T,
         return Err(corrupt("the state's checksum does not match".into()));
     }
     // The encoding `bincode::serialize` uses, with a bound on what a length may allocate.
-    bincode::DefaultOptions::new()
+    let options = bincode::DefaultOptions::new()
         .with_fixint_encoding()
-        .reject_trailing_bytes()
-        .with_limit(MAX_STATE_LEN)
-        .deserialize(payload)
-        .map_err(|e| corrupt(format!("the state does not decode: {e}")))
+        .with_limit(MAX_STATE_LEN);
+    let decoded = if prefix {
+        options.allow_trailing_bytes().deserialize(payload)
+    } else {
+        options.reject_trailing_bytes().deserialize(payload)
+    };
+    decoded.map_err(|e| corrupt(format!("the state does not decode: {e}")))
 }
 
 /// Reads and checks `DIR/state`.

@@ -231,10 +231,24 @@ pub fn load(
     kernel: Option<&Path>,
     initramfs: Option<&Path>,
 ) -> Result<LoadedSnapshot, SnapshotError> {
-    let state: MachineState = snapshot::read_state(dir)?;
     let incompatible = |why: String| SnapshotError::Incompatible {
         dir: dir.to_path_buf(),
         why,
+    };
+    let state: MachineState = match snapshot::read_state(dir) {
+        Ok(state) => state,
+        // Intact (the checksum holds) but not this layout: most likely another build's. The
+        // layout version is the payload's first field.
+        Err(e @ snapshot::SnapshotError::Corrupt { .. }) => {
+            return Err(match snapshot::read_state_prefix::<u32>(dir) {
+                Ok(version) if version != MACHINE_STATE_VERSION => incompatible(format!(
+                    "its state layout is version {version}, this build reads \
+                     {MACHINE_STATE_VERSION} (bake it again)"
+                )),
+                _ => e.into(),
+            })
+        }
+        Err(e) => return Err(e.into()),
     };
     if state.version != MACHINE_STATE_VERSION {
         return Err(incompatible(format!(
@@ -428,5 +442,35 @@ impl std::io::Write for MarkerWatch {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_state_of_another_layout_is_refused_as_such() {
+        let dir = std::env::temp_dir().join(format!("sm-layout-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        // What another build wrote: its layout version first, then fields laid out otherwise.
+        let written = snapshot::SnapshotWriter::create(&dir)
+            .unwrap()
+            .commit(&(2u32, String::from("another build's identity")))
+            .unwrap();
+        let e = load(&written, None, None).err().unwrap().to_string();
+        assert!(
+            e.contains("layout is version 2") && e.contains("bake it again"),
+            "{e}"
+        );
+        // A damaged state stays damaged, whatever its first bytes say.
+        let state = written.join(snapshot::STATE_FILE);
+        let mut bytes = std::fs::read(&state).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x40;
+        std::fs::write(&state, bytes).unwrap();
+        let e = load(&written, None, None).err().unwrap().to_string();
+        assert!(e.contains("checksum"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
