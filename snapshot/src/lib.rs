@@ -138,13 +138,7 @@ pub fn decode_state<T: DeserializeOwned>(bytes: &[u8], path: &Path) -> Result<T,
 /// Like [`read_state`], but decodes only the first fields of the payload, as `T`: for a state
 /// whose layout changed, to read the field that says which layout it has.
 pub fn read_state_prefix<T: DeserializeOwned>(dir: &Path) -> Result<T, SnapshotError> {
-    let path = dir.join(STATE_FILE);
-    let mut f = File::open(&path).map_err(io_err(&path))?;
-    let mut bytes = Vec::new();
-    Read::by_ref(&mut f)
-        .take(MAX_STATE_LEN + HEADER_LEN as u64 + 1)
-        .read_to_end(&mut bytes)
-        .map_err(io_err(&path))?;
+    let (path, bytes) = read_state_bytes(dir)?;
     decode_checked(&bytes, &path, true)
 }
 
@@ -198,6 +192,12 @@ fn decode_checked<T: DeserializeOwned>(
 
 /// Reads and checks `DIR/state`.
 pub fn read_state<T: DeserializeOwned>(dir: &Path) -> Result<T, SnapshotError> {
+    let (path, bytes) = read_state_bytes(dir)?;
+    decode_state(&bytes, &path)
+}
+
+/// `DIR/state` and its bytes.
+fn read_state_bytes(dir: &Path) -> Result<(PathBuf, Vec<u8>), SnapshotError> {
     let path = dir.join(STATE_FILE);
     let mut f = File::open(&path).map_err(io_err(&path))?;
     let mut bytes = Vec::new();
@@ -206,7 +206,7 @@ pub fn read_state<T: DeserializeOwned>(dir: &Path) -> Result<T, SnapshotError> {
         .take(MAX_STATE_LEN + HEADER_LEN as u64 + 1)
         .read_to_end(&mut bytes)
         .map_err(io_err(&path))?;
-    decode_state(&bytes, &path)
+    Ok((path, bytes))
 }
 
 /// Checks that `DIR/memory` holds every region; returns the open file.
