@@ -303,6 +303,21 @@ fn make_raw(f: &File) {
     }
 }
 
+/// Applies a restored VM's catch-up; returns init's answer line for the control console.
+fn catch_up(
+    info: agent_protocol::RestoredInfo,
+    defaults: &RwLock<crate::agent::ExecDefaults>,
+) -> String {
+    match crate::agent::apply_restored(info, defaults) {
+        Ok(()) => guest_init::CAUGHT_UP.to_string(),
+        Err(why) => format!(
+            "{}{}\n",
+            guest_init::CATCH_UP_FAILED,
+            why.replace('\n', " ")
+        ),
+    }
+}
+
 /// Says [`guest_init::HELD`] and waits for the host's start message, catching up first if the
 /// VM was restored meanwhile. Returns the env to add, or the signal the host sent instead.
 /// Reads the control console a byte at a time: what follows the start line is the control
@@ -333,15 +348,7 @@ fn hold_until_start(
         match ControlMessage::decode(&text) {
             Some(ControlMessage::Start(env)) => return Ok(env),
             Some(ControlMessage::Restored(info)) => {
-                let answer = match crate::agent::apply_restored(info, defaults) {
-                    Ok(()) => guest_init::CAUGHT_UP.to_string(),
-                    Err(why) => format!(
-                        "{}{}\n",
-                        guest_init::CATCH_UP_FAILED,
-                        why.replace('\n', " ")
-                    ),
-                };
-                let _ = out.write_all(answer.as_bytes());
+                let _ = out.write_all(catch_up(info, defaults).as_bytes());
             }
             Some(ControlMessage::Signal(n)) => return Err(n),
             _ => {}
@@ -674,14 +681,7 @@ pub fn run(config: &InitConfig, c: &ContainerConfig) -> i32 {
             let Ok(line) = line else { break };
             match ControlMessage::decode(&line) {
                 Some(ControlMessage::Restored(info)) => {
-                    let answer = match crate::agent::apply_restored(info, &exec_defaults) {
-                        Ok(()) => guest_init::CAUGHT_UP.to_string(),
-                        Err(why) => format!(
-                            "{}{}\n",
-                            guest_init::CATCH_UP_FAILED,
-                            why.replace('\n', " ")
-                        ),
-                    };
+                    let answer = catch_up(info, &exec_defaults);
                     if let Some(a) = answers.as_mut() {
                         let _ = a.write_all(answer.as_bytes());
                     }
