@@ -130,6 +130,31 @@ struct RunArgs {
     /// Publish every port the image exposes on a free host port
     #[arg(short = 'P', long)]
     publish_all: bool,
+    /// Terminate TLS on the host with this PEM certificate chain (on the ports marked /tls, or
+    /// on every published port); the plaintext goes to the guest port
+    #[arg(
+        long,
+        value_name = "CERT.pem",
+        requires = "tls_key",
+        conflicts_with = "tls_autogen"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert (unencrypted)
+    #[arg(long, value_name = "KEY.pem", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Terminate TLS with a fresh self-signed certificate for localhost (its fingerprint is
+    /// printed; the certificate is saved in the VM's directory)
+    #[arg(long)]
+    tls_autogen: bool,
+    /// Protocols offered with ALPN on TLS ports, most preferred first (h2 only for a guest
+    /// that speaks HTTP/2 in plaintext)
+    #[arg(
+        long,
+        value_name = "PROTO,...",
+        value_delimiter = ',',
+        default_value = "http/1.1"
+    )]
+    tls_alpn: Vec<String>,
     /// Seconds the workload has to exit after its stop signal before the VM is powered off
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     stop_timeout: u64,
@@ -350,6 +375,7 @@ fn image_command(f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<ExitC
 /// The library's options for `run` (and `bake`) from the command line.
 fn run_options(args: RunArgs) -> anyhow::Result<supermachine::run::RunOptions> {
     use supermachine::run::{PullPolicy, RunOptions};
+    use supermachine::tls::TlsTermination;
     let mut env = Vec::new();
     for file in &args.env_file {
         let text = std::fs::read_to_string(file)
@@ -362,6 +388,14 @@ fn run_options(args: RunArgs) -> anyhow::Result<supermachine::run::RunOptions> {
         );
     }
     env.extend(args.env);
+    // Checked now, so a bad certificate or key fails the start, never the first connection.
+    let tls = match (&args.tls_cert, &args.tls_key, args.tls_autogen) {
+        (Some(cert), Some(key), _) => Some(TlsTermination::from_pem_files(cert, key)?),
+        (_, _, true) => Some(TlsTermination::self_signed_localhost()?),
+        _ => None,
+    }
+    .map(|t| t.with_alpn(&args.tls_alpn))
+    .transpose()?;
     let mut command = args.command;
     let mut image = args.image.unwrap_or_default();
     let snapshot = match args.snapshot {
@@ -404,6 +438,7 @@ fn run_options(args: RunArgs) -> anyhow::Result<supermachine::run::RunOptions> {
         keep_record: false,
         publish: args.publish,
         publish_all: args.publish_all,
+        tls,
         stop_timeout: Some(std::time::Duration::from_secs(args.stop_timeout)),
         bake: None,
         snapshot,

@@ -18,6 +18,7 @@ pub mod ports;
 pub mod run;
 pub mod snapshot;
 pub mod timings;
+pub mod tls;
 pub mod vms;
 pub mod volumes;
 

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use crate::agent::Agent;
 
-/// `[HOST_IP:][HOST_PORT:]GUEST_PORT[/tcp]`, as Docker's `-p`.
+/// `[HOST_IP:][HOST_PORT:]GUEST_PORT[/tcp|/tls]`, as Docker's `-p`; `/tls` marks a port whose
+/// TLS the host terminates (see [`crate::tls`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PortMapping {
     /// The host address to listen on (default 0.0.0.0).
@@ -17,11 +18,15 @@ pub struct PortMapping {
     pub host_port: u16,
     /// The port inside the guest.
     pub guest_port: u16,
+    /// Marked `/tls`: the host terminates TLS on it.
+    pub tls: bool,
 }
 
 /// Why a `-p` value was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("invalid port mapping {spec:?}: {why} (expected [HOST_IP:][HOST_PORT:]GUEST_PORT[/tcp])")]
+#[error(
+    "invalid port mapping {spec:?}: {why} (expected [HOST_IP:][HOST_PORT:]GUEST_PORT[/tcp|/tls])"
+)]
 pub struct PortMappingError {
     spec: String,
     why: String,
@@ -49,10 +54,11 @@ impl FromStr for PortMapping {
             spec: spec.into(),
             why: why.into(),
         };
-        let body = match spec.rsplit_once('/') {
-            Some((b, "tcp")) => b,
-            Some((_, proto)) => return Err(bad(&format!("protocol {proto:?} (only tcp)"))),
-            None => spec,
+        let (body, tls) = match spec.rsplit_once('/') {
+            Some((b, "tcp")) => (b, false),
+            Some((b, "tls")) => (b, true),
+            Some((_, proto)) => return Err(bad(&format!("protocol {proto:?} (only tcp, or tls)"))),
+            None => (spec, false),
         };
         // An IPv6 host address comes in brackets: [::1]:8080:80.
         let (ip, rest) = if let Some(v6) = body.strip_prefix('[') {
@@ -86,6 +92,7 @@ impl FromStr for PortMapping {
             host_ip,
             host_port,
             guest_port,
+            tls,
         })
     }
 }
@@ -105,6 +112,7 @@ impl PortMapping {
                 host_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
                 host_port: 0,
                 guest_port,
+                tls: false,
             })
             .collect()
     }
@@ -221,7 +229,8 @@ impl AgentGate {
 impl PublishedPort {
     /// Forwards every connection to the guest port through `agent`, each on its own thread,
     /// for as long as the process lives; connections wait for `gate` first.
-    pub fn forward(self, agent: Agent, gate: AgentGate) {
+    /// With `tls`, the host terminates TLS and forwards the plaintext.
+    pub fn forward(self, agent: Agent, gate: AgentGate, tls: Option<crate::tls::TlsTermination>) {
         let guest_port = self.mapping.guest_port;
         let in_flight = std::sync::Arc::new(InFlight::default());
         let _ = std::thread::Builder::new()
@@ -231,25 +240,39 @@ impl PublishedPort {
                     let Ok(tcp) = conn else { continue };
                     let (agent, gate) = (agent.clone(), gate.clone());
                     let in_flight = in_flight.clone();
+                    let tls = tls.as_ref().map(|t| t.server_config().clone());
                     std::thread::spawn(move || {
                         crate::timings::mark("connection_accepted");
                         let _ = tcp.set_nodelay(true);
                         // A burst of clients waits here rather than overflowing a small
                         // server's accept backlog inside the guest.
                         let _permit = in_flight.acquire();
-                        // Early clients wait for the agent instead of being refused.
-                        if !gate.wait(AGENT_WAIT) {
-                            eprintln!(
-                                "supermachine: guest port {guest_port}: the guest agent was not up within {AGENT_WAIT:?}"
-                            );
-                            return;
-                        }
-                        match connect_patiently(&agent, guest_port) {
-                            Ok(guest) => {
-                                crate::timings::mark("guest_port_connected");
-                                crate::agent::splice(guest, tcp)
+                        let guest = || {
+                            // Early clients wait for the agent instead of being refused.
+                            if !gate.wait(AGENT_WAIT) {
+                                return Err(format!(
+                                    "the guest agent was not up within {AGENT_WAIT:?}"
+                                ));
                             }
-                            Err(e) => eprintln!("supermachine: guest port {guest_port}: {e}"),
+                            let guest =
+                                connect_patiently(&agent, guest_port).map_err(|e| e.to_string())?;
+                            crate::timings::mark("guest_port_connected");
+                            Ok(guest)
+                        };
+                        match tls {
+                            // The handshake runs before the guest is dialled (and while a
+                            // restored guest catches up).
+                            Some(config) => {
+                                if let Err(crate::tls::TlsSessionError::Guest(e)) =
+                                    crate::tls::terminate(tcp, &config, guest)
+                                {
+                                    eprintln!("supermachine: guest port {guest_port}: {e}");
+                                }
+                            }
+                            None => match guest() {
+                                Ok(guest) => crate::agent::splice(guest, tcp),
+                                Err(e) => eprintln!("supermachine: guest port {guest_port}: {e}"),
+                            },
                         }
                     });
                 }
@@ -266,6 +289,7 @@ mod tests {
             host_ip: ip.parse().unwrap(),
             host_port: h,
             guest_port: g,
+            tls: false,
         }
     }
 
@@ -278,6 +302,13 @@ mod tests {
             ("127.0.0.1:18080:80", m("127.0.0.1", 18080, 80)),
             ("127.0.0.1::80", m("127.0.0.1", 0, 80)),
             ("[::1]:8080:80", m("::1", 8080, 80)),
+            (
+                "8443:80/tls",
+                PortMapping {
+                    tls: true,
+                    ..m("0.0.0.0", 8443, 80)
+                },
+            ),
         ] {
             assert_eq!(spec.parse::<PortMapping>(), Ok(want), "{spec}");
         }

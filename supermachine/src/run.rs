@@ -73,6 +73,9 @@ pub struct RunOptions {
     pub publish: Vec<crate::ports::PortMapping>,
     /// Publish every port the image exposes on a free host port.
     pub publish_all: bool,
+    /// Terminate TLS on the host: on the published ports marked `/tls`, or on every published
+    /// port when none is marked.
+    pub tls: Option<crate::tls::TlsTermination>,
     /// How long the workload has to exit after its stop signal before the VM is powered off
     /// (default [`STOP_GRACE`]).
     pub stop_timeout: Option<std::time::Duration>,
@@ -263,6 +266,9 @@ pub enum RunError {
     /// A published port could not be bound.
     #[error("{0}")]
     Publish(std::io::Error),
+    /// TLS termination was asked for without what it needs.
+    #[error("{0}")]
+    Tls(String),
     /// Baking failed.
     #[error("bake failed: {0}")]
     Bake(String),
@@ -937,6 +943,26 @@ fn snapshot_request(
     }
 }
 
+/// Decides which published ports terminate TLS: those marked `/tls`, or all of them when TLS
+/// is configured and none is marked. A mark without TLS configured, or TLS with no port to
+/// serve, is an error.
+fn tls_ports(mappings: &mut [crate::ports::PortMapping], configured: bool) -> Result<(), RunError> {
+    let marked = mappings.iter().any(|m| m.tls);
+    match (configured, marked) {
+        (false, true) => Err(RunError::Tls(
+            "a port marked /tls needs --tls-cert and --tls-key, or --tls-autogen".into(),
+        )),
+        (true, _) if mappings.is_empty() => Err(RunError::Tls(
+            "TLS is configured but no port is published (give -p)".into(),
+        )),
+        (true, false) => {
+            mappings.iter_mut().for_each(|m| m.tls = true);
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
 /// What a bake produced (shared between the bake thread and `run`).
 type BakeResult = Arc<Mutex<Option<Result<std::path::PathBuf, String>>>>;
 
@@ -958,7 +984,7 @@ fn run_registered(
                 "volumes are not part of a snapshot: bake without -v".into(),
             ));
         }
-        if !opts.publish.is_empty() || opts.publish_all {
+        if !opts.publish.is_empty() || opts.publish_all || opts.tls.is_some() {
             return Err(RunError::Bake(
                 "a bake publishes no ports: give -p to the `run` that restores it".into(),
             ));
@@ -980,6 +1006,7 @@ fn run_registered(
     if opts.publish_all {
         mappings.extend(crate::ports::PortMapping::for_exposed(&exposed));
     }
+    tls_ports(&mut mappings, opts.tls.is_some())?;
     let published = mappings
         .into_iter()
         .map(crate::ports::bind)
@@ -987,7 +1014,10 @@ fn run_registered(
         .map_err(RunError::Publish)?;
     let ports: Vec<String> = published
         .iter()
-        .map(|p| format!("{}->{}/tcp", p.local, p.mapping.guest_port))
+        .map(|p| {
+            let proto = if p.mapping.tls { "tls" } else { "tcp" };
+            format!("{}->{}/{proto}", p.local, p.mapping.guest_port)
+        })
         .collect();
     if opts.publish_all {
         for p in &ports {
@@ -1009,8 +1039,21 @@ fn run_registered(
     crate::timings::mark("ports_bound");
     let agent = crate::agent::Agent::new(dir.vsock());
     let agent_gate = crate::ports::AgentGate::default();
+    if let Some(tls) = &opts.tls {
+        if let Some(pem) = tls.generated_certificate_pem() {
+            let path = dir.path().join("tls-cert.pem");
+            std::fs::write(&path, pem)
+                .map_err(|e| RunError::Tls(format!("cannot write {}: {e}", path.display())))?;
+            eprintln!(
+                "supermachine: TLS with a self-signed certificate for localhost, SHA-256 {} (saved as {})",
+                tls.fingerprint(),
+                path.display()
+            );
+        }
+    }
     for p in published {
-        p.forward(agent.clone(), agent_gate.clone());
+        let tls = opts.tls.clone().filter(|_| p.mapping.tls);
+        p.forward(agent.clone(), agent_gate.clone(), tls);
     }
     // `--ready-log`: watch the workload's output.
     let log_seen = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1468,6 +1511,26 @@ fn run_registered(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tls_goes_to_marked_ports_or_to_all_and_needs_a_certificate() {
+        let parse = |specs: &[&str]| -> Vec<crate::ports::PortMapping> {
+            specs.iter().map(|s| s.parse().unwrap()).collect()
+        };
+        let mut some = parse(&["8080:80", "8443:443/tls"]);
+        tls_ports(&mut some, true).unwrap();
+        assert_eq!(some.iter().map(|m| m.tls).collect::<Vec<_>>(), [false, true]);
+        let mut none_marked = parse(&["8080:80", "8443:443"]);
+        tls_ports(&mut none_marked, true).unwrap();
+        assert!(none_marked.iter().all(|m| m.tls));
+        let mut plain = parse(&["8080:80"]);
+        tls_ports(&mut plain, false).unwrap();
+        assert!(!plain[0].tls);
+        let e = tls_ports(&mut parse(&["8443:443/tls"]), false).unwrap_err();
+        assert!(e.to_string().contains("needs --tls-cert"), "{e}");
+        let e = tls_ports(&mut [], true).unwrap_err();
+        assert!(e.to_string().contains("no port is published"), "{e}");
+    }
 
     #[test]
     fn catch_up_answers_are_found_across_writes_among_other_lines() {

@@ -1130,6 +1130,161 @@ fn detached_vm_serves_published_port_and_takes_exec_cp_stop_rm() {
     assert!(!String::from_utf8_lossy(&ps).contains(&id));
 }
 
+// ---------- TLS on published ports ----------
+
+fn openssl(args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("openssl is needed for this test (cargo xtask deps installs it)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A self-signed certificate for localhost and its key, made by OpenSSL (another TLS stack
+/// than ours); (certificate, key).
+fn localhost_certificate(dir: &std::path::Path, name: &str) -> (String, String) {
+    let cert = dir.join(format!("{name}.crt")).display().to_string();
+    let key = dir.join(format!("{name}.key")).display().to_string();
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-subj",
+        "/CN=localhost",
+        "-addext",
+        "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        "-days",
+        "2",
+        "-keyout",
+        &key,
+        "-out",
+        &cert,
+    ]);
+    (cert, key)
+}
+
+#[test]
+fn published_ports_terminate_tls_on_the_host() {
+    let env = RunEnv::new("tls");
+    let (cert, key) = localhost_certificate(&env.dir, "good");
+    let (_, other_key) = localhost_certificate(&env.dir, "other");
+    let port = 18443;
+    let publish = format!("127.0.0.1:{port}:80/tls");
+
+    // Bad key material fails the start with 125 before any VM boots.
+    let (code, _, err) = env.sm(
+        &[
+            "run",
+            "-p",
+            &publish,
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &other_key,
+            &env.image,
+            "true",
+        ],
+        None,
+    );
+    assert_eq!(code, 125, "{err}");
+    assert!(err.contains("does not match the certificate"), "{err}");
+    let encrypted = env.dir.join("encrypted.key").display().to_string();
+    openssl(&[
+        "pkey",
+        "-in",
+        &key,
+        "-aes256",
+        "-passout",
+        "pass:secret",
+        "-out",
+        &encrypted,
+    ]);
+    let (code, _, err) = env.sm(
+        &[
+            "run",
+            "-p",
+            &publish,
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &encrypted,
+            &env.image,
+            "true",
+        ],
+        None,
+    );
+    assert_eq!(code, 125, "{err}");
+    assert!(err.contains("encrypted"), "{err}");
+    let (code, _, err) = env.sm(&["run", "-p", &publish, &env.image, "true"], None);
+    assert_eq!(code, 125, "{err}");
+    assert!(err.contains("needs --tls-cert"), "{err}");
+
+    // A server with a 10 MiB file, reached over HTTPS.
+    let (code, out, err) = env.sm(
+        &[
+            "run", "-d", "-p", &publish, "--tls-cert", &cert, "--tls-key", &key, &env.image,
+            "sh", "-c",
+            "mkdir -p /www && head -c 10485760 /dev/urandom > /www/big && exec httpd -f -p 80 -h /www",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let id = String::from_utf8_lossy(&out).trim().to_string();
+    let (_, ps, _) = env.sm(&["ps"], None);
+    let ps = String::from_utf8_lossy(&ps);
+    assert!(ps.contains(&format!("127.0.0.1:{port}->80/tls")), "{ps}");
+
+    let got = env.dir.join("big.got");
+    let started = Instant::now();
+    loop {
+        let out = Command::new("curl")
+            .args(["-sS", "--fail", "--http1.1", "--cacert", &cert, "-o"])
+            .arg(&got)
+            .arg(format!("https://localhost:{port}/big"))
+            .output()
+            .expect("curl is needed for this test (cargo xtask deps installs it)");
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            started.elapsed() < HANG_LIMIT,
+            "curl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let in_guest = exec_out(&env, &id, &["sha256sum", "/www/big"]);
+    let got = std::fs::read(&got).unwrap();
+    assert_eq!(got.len(), 10 << 20);
+    assert_eq!(
+        in_guest.split_whitespace().next(),
+        Some(sha256_hex(&got).as_str())
+    );
+
+    // A plaintext client on the TLS port gets an alert record and the end, not a hang.
+    let mut plain = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    std::io::Write::write_all(&mut plain, b"GET /big HTTP/1.0\r\n\r\n").unwrap();
+    let mut answer = Vec::new();
+    plain
+        .read_to_end(&mut answer)
+        .expect("the end of the stream, not a hang");
+    assert_eq!(answer.first(), Some(&0x15), "a TLS alert: {answer:?}");
+
+    let (code, _, err) = env.sm(&["rm", "-f", &id], None);
+    assert_eq!(code, 0, "{err}");
+}
+
 // ---------- bake and restore ----------
 
 /// The web server the bake tests bake: its page is written at start, and the ready command

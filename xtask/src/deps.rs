@@ -24,6 +24,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("skopeo", "/usr/bin/skopeo"),
     ("apache2-utils", "/usr/bin/htpasswd"),
     ("wrk", "/usr/bin/wrk"),
+    ("curl", "/usr/bin/curl"),
+    ("openssl", "/usr/bin/openssl"),
 ];
 
 const RUST_TARGETS: &[&str] = &[
