@@ -248,14 +248,25 @@ fn wrk(url: &str, connections: u32, seconds: u32) -> Result<(f64, f64, f64)> {
 }
 
 pub fn bench_http(supermachine: &Path, seconds: u32) -> Result<()> {
-    let (vm_port, native_port) = (18181u16, 18182u16);
+    let (vm_port, native_port, tls_port) = (18181u16, 18182u16, 18183u16);
     let serve = "mkdir -p /www && echo hello > /www/index.html && exec httpd -f -p 80 -h /www";
-    step("http benchmark: a detached VM serving busybox httpd on a published port");
+    step("http benchmark: a detached VM serving busybox httpd on a published port, and on a TLS one");
     let publish = format!("127.0.0.1:{vm_port}:80");
+    let publish_tls = format!("127.0.0.1:{tls_port}:80/tls");
     let _vm = BenchVm::start(
         supermachine,
         "bench-http",
-        &["-p", &publish, "--", "sh", "-c", serve],
+        &[
+            "-p",
+            &publish,
+            "-p",
+            &publish_tls,
+            "--tls-autogen",
+            "--",
+            "sh",
+            "-c",
+            serve,
+        ],
     )?;
     // The peer: the same httpd natively on this host.
     let www = PathBuf::from("/run").join(format!("sm-bench-www-{}", std::process::id()));
@@ -296,23 +307,59 @@ pub fn bench_http(supermachine: &Path, seconds: u32) -> Result<()> {
     }
     let mut rows = Vec::new();
     for connections in [1u32, 64] {
-        for (who, port) in [
-            ("supermachine -p (VM)", vm_port),
-            ("busybox httpd on the host", native_port),
+        for (who, scheme, port) in [
+            ("supermachine -p (VM)", "http", vm_port),
+            ("supermachine -p .../tls (VM, TLS on the host)", "https", tls_port),
+            ("busybox httpd on the host", "http", native_port),
         ] {
             step(&format!("wrk, {connections} connections, {who}"));
-            let url = format!("http://127.0.0.1:{port}/index.html");
+            let url = format!("{scheme}://127.0.0.1:{port}/index.html");
             rows.push((who, connections, wrk(&url, connections, seconds)?));
         }
     }
+    step("TLS handshake latency, curl, 50 connections");
+    let mut handshakes = handshake_times(tls_port, 50)?;
     let _ = native.kill();
     let _ = native.wait();
     let _ = std::fs::remove_dir_all(&www);
-    println!("\nHTTP through a published port: 6-byte file, busybox httpd (one connection per request), wrk {seconds} s\n");
+    println!("\nHTTP through a published port: 6-byte file, busybox httpd (one connection per request, so every HTTPS request is a full handshake), wrk {seconds} s\n");
     println!("| server | connections | requests/s | latency median (ms) | p99 (ms) |");
     println!("|---|---:|---:|---:|---:|");
     for (who, c, (rps, p50, p99)) in &rows {
         println!("| {who} | {c} | {rps:.0} | {p50:.2} | {p99:.2} |");
     }
+    let runs = handshakes.len();
+    println!(
+        "\nTLS handshake on the published port (curl: TCP connected -> TLS established, {runs} runs), ms\n"
+    );
+    println!("| median | p90 | min | max |\n|---:|---:|---:|---:|");
+    println!("| {} |", crate::bench_restore::summary(&mut handshakes));
     Ok(())
+}
+
+/// TLS handshake times (ms) against the TLS port, as curl measures them (connected to
+/// handshake done), one fresh connection each.
+fn handshake_times(port: u16, runs: usize) -> Result<Vec<f64>> {
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let out = Command::new("curl")
+            .args(["-k", "-sS", "--http1.1", "-o", "/dev/null", "-w"])
+            .arg("%{time_connect} %{time_appconnect}")
+            .arg(format!("https://127.0.0.1:{port}/index.html"))
+            .output()
+            .context("curl (`cargo xtask deps` installs it)")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            bail!("curl failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let v: Vec<f64> = text
+            .split_whitespace()
+            .filter_map(|s| s.parse().ok())
+            .collect();
+        let [connect, tls] = v[..] else {
+            bail!("curl -w gave {text:?}");
+        };
+        times.push((tls - connect) * 1e3);
+    }
+    Ok(times)
 }

@@ -296,7 +296,8 @@ fn pss_kib(pid: u32) -> Result<u64> {
         .context("no Pss in smaps_rollup")
 }
 
-fn summary(v: &mut [f64]) -> String {
+/// `median | p90 | min | max` of `v` (ms, one decimal), for a Markdown table row.
+pub(crate) fn summary(v: &mut [f64]) -> String {
     v.sort_by(|a, b| a.total_cmp(b));
     format!(
         "{:.1} | {:.1} | {:.1} | {:.1}",
