@@ -1519,7 +1519,10 @@ mod tests {
         };
         let mut some = parse(&["8080:80", "8443:443/tls"]);
         tls_ports(&mut some, true).unwrap();
-        assert_eq!(some.iter().map(|m| m.tls).collect::<Vec<_>>(), [false, true]);
+        assert_eq!(
+            some.iter().map(|m| m.tls).collect::<Vec<_>>(),
+            [false, true]
+        );
         let mut none_marked = parse(&["8080:80", "8443:443"]);
         tls_ports(&mut none_marked, true).unwrap();
         assert!(none_marked.iter().all(|m| m.tls));

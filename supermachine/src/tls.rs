@@ -631,6 +631,53 @@ mod tests {
         assert!(matches!(r, Err(TlsSessionError::Handshake(_))), "{r:?}");
     }
 
+    fn client_for(pem: &str, alpn: &[&str]) -> rustls::ClientConnection {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(pem.as_bytes()).unwrap())
+            .unwrap();
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+        rustls::ClientConnection::new(Arc::new(config), "localhost".try_into().unwrap()).unwrap()
+    }
+
+    /// The protocol a client offering h2 and http/1.1 ends up with.
+    fn negotiated(t: TlsTermination) -> Option<Vec<u8>> {
+        let pem = t.generated_certificate_pem().unwrap().to_string();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (tcp, _) = listener.accept().unwrap();
+            // The "guest" closes once the client's side has ended, as a server does.
+            let (guest_side, mut guest) = UnixStream::pair().unwrap();
+            std::thread::spawn(move || io::copy(&mut guest, &mut io::sink()));
+            let _ = terminate(tcp, t.server_config(), || Ok(guest_side));
+        });
+        let mut conn = client_for(&pem, &["h2", "http/1.1"]);
+        let mut tcp = TcpStream::connect(addr).unwrap();
+        while conn.is_handshaking() {
+            conn.complete_io(&mut tcp).unwrap();
+        }
+        let got = conn.alpn_protocol().map(<[u8]>::to_vec);
+        drop(tcp);
+        server.join().unwrap();
+        got
+    }
+
+    #[test]
+    fn alpn_offers_http1_by_default_and_h2_when_asked() {
+        let t = TlsTermination::self_signed_localhost().unwrap();
+        assert_eq!(negotiated(t.clone()), Some(b"http/1.1".to_vec()));
+        let t = t.with_alpn(&["h2", "http/1.1"]).unwrap();
+        assert_eq!(negotiated(t), Some(b"h2".to_vec()));
+    }
+
     /// Over a real handshake: bytes both ways byte-exact, half-close passed on each way.
     #[test]
     fn plaintext_reaches_the_guest_side_and_back_byte_exact() {
@@ -652,20 +699,7 @@ mod tests {
             terminate(tcp, &config, || Ok(guest_side))
         });
 
-        let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(CertificateDer::from_pem_slice(pem.as_bytes()).unwrap())
-            .unwrap();
-        let client_config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        let mut conn =
-            rustls::ClientConnection::new(Arc::new(client_config), "localhost".try_into().unwrap())
-                .unwrap();
+        let mut conn = client_for(&pem, &[]);
         let mut tcp = TcpStream::connect(addr).unwrap();
         tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         let sent: Vec<u8> = (0..3u32 << 20).map(|i| (i * 7 + i / 251) as u8).collect();

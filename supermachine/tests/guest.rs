@@ -1283,6 +1283,34 @@ fn published_ports_terminate_tls_on_the_host() {
 
     let (code, _, err) = env.sm(&["rm", "-f", &id], None);
     assert_eq!(code, 0, "{err}");
+
+    // --tls-autogen: a fresh certificate whose fingerprint is printed.
+    let (code, _, err) = env.sm(
+        &[
+            "run",
+            "-p",
+            "127.0.0.1::80",
+            "--tls-autogen",
+            &env.image,
+            "sh",
+            "-c",
+            "exit 3",
+        ],
+        None,
+    );
+    assert_eq!(code, 3, "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.contains("self-signed certificate for localhost"))
+        .unwrap_or_else(|| panic!("no fingerprint line: {err}"));
+    let fingerprint = line
+        .split("SHA-256 ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap();
+    assert_eq!(fingerprint.len(), 95, "{line}");
 }
 
 // ---------- bake and restore ----------

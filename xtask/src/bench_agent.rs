@@ -250,7 +250,9 @@ fn wrk(url: &str, connections: u32, seconds: u32) -> Result<(f64, f64, f64)> {
 pub fn bench_http(supermachine: &Path, seconds: u32) -> Result<()> {
     let (vm_port, native_port, tls_port) = (18181u16, 18182u16, 18183u16);
     let serve = "mkdir -p /www && echo hello > /www/index.html && exec httpd -f -p 80 -h /www";
-    step("http benchmark: a detached VM serving busybox httpd on a published port, and on a TLS one");
+    step(
+        "http benchmark: a detached VM serving busybox httpd on a published port, and on a TLS one",
+    );
     let publish = format!("127.0.0.1:{vm_port}:80");
     let publish_tls = format!("127.0.0.1:{tls_port}:80/tls");
     let _vm = BenchVm::start(
@@ -309,7 +311,11 @@ pub fn bench_http(supermachine: &Path, seconds: u32) -> Result<()> {
     for connections in [1u32, 64] {
         for (who, scheme, port) in [
             ("supermachine -p (VM)", "http", vm_port),
-            ("supermachine -p .../tls (VM, TLS on the host)", "https", tls_port),
+            (
+                "supermachine -p .../tls (VM, TLS on the host)",
+                "https",
+                tls_port,
+            ),
             ("busybox httpd on the host", "http", native_port),
         ] {
             step(&format!("wrk, {connections} connections, {who}"));
