@@ -443,6 +443,9 @@ fn run_options(args: RunArgs) -> anyhow::Result<supermachine::run::RunOptions> {
         bake: None,
         snapshot,
         no_restore: args.no_restore,
+        idle: false,
+        forward_signals: true,
+        stop_handle: None,
     })
 }
 

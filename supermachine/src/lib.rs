@@ -12,8 +12,13 @@
 pub mod agent;
 pub mod boot;
 pub mod control;
+mod error;
+mod exec;
+mod image;
 pub mod images;
+mod machine;
 pub mod paths;
+mod pool;
 pub mod ports;
 pub mod run;
 pub mod snapshot;
@@ -23,4 +28,12 @@ pub mod vms;
 pub mod volumes;
 
 pub use boot::{boot, BootError, BootOptions, BootOutcome, DiskSpec};
+pub use error::{Error, Result};
+pub use exec::{Child, ChildOutput, ChildStdin, ExecBuilder, ExitStatus, Output};
+pub use image::{BakeOptions, Image};
+pub use machine::{Vm, VmConfig, Workload};
+pub use pool::{Pool, PoolBuilder, PoolStats, Pooled};
+pub use ports::PortMapping;
+pub use run::{PullPolicy, ReadyCheck};
+pub use tls::TlsTermination;
 pub use vmm_core::{VmControl, VmExit};

@@ -226,18 +226,55 @@ impl AgentGate {
     }
 }
 
+/// A port being forwarded: dropping it closes the listener (connections already made go on
+/// until either side ends them).
+pub struct Forwarding {
+    listener: Option<TcpListener>,
+    closed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for Forwarding {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(l) = &self.listener {
+            // SAFETY: shutdown on a listening socket we hold a descriptor of; on Linux it wakes
+            // the thread blocked in accept() with an error, which then sees `closed`.
+            unsafe { libc::shutdown(l.as_raw_fd(), libc::SHUT_RDWR) };
+        }
+    }
+}
+
 impl PublishedPort {
     /// Forwards every connection to the guest port through `agent`, each on its own thread,
-    /// for as long as the process lives; connections wait for `gate` first.
+    /// until the returned [`Forwarding`] is dropped; connections wait for `gate` first.
     /// With `tls`, the host terminates TLS and forwards the plaintext.
-    pub fn forward(self, agent: Agent, gate: AgentGate, tls: Option<crate::tls::TlsTermination>) {
+    pub fn forward(
+        self,
+        agent: Agent,
+        gate: AgentGate,
+        tls: Option<crate::tls::TlsTermination>,
+    ) -> Forwarding {
         let guest_port = self.mapping.guest_port;
         let in_flight = std::sync::Arc::new(InFlight::default());
+        let closed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let forwarding = Forwarding {
+            listener: self.listener.try_clone().ok(),
+            closed: closed.clone(),
+        };
         let _ = std::thread::Builder::new()
             .name(format!("publish-{}", self.local.port()))
             .spawn(move || {
-                for conn in self.listener.incoming() {
-                    let Ok(tcp) = conn else { continue };
+                loop {
+                    let conn = self.listener.accept();
+                    if closed.load(std::sync::atomic::Ordering::SeqCst) {
+                        return;
+                    }
+                    let Ok((tcp, _)) = conn else {
+                        // Out of descriptors and the like: let them free up.
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    };
                     let (agent, gate) = (agent.clone(), gate.clone());
                     let in_flight = in_flight.clone();
                     let tls = tls.as_ref().map(|t| t.server_config().clone());
@@ -277,6 +314,7 @@ impl PublishedPort {
                     });
                 }
             });
+        forwarding
     }
 }
 

@@ -85,6 +85,94 @@ pub struct RunOptions {
     pub snapshot: Option<std::path::PathBuf>,
     /// Boot even when a bake of this image and configuration exists.
     pub no_restore: bool,
+    /// Start the VM without its workload: init sets the container up and waits (exec through
+    /// the agent works) until the VM is stopped. Restoring a `--before-start` bake idle leaves
+    /// its workload unstarted; a bake of a running workload restores running.
+    pub idle: bool,
+    /// Forward SIGINT/SIGTERM (and SIGWINCH with a terminal) sent to this process to the
+    /// workload, as the CLI does. A library embedding VMs leaves this off and stops them with
+    /// [`StopHandle`].
+    pub forward_signals: bool,
+    /// Filled in once the VM runs: stops it from this process.
+    pub stop_handle: Option<StopHandle>,
+}
+
+/// Stops a VM run by this process: the workload gets the image's stop signal, and the VM is
+/// powered off if the workload has not exited after the grace period (or at once with
+/// [`StopHandle::kill`]). Clones share the VM.
+#[derive(Clone, Default)]
+pub struct StopHandle(Arc<Mutex<StopState>>);
+
+#[derive(Default)]
+struct StopState {
+    running: Option<(
+        Arc<Mutex<Option<devices::virtio::console::ConsoleInput>>>,
+        crate::VmControl,
+        i32,
+    )>,
+    /// Asked to stop before the VM ran: it stops as soon as it does.
+    early: Option<Option<std::time::Duration>>,
+}
+
+impl std::fmt::Debug for StopHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let st = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        f.debug_struct("StopHandle")
+            .field("running", &st.running.is_some())
+            .finish()
+    }
+}
+
+impl StopHandle {
+    fn attach(
+        &self,
+        control: Arc<Mutex<Option<devices::virtio::console::ConsoleInput>>>,
+        vm: crate::VmControl,
+        stop_signal: i32,
+    ) {
+        let mut st = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        st.running = Some((control, vm, stop_signal));
+        if let Some(grace) = st.early.take() {
+            drop(st);
+            match grace {
+                Some(grace) => self.stop(grace),
+                None => self.kill(),
+            }
+        }
+    }
+
+    /// Sends the workload its stop signal; powers the VM off after `grace` if it still runs.
+    pub fn stop(&self, grace: std::time::Duration) {
+        let mut st = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((control, vm, signal)) = st.running.clone() else {
+            st.early = Some(Some(grace));
+            return;
+        };
+        drop(st);
+        let sent = control
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|c| c.push(ControlMessage::Signal(signal).encode().as_bytes()))
+            .is_some();
+        if !sent || grace.is_zero() {
+            vm.request_exit(VmExit::Stopped);
+            return;
+        }
+        std::thread::spawn(move || {
+            std::thread::sleep(grace);
+            vm.request_exit(VmExit::Stopped);
+        });
+    }
+
+    /// Powers the VM off now.
+    pub fn kill(&self) {
+        let mut st = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match &st.running {
+            Some((_, vm, _)) => vm.request_exit(VmExit::Stopped),
+            None => st.early = Some(None),
+        }
+    }
 }
 
 /// How `bake` decides that the workload is ready to be snapshotted.
@@ -745,6 +833,14 @@ fn plan(opts: &RunOptions) -> Result<Start, RunError> {
         && baked.join(snapshot::STATE_FILE).exists()
     {
         match load(&baked) {
+            // An idle VM from a bake whose workload already runs would not be idle: boot.
+            Ok(loaded)
+                if opts.idle
+                    && !loaded
+                        .state
+                        .workload
+                        .as_ref()
+                        .is_some_and(|w| w.before_start) => {}
             Ok(loaded) => {
                 let workload = check_restorable(&baked, &loaded, opts)?;
                 return Ok(Start::Restore {
@@ -784,6 +880,9 @@ fn check_restorable(
     let Some(w) = loaded.state.workload.clone() else {
         return bad("it is not a bake of an image (make one with `supermachine bake`)");
     };
+    if opts.idle && !w.before_start {
+        return bad("its workload is running: an idle VM needs a bake made before the workload starts (bake --before-start)");
+    }
     if w.tty != opts.tty {
         return bad(if w.tty {
             "it was baked with a terminal: run it with -t"
@@ -1051,10 +1150,14 @@ fn run_registered(
             );
         }
     }
-    for p in published {
-        let tls = opts.tls.clone().filter(|_| p.mapping.tls);
-        p.forward(agent.clone(), agent_gate.clone(), tls);
-    }
+    // Listening until this returns.
+    let _forwarding: Vec<crate::ports::Forwarding> = published
+        .into_iter()
+        .map(|p| {
+            let tls = opts.tls.clone().filter(|_| p.mapping.tls);
+            p.forward(agent.clone(), agent_gate.clone(), tls)
+        })
+        .collect();
     // `--ready-log`: watch the workload's output.
     let log_seen = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (stdout, stderr) = match opts.bake.as_ref().map(|b| &b.ready) {
@@ -1149,13 +1252,22 @@ fn run_registered(
         },
     ];
     let vm_control = crate::VmControl::new();
-    forward_host_signals(
-        &stop_signal,
-        signal_control,
-        vm_control.clone(),
-        opts.tty,
-        opts.stop_timeout.unwrap_or(STOP_GRACE),
-    );
+    if let Some(handle) = &opts.stop_handle {
+        handle.attach(
+            signal_control.clone(),
+            vm_control.clone(),
+            signal_number(&stop_signal),
+        );
+    }
+    if opts.forward_signals {
+        forward_host_signals(
+            &stop_signal,
+            signal_control,
+            vm_control.clone(),
+            opts.tty,
+            opts.stop_timeout.unwrap_or(STOP_GRACE),
+        );
+    }
     let booting = std::time::Instant::now();
     // A guest that never comes up (a hung kernel, a broken init) is stopped, not waited on.
     let never_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1208,6 +1320,7 @@ fn run_registered(
             let gate = agent_gate.clone();
             let (control, catch_up) = (restore_control, catch_up.clone());
             let before_start = workload.before_start;
+            let idle = opts.idle;
             let start_env = env.clone();
             let on_started: Box<dyn FnOnce(crate::snapshot::Snapshotter) + Send> =
                 Box::new(move |snapshotter| {
@@ -1259,7 +1372,7 @@ fn run_registered(
                             vm.request_exit(VmExit::Stopped);
                             return;
                         }
-                        if before_start {
+                        if before_start && !idle {
                             let start = ControlMessage::Start(start_env).encode();
                             let sent = control
                                 .lock()
@@ -1329,10 +1442,11 @@ fn run_registered(
                     read_only: v.read_only,
                 });
             }
-            let hold = matches!(
-                opts.bake.as_ref().map(|b| &b.ready),
-                Some(ReadyCheck::BeforeStart)
-            );
+            let hold = opts.idle
+                || matches!(
+                    opts.bake.as_ref().map(|b| &b.ready),
+                    Some(ReadyCheck::BeforeStart)
+                );
             let container = ContainerConfig {
                 rootfs_device: "/dev/vda".into(),
                 rootfs_type: "squashfs".into(),

@@ -1728,3 +1728,310 @@ fn a_running_vm_is_snapshotted_and_goes_on_or_stops_on_request() {
     assert!(!err.is_empty());
     env.sm(&["rm", "-f", "live"], None);
 }
+
+// ---------- the library API, in this process ----------
+
+/// Tests that drive VMs from this process point the process's store and registry at their
+/// own, so they run one at a time.
+static IN_PROCESS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+impl RunEnv {
+    fn in_process(&self) -> std::sync::MutexGuard<'static, ()> {
+        let guard = IN_PROCESS.lock().unwrap_or_else(|e| e.into_inner());
+        std::env::set_var("SUPERMACHINE_HOME", self.dir.join("home"));
+        std::env::set_var("SUPERMACHINE_RUNTIME_DIR", self.runtime_dir());
+        guard
+    }
+
+    /// VMs in this test's registry.
+    fn registered_vms(&self) -> usize {
+        supermachine::vms::Registry::open().unwrap().list().len()
+    }
+}
+
+/// `GET /` over `stream`; the body.
+fn get_body(mut stream: impl Read + std::io::Write) -> String {
+    stream.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut all = String::new();
+    stream.read_to_string(&mut all).unwrap();
+    all.split("\r\n\r\n").nth(1).unwrap_or("").to_string()
+}
+
+#[test]
+fn library_vm_runs_commands_moves_files_and_streams() {
+    use std::io::{BufRead, Write};
+    use supermachine::{Error, Image, VmConfig};
+    let env = RunEnv::new("library-vm");
+    let _in_process = env.in_process();
+    let image = Image::open(&env.image).unwrap();
+    let vm = image
+        .start(&VmConfig::new().memory_mib(128).env("FROM_CONFIG", "yes"))
+        .unwrap();
+    assert!(vm.is_running());
+    assert_eq!(env.registered_vms(), 1);
+
+    // output(): status, separate streams, env from the config and the exec, cwd, user.
+    let out = vm
+        .exec_builder()
+        .argv([
+            "sh",
+            "-c",
+            "echo $FROM_CONFIG $FROM_EXEC; pwd; id -u; echo oops >&2; exit 3",
+        ])
+        .env("FROM_EXEC", "also")
+        .cwd("/tmp")
+        .user("1234:1234")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code, 3);
+    assert!(!out.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "yes also\n/tmp\n1234\n"
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "oops\n");
+
+    // Staged files and stdin.
+    let out = vm
+        .exec_builder()
+        .argv(["sh", "-c", "cat /tmp/staged; tr a-z A-Z"])
+        .stage_file("/tmp/staged", "staged\n")
+        .stdin("shout\n")
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "staged\nSHOUT\n");
+
+    // A timeout kills the command and says so; the VM goes on.
+    let started = Instant::now();
+    let e = vm
+        .exec_builder()
+        .argv(["sleep", "600"])
+        .timeout(Duration::from_secs(2))
+        .output()
+        .unwrap_err();
+    assert!(matches!(e, Error::Timeout { .. }), "{e:?}");
+    assert!(started.elapsed() < Duration::from_secs(300), "not killed");
+    assert!(vm.exec_builder().argv(["true"]).output().unwrap().success());
+
+    // spawn(): streaming stdin and stdout, then a signal.
+    let mut child = vm.exec_builder().argv(["cat"]).spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap());
+    for word in ["one", "two"] {
+        writeln!(stdin, "{word}").unwrap();
+        let mut line = String::new();
+        lines.read_line(&mut line).unwrap();
+        assert_eq!(line, format!("{word}\n"));
+    }
+    stdin.close();
+    assert_eq!(child.wait().unwrap().code, 0);
+    let child = vm.exec_builder().argv(["sleep", "600"]).spawn().unwrap();
+    child.signal(15).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!((status.code, status.signal), (143, Some(15)));
+
+    // Files both ways, byte-exact; a missing one is the guest's error.
+    let data: Vec<u8> = (0..1u32 << 20).map(|i| (i * 31 + i / 977) as u8).collect();
+    vm.write_file("/tmp/data.bin", &data).unwrap();
+    assert!(vm.read_file("/tmp/data.bin").unwrap() == data);
+    let e = vm.read_file("/nonexistent").unwrap_err();
+    assert!(matches!(e, Error::Guest(_)), "{e:?}");
+
+    // A server started with exec, reached by a stream and through an exposed host port.
+    let out = vm
+        .exec_builder()
+        .argv(["mkdir", "/tmp/www"])
+        .output()
+        .unwrap();
+    assert!(out.success(), "{out:?}");
+    vm.write_file("/tmp/www/index.html", b"from the guest\n")
+        .unwrap();
+    let _server = vm
+        .exec_builder()
+        .argv(["httpd", "-f", "-p", "8080", "-h", "/tmp/www"])
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let stream = loop {
+        match vm.connect(8080) {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(started.elapsed() < HANG_LIMIT, "{e}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    assert_eq!(get_body(stream), "from the guest\n");
+    let addr = vm.expose_tcp("127.0.0.1:0".parse().unwrap(), 8080).unwrap();
+    assert_eq!(
+        get_body(std::net::TcpStream::connect(addr).unwrap()),
+        "from the guest\n"
+    );
+
+    // A snapshot of the running VM starts a copy with the files it had.
+    let snap = env.dir.join("live-snapshot");
+    vm.snapshot(&snap).unwrap();
+    let copy = Image::from_snapshot(&snap)
+        .unwrap()
+        .start(&VmConfig::new())
+        .unwrap();
+    assert!(copy.read_file("/tmp/data.bin").unwrap() == data);
+    assert_eq!(env.registered_vms(), 2);
+    drop(copy);
+
+    // stop(): the idle VM's init gets SIGTERM; the port closes; the registry forgets it.
+    assert_eq!(vm.stop().unwrap(), 143);
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "port still open"
+    );
+    assert_eq!(env.registered_vms(), 0);
+
+    // A missing image is its own error.
+    let e = Image::open("oci:/nonexistent/layout:latest").unwrap_err();
+    assert!(
+        matches!(e, Error::ImageNotFound(_) | Error::Image(_)),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn library_pool_gives_fresh_vms_and_leaks_none() {
+    use supermachine::{Error, Image, VmConfig};
+    let env = RunEnv::new("library-pool");
+    let _in_process = env.in_process();
+    let image = Image::open(&env.image).unwrap();
+    let pool = image
+        .pool()
+        .config(VmConfig::new().memory_mib(128))
+        .min(2)
+        .max(4)
+        .build()
+        .unwrap();
+
+    // 20 users one after another: none sees the one before's file.
+    for round in 0..20 {
+        let vm = pool.acquire().unwrap();
+        assert!(
+            vm.read_file("/tmp/owner").is_err(),
+            "round {round}: another user's file is there"
+        );
+        vm.write_file("/tmp/owner", round.to_string().as_bytes())
+            .unwrap();
+        let out = vm
+            .exec_builder()
+            .argv(["cat", "/tmp/owner"])
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), round.to_string());
+    }
+
+    // 8 threads share the 4 VMs.
+    std::thread::scope(|s| {
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let pool = &pool;
+                s.spawn(move || {
+                    for round in 0..3 {
+                        let vm = pool.acquire().unwrap();
+                        assert!(vm.read_file("/tmp/owner").is_err(), "{t}.{round}: leaked");
+                        vm.write_file("/tmp/owner", b"x").unwrap();
+                        let out = vm.exec_builder().argv(["true"]).output().unwrap();
+                        assert!(out.success());
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+    });
+
+    // Afterwards: nothing in use, and the registry holds exactly the idle VMs.
+    let stats = pool.settle(HANG_LIMIT);
+    assert_eq!(
+        (stats.in_use, stats.restoring, stats.stopping),
+        (0, 0, 0),
+        "{stats:?}"
+    );
+    assert!((2..=4).contains(&stats.idle), "{stats:?}");
+    assert_eq!(stats.acquired, 20 + 8 * 3);
+    assert_eq!(env.registered_vms(), stats.idle, "{stats:?}");
+
+    // Exhausted: all four held, the fifth waits and gives up with a clear error.
+    let held: Vec<_> = (0..4).map(|_| pool.acquire().unwrap()).collect();
+    let e = pool.acquire_timeout(Duration::from_secs(1)).unwrap_err();
+    assert!(matches!(e, Error::PoolExhausted { max: 4, .. }), "{e:?}");
+    drop(held);
+    let stats = pool.settle(HANG_LIMIT);
+    assert_eq!(env.registered_vms(), stats.live(), "{stats:?}");
+
+    drop(pool);
+    let deadline = Instant::now() + HANG_LIMIT;
+    while env.registered_vms() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "VMs left after the pool was dropped"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs `cargo run --example NAME -- IMAGE` (built by `cargo xtask test`); its stdout.
+fn run_example(env: &RunEnv, name: &str) -> String {
+    let exe = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(|deps| deps.parent())
+        .unwrap()
+        .join("examples")
+        .join(name);
+    assert!(
+        exe.is_file(),
+        "{} is missing: build it with `cargo build -p supermachine --examples` (cargo xtask test does)",
+        exe.display()
+    );
+    let out = Command::new(&exe)
+        .arg(&env.image)
+        .env("SUPERMACHINE_HOME", env.dir.join("home"))
+        .env("SUPERMACHINE_RUNTIME_DIR", env.runtime_dir())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "example {name}: {:?}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[test]
+fn examples_run_against_real_vms() {
+    let env = RunEnv::new("examples");
+    assert_eq!(
+        run_example(&env, "sandbox"),
+        "hello, sandbox\nstaged file\nFROM STDIN\ntimed out after 1s\nexit status 143\n"
+    );
+    let pool = run_example(&env, "pool");
+    for worker in 0..4 {
+        for job in 0..5 {
+            assert!(
+                pool.contains(&format!("job {worker}.{job} -> {}\n", worker * 10 + job)),
+                "{pool}"
+            );
+        }
+    }
+    assert!(
+        pool.contains("jobs seen another job's file: 0; acquired 20"),
+        "{pool}"
+    );
+    let server = run_example(&env, "server");
+    assert!(server.contains(": served from a snapshot\n"), "{server}");
+    assert!(
+        server.contains("through a stream: served from a snapshot\n"),
+        "{server}"
+    );
+}

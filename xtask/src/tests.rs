@@ -101,6 +101,8 @@ pub fn run_all(force_local: bool) -> Result<()> {
     step("integration tests that boot Linux guests");
     let supermachine = build_supermachine(false)?;
     let guest_tests = test_binary("guest")?;
+    // The guest tests run the examples too.
+    run(cargo().args(["build", "-p", "supermachine", "--examples"]))?;
     let local = force_local || guests_run_locally(&supermachine);
     let env = [
         ("SUPERMACHINE_KERNEL", crate::util::installed_kernel()),
