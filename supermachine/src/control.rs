@@ -5,6 +5,8 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -82,18 +84,49 @@ pub fn call(
     }
 }
 
-/// Serves requests on `socket` from a background thread, one at a time, with `handle`.
+/// A control socket being served: dropping it stops the server (and drops its handler).
+pub struct Server {
+    listener: UnixListener,
+    closed: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        self.closed.store(true, Ordering::SeqCst);
+        // SAFETY: shutdown of a listening socket we hold a descriptor of; on Linux it wakes
+        // the server thread's accept() with an error, after which it sees `closed`.
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Serves requests on `socket` from a background thread, one at a time, with `handle`, until
+/// the returned [`Server`] is dropped.
 pub fn serve(
     socket: &Path,
     handle: impl Fn(ControlRequest) -> ControlReply + Send + 'static,
-) -> std::io::Result<()> {
+) -> std::io::Result<Server> {
     let _ = std::fs::remove_file(socket);
     let listener = UnixListener::bind(socket)?;
-    std::thread::Builder::new()
+    let closed = Arc::new(AtomicBool::new(false));
+    let accepting = listener.try_clone()?;
+    let stop = closed.clone();
+    let thread = std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(conn) = conn else { continue };
+            loop {
+                let conn = accepting.accept();
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok((conn, _)) = conn else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
                 let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
                 let mut line = String::new();
                 let Ok(reader) = conn.try_clone() else {
@@ -117,7 +150,11 @@ pub fn serve(
                 let _ = (&conn).write_all(&out);
             }
         })?;
-    Ok(())
+    Ok(Server {
+        listener,
+        closed,
+        thread: Some(thread),
+    })
 }
 
 #[cfg(test)]
@@ -129,7 +166,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("sm-control-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("control.sock");
-        serve(&socket, |req| match req {
+        let server = serve(&socket, |req| match req {
             ControlRequest::Snapshot { dir, stop: false } => ControlReply::Snapshot { dir },
             ControlRequest::Snapshot { stop: true, .. } => ControlReply::Error {
                 message: "no".into(),
@@ -158,6 +195,9 @@ mod tests {
         let mut answer = String::new();
         BufReader::new(s).read_line(&mut answer).unwrap();
         assert!(answer.contains("bad request"), "{answer}");
+        // Dropping the server stops it.
+        drop(server);
+        assert!(call(&socket, &req, Duration::from_secs(5)).is_err());
         std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -376,6 +376,24 @@ mod tests {
     }
 
     #[test]
+    fn dropping_the_forwarding_closes_the_port_and_its_descriptors() {
+        let fds = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+        let published = bind(m("127.0.0.1", 0, 80)).unwrap();
+        let addr = published.local;
+        let before = fds();
+        let forwarding =
+            published.forward(Agent::new("/nonexistent/vsock"), AgentGate::default(), None);
+        drop(forwarding);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        // The listener itself (one descriptor, counted in `before`) goes too.
+        while fds() >= before && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(fds(), before - 1);
+        assert!(std::net::TcpStream::connect(addr).is_err());
+    }
+
+    #[test]
     fn binding_a_port_in_use_is_a_clear_error() {
         let first = bind(m("127.0.0.1", 0, 80)).unwrap();
         let taken = m("127.0.0.1", first.local.port(), 80);

@@ -1291,10 +1291,12 @@ fn run_registered(
     let baked: BakeResult = Arc::default();
     // `supermachine snapshot` of this VM, through its control socket.
     let live: LiveVm = Arc::default();
+    // Served until this returns.
+    let _control_server;
     {
         let live = live.clone();
         let has_volumes = !opts.volumes.is_empty();
-        crate::control::serve(&dir.control(), move |request| {
+        _control_server = crate::control::serve(&dir.control(), move |request| {
             snapshot_request(&live, has_volumes, request)
         })
         .map_err(|e| RunError::Publish(std::io::Error::other(format!("control socket: {e}"))))?;

@@ -1749,6 +1749,22 @@ impl RunEnv {
     }
 }
 
+/// This process's open descriptors, as `fd -> target`.
+fn open_fds() -> std::collections::BTreeSet<String> {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| {
+            let target = std::fs::read_link(e.path()).unwrap_or_default();
+            format!(
+                "{} -> {}",
+                e.file_name().to_string_lossy(),
+                target.display()
+            )
+        })
+        .collect()
+}
+
 /// `GET /` over `stream`; the body.
 fn get_body(mut stream: impl Read + std::io::Write) -> String {
     stream.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
@@ -1764,6 +1780,7 @@ fn library_vm_runs_commands_moves_files_and_streams() {
     let env = RunEnv::new("library-vm");
     let _in_process = env.in_process();
     let image = Image::open(&env.image).unwrap();
+    let fds_before = open_fds();
     let vm = image
         .start(&VmConfig::new().memory_mib(128).env("FROM_CONFIG", "yes"))
         .unwrap();
@@ -1824,6 +1841,7 @@ fn library_vm_runs_commands_moves_files_and_streams() {
         assert_eq!(line, format!("{word}\n"));
     }
     stdin.close();
+    drop(lines);
     assert_eq!(child.wait().unwrap().code, 0);
     let child = vm.exec_builder().argv(["sleep", "600"]).spawn().unwrap();
     child.signal(15).unwrap();
@@ -1846,7 +1864,7 @@ fn library_vm_runs_commands_moves_files_and_streams() {
     assert!(out.success(), "{out:?}");
     vm.write_file("/tmp/www/index.html", b"from the guest\n")
         .unwrap();
-    let _server = vm
+    let server = vm
         .exec_builder()
         .argv(["httpd", "-f", "-p", "8080", "-h", "/tmp/www"])
         .spawn()
@@ -1879,6 +1897,8 @@ fn library_vm_runs_commands_moves_files_and_streams() {
     assert_eq!(env.registered_vms(), 2);
     drop(copy);
 
+    drop(server);
+
     // stop(): the idle VM's init gets SIGTERM; the port closes; the registry forgets it.
     assert_eq!(vm.stop().unwrap(), 143);
     assert!(
@@ -1886,6 +1906,39 @@ fn library_vm_runs_commands_moves_files_and_streams() {
         "port still open"
     );
     assert_eq!(env.registered_vms(), 0);
+    // Everything the two VMs held is released (threads may take a moment to end).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while open_fds().len() > fds_before.len() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let left: Vec<_> = open_fds().difference(&fds_before).cloned().collect();
+    let sockets: String = [
+        "/proc/net/unix",
+        "/proc/net/tcp",
+        "/proc/net/tcp6",
+        "/proc/net/udp",
+        "/proc/net/netlink",
+        "/proc/net/packet",
+        "/proc/net/raw",
+    ]
+    .iter()
+    .map(|f| std::fs::read_to_string(f).unwrap_or_default())
+    .collect::<Vec<_>>()
+    .join("");
+    let detail: Vec<&str> = left
+        .iter()
+        .filter_map(|l| l.split("socket:[").nth(1))
+        .map(|i| i.trim_end_matches(']'))
+        .flat_map(|inode| {
+            sockets
+                .lines()
+                .filter(move |l| l.split_whitespace().any(|w| w == inode))
+        })
+        .collect();
+    assert!(
+        left.is_empty(),
+        "descriptors left open: {left:?}\n{detail:#?}"
+    );
 
     // A missing image is its own error.
     let e = Image::open("oci:/nonexistent/layout:latest").unwrap_err();
