@@ -1,12 +1,59 @@
 //! # supermachine
 //!
 //! Run OCI images as hardware-isolated microVMs. This facade crate is the only one that picks a
-//! hypervisor backend and concrete devices; it offers the library API and the `supermachine`
-//! command-line tool built on it.
+//! hypervisor backend and concrete devices; it offers the library API below and the
+//! `supermachine` command-line tool built on the same machinery.
 //!
-//! Today it boots a kernel and initramfs with our `guest-init` as PID 1 and carries the guest
-//! command's exit status back ([`boot`]), and pulls OCI images into root filesystem images
-//! ([`images`]). Running images, snapshots and the `Vm`/`Pool` API arrive with their issues.
+//! ## The common flow
+//!
+//! An [`Image`] comes from the local store (pulled when missing); [`Image::start`] gives a
+//! running [`Vm`], by default an idle sandbox that waits for commands:
+//!
+//! ```no_run
+//! # fn main() -> supermachine::Result<()> {
+//! use supermachine::{Image, VmConfig};
+//!
+//! let vm = Image::open("busybox")?.start(&VmConfig::new())?;
+//! let out = vm.exec_builder().argv(["echo", "hello"]).output()?;
+//! assert_eq!(out.stdout, b"hello\n");
+//! # Ok(()) }
+//! ```
+//!
+//! Commands take env, a working directory, a user, stdin (bytes or a reader), files staged
+//! before they run and a timeout ([`ExecBuilder`]); [`ExecBuilder::spawn`] streams instead
+//! ([`Child`]). A [`Vm`] also reads and writes guest files, opens streams to guest ports
+//! ([`Vm::connect`]), publishes them on the host ([`Vm::expose_tcp`], [`Vm::expose_tls`]),
+//! snapshots itself ([`Vm::snapshot`]) and stops ([`Vm::stop`]; dropping it powers it off).
+//! [`VmConfig`] runs the image's own command instead with [`Workload::ImageCommand`] or
+//! [`VmConfig::command`].
+//!
+//! ## Baked images and pools
+//!
+//! [`Image::bake`] boots the image once, waits until it is ready and snapshots it; every start
+//! of the baked image is then a restore (milliseconds on real hardware), and clones share the
+//! snapshot's unmodified memory. A [`Pool`] keeps such clones restored ahead of demand; each
+//! [`Pool::acquire`] gets a fresh one, and releasing it throws it away, so nothing passes from
+//! one user to the next:
+//!
+//! ```no_run
+//! # fn main() -> supermachine::Result<()> {
+//! use supermachine::Image;
+//!
+//! let pool = Image::open("busybox")?.pool().min(2).max(8).build()?;
+//! let vm = pool.acquire()?;
+//! vm.write_file("/tmp/input", b"untrusted")?;
+//! let out = vm.exec_builder().argv(["wc", "-c", "/tmp/input"]).output()?;
+//! drop(vm); // powered off; a fresh clone takes its place
+//! # Ok(()) }
+//! ```
+//!
+//! Every call returns [`Result`] with one [`Error`] whose variants say what to do next (image
+//! not found, registry authentication, KVM unavailable, guest panicked, timeout, pool
+//! exhausted…). VMs run on threads of the calling process; they show in `supermachine ps`.
+//! Runnable examples: `examples/sandbox.rs`, `examples/pool.rs`, `examples/server.rs`.
+//!
+//! The modules below the API ([`run`], [`boot`], [`snapshot`], [`images`], [`ports`],
+//! [`tls`]…) are what the CLI is built on; they are public for tools that need more control.
 #![deny(missing_docs)]
 
 pub mod agent;

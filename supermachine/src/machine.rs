@@ -54,6 +54,7 @@ pub struct VmConfig {
     pub(crate) tls: Option<TlsTermination>,
     pub(crate) stop_timeout: Duration,
     pub(crate) start_timeout: Duration,
+    pub(crate) boot_always: bool,
 }
 
 impl Default for VmConfig {
@@ -75,6 +76,7 @@ impl Default for VmConfig {
             tls: None,
             stop_timeout: crate::run::STOP_GRACE,
             start_timeout: crate::run::COME_UP_LIMIT,
+            boot_always: false,
         }
     }
 }
@@ -189,6 +191,13 @@ impl VmConfig {
         self
     }
 
+    /// Boot even when the bake cache holds a bake of this image and configuration (by
+    /// default [`crate::Image::start`] restores it; `supermachine run --no-restore`).
+    pub fn boot_always(mut self, yes: bool) -> Self {
+        self.boot_always = yes;
+        self
+    }
+
     /// The `run` options for `image` (a snapshot directory when restoring).
     pub(crate) fn run_options(&self, image: &str, snapshot: Option<&Path>) -> Result<RunOptions> {
         let (command, idle) = match &self.workload {
@@ -215,6 +224,7 @@ impl VmConfig {
             tls: self.tls.clone(),
             stop_timeout: Some(self.stop_timeout),
             snapshot: snapshot.map(Path::to_path_buf),
+            no_restore: self.boot_always,
             idle,
             ..Default::default()
         })

@@ -103,13 +103,13 @@ pub struct RunOptions {
 #[derive(Clone, Default)]
 pub struct StopHandle(Arc<Mutex<StopState>>);
 
+/// The control console's input, once it is attached.
+type ControlInput = Arc<Mutex<Option<devices::virtio::console::ConsoleInput>>>;
+
 #[derive(Default)]
 struct StopState {
-    running: Option<(
-        Arc<Mutex<Option<devices::virtio::console::ConsoleInput>>>,
-        crate::VmControl,
-        i32,
-    )>,
+    /// The control console, the VM, and the workload's stop signal.
+    running: Option<(ControlInput, crate::VmControl, i32)>,
     /// Asked to stop before the VM ran: it stops as soon as it does.
     early: Option<Option<std::time::Duration>>,
 }
@@ -124,12 +124,7 @@ impl std::fmt::Debug for StopHandle {
 }
 
 impl StopHandle {
-    fn attach(
-        &self,
-        control: Arc<Mutex<Option<devices::virtio::console::ConsoleInput>>>,
-        vm: crate::VmControl,
-        stop_signal: i32,
-    ) {
+    fn attach(&self, control: ControlInput, vm: crate::VmControl, stop_signal: i32) {
         let mut st = self.0.lock().unwrap_or_else(|e| e.into_inner());
         st.running = Some((control, vm, stop_signal));
         if let Some(grace) = st.early.take() {

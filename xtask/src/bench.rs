@@ -104,6 +104,19 @@ pub enum Which {
         #[arg(long)]
         here: bool,
     },
+    /// The library's warm pool: acquire → exec true → release cycles with 1 and 4 users, next
+    /// to the same cycle with a cold boot
+    Pool {
+        /// Pool cycles per row
+        #[arg(long, default_value_t = 100)]
+        cycles: usize,
+        /// Cold-boot cycles
+        #[arg(long, default_value_t = 10)]
+        cold: usize,
+        /// Run here even if this machine's KVM fails the probe (used inside the test host)
+        #[arg(long)]
+        here: bool,
+    },
     /// virtio-blk throughput and IOPS from inside the guest, next to QEMU microvm's virtio-blk
     Blk {
         /// Runs per VMM (the median is reported)
@@ -274,6 +287,53 @@ fn build_release() -> Result<PathBuf> {
     Ok(target_dir().join("release").join("supermachine"))
 }
 
+/// Where the pool benchmark (`supermachine/benches/pool.rs`, release) is copied, for the
+/// emulated host to run without cargo.
+fn pool_bench_binary() -> PathBuf {
+    target_dir().join("release").join("bench-pool")
+}
+
+fn build_pool_bench() -> Result<()> {
+    let json = util::output(cargo().args([
+        "bench",
+        "-p",
+        "supermachine",
+        "--bench",
+        "pool",
+        "--no-run",
+        "--message-format=json",
+    ]))?;
+    let exe = json
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == "pool")
+        .and_then(|v| v["executable"].as_str().map(PathBuf::from))
+        .context("cargo did not report the pool benchmark binary")?;
+    std::fs::copy(&exe, pool_bench_binary())?;
+    Ok(())
+}
+
+/// Runs the pool benchmark here, with its own store and VM registry.
+fn bench_pool(cycles: usize, cold: usize) -> Result<()> {
+    let base = PathBuf::from("/run").join(format!("sm-bench-pool-{}", std::process::id()));
+    let image = format!(
+        "oci:{}:latest",
+        target_dir().join("images/busybox").display()
+    );
+    let status = Command::new(pool_bench_binary())
+        .arg(&image)
+        .args(["--cycles", &cycles.to_string(), "--cold", &cold.to_string()])
+        .env("SUPERMACHINE_HOME", base.join("home"))
+        .env("SUPERMACHINE_RUNTIME_DIR", base.join("rt"))
+        .status()
+        .context("the pool benchmark binary (built by `cargo xtask bench pool`)")?;
+    let _ = std::fs::remove_dir_all(&base);
+    if !status.success() {
+        bail!("the pool benchmark failed ({status})");
+    }
+    Ok(())
+}
+
 pub fn qemu_microvm(kernel: &Path, memory_mib: u32) -> Command {
     let mut c = Command::new("qemu-system-x86_64");
     c.args([
@@ -334,6 +394,23 @@ pub fn run(which: Which) -> Result<()> {
             }
             match guest_bench_host(here, &args)? {
                 Some(sm) => crate::bench_agent::bench_exec(&sm, calls, mib),
+                None => Ok(()),
+            }
+        }
+        Which::Pool { cycles, cold, here } => {
+            let args = [
+                "pool".to_string(),
+                "--cycles".into(),
+                cycles.to_string(),
+                "--cold".into(),
+                cold.to_string(),
+            ];
+            if !here {
+                crate::tests::busybox_image()?;
+                build_pool_bench()?;
+            }
+            match guest_bench_host(here, &args)? {
+                Some(_) => bench_pool(cycles, cold),
                 None => Ok(()),
             }
         }
