@@ -22,6 +22,12 @@ pub enum ControlRequest {
         /// Stop the VM after the snapshot.
         stop: bool,
     },
+    /// Send the workload its stop signal; power the VM off after `grace_ms` if it still runs
+    /// (at once with 0).
+    Stop {
+        /// The grace period in milliseconds.
+        grace_ms: u64,
+    },
 }
 
 /// The answer.
@@ -33,6 +39,8 @@ pub enum ControlReply {
         /// Where it is.
         dir: PathBuf,
     },
+    /// The stop is under way.
+    Stopping,
     /// Refused or failed.
     Error {
         /// Why.
@@ -171,6 +179,7 @@ mod tests {
             ControlRequest::Snapshot { stop: true, .. } => ControlReply::Error {
                 message: "no".into(),
             },
+            ControlRequest::Stop { .. } => ControlReply::Stopping,
         })
         .unwrap();
         let req = ControlRequest::Snapshot {

@@ -465,6 +465,7 @@ impl Vm {
         {
             ControlReply::Snapshot { dir } => Ok(dir),
             ControlReply::Error { message } => Err(Error::Snapshot(message)),
+            ControlReply::Stopping => Err(Error::Snapshot("unexpected answer".into())),
         }
     }
 

@@ -1006,14 +1006,19 @@ fn env_entries(given: &[String]) -> Vec<String> {
 type LiveVm = Arc<Mutex<Option<(crate::snapshot::Snapshotter, BakedWorkload)>>>;
 
 /// Carries out a control-socket request on the running VM.
-fn snapshot_request(
+fn control_request(
     live: &LiveVm,
+    stopper: &StopHandle,
     has_volumes: bool,
     request: crate::control::ControlRequest,
 ) -> crate::control::ControlReply {
     use crate::control::{ControlReply, ControlRequest};
     let error = |message: String| ControlReply::Error { message };
     match request {
+        ControlRequest::Stop { grace_ms } => {
+            stopper.stop(std::time::Duration::from_millis(grace_ms));
+            ControlReply::Stopping
+        }
         ControlRequest::Snapshot { dir, stop } => {
             if has_volumes {
                 return error("volumes are not part of a snapshot: this VM has -v".into());
@@ -1126,7 +1131,9 @@ fn run_registered(
         pid: std::process::id(),
         pid_start: crate::vms::process_start(std::process::id()).unwrap_or(0),
         ports,
-        detached: opts.reserved_id.is_some(),
+        detached: opts.reserved_id.is_some() && opts.forward_signals,
+        // The library's VMs share their program's process: never signal it.
+        embedded: !opts.forward_signals,
         auto_remove: !opts.keep_record,
         exit_code: None,
     })?;
@@ -1247,13 +1254,13 @@ fn run_registered(
         },
     ];
     let vm_control = crate::VmControl::new();
-    if let Some(handle) = &opts.stop_handle {
-        handle.attach(
-            signal_control.clone(),
-            vm_control.clone(),
-            signal_number(&stop_signal),
-        );
-    }
+    // The library's handle, or our own for `supermachine stop` through the control socket.
+    let stopper = opts.stop_handle.clone().unwrap_or_default();
+    stopper.attach(
+        signal_control.clone(),
+        vm_control.clone(),
+        signal_number(&stop_signal),
+    );
     if opts.forward_signals {
         forward_host_signals(
             &stop_signal,
@@ -1292,7 +1299,7 @@ fn run_registered(
         let live = live.clone();
         let has_volumes = !opts.volumes.is_empty();
         _control_server = crate::control::serve(&dir.control(), move |request| {
-            snapshot_request(&live, has_volumes, request)
+            control_request(&live, &stopper, has_volumes, request)
         })
         .map_err(|e| RunError::Publish(std::io::Error::other(format!("control socket: {e}"))))?;
     }

@@ -475,14 +475,40 @@ fn wait_gone(record: &VmRecord, limit: Duration) -> bool {
     true
 }
 
+/// Stops a VM run by a program through the library: through its control socket (its process
+/// is the program's, never signalled); waits until its record is gone or has a status.
+fn stop_embedded(dir: &VmDir, grace: Duration) -> anyhow::Result<()> {
+    use supermachine::control::{call, ControlReply, ControlRequest};
+    let request = ControlRequest::Stop {
+        grace_ms: grace.as_millis() as u64,
+    };
+    match call(&dir.control(), &request, Duration::from_secs(10))? {
+        ControlReply::Stopping => {}
+        ControlReply::Error { message } => bail!("{message}"),
+        other => bail!("unexpected answer {other:?}"),
+    }
+    let deadline = Instant::now() + grace + Duration::from_secs(10);
+    while dir.record().is_ok_and(|r| r.exit_code.is_none()) {
+        if Instant::now() >= deadline {
+            bail!("the VM did not stop within {} s", (grace.as_secs() + 10));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
 /// The stop signal with `grace` to exit; then a forced power-off; then SIGKILL of the VMM.
-fn stop_vm(record: &VmRecord, grace: Duration) {
+/// A library VM is asked through its control socket instead.
+fn stop_vm(dir: &VmDir, record: &VmRecord, grace: Duration) -> anyhow::Result<()> {
     if record.status() != VmStatus::Running {
-        return;
+        return Ok(());
+    }
+    if record.embedded {
+        return stop_embedded(dir, grace);
     }
     signal(record.pid, libc::SIGTERM);
     if wait_gone(record, grace) {
-        return;
+        return Ok(());
     }
     // A second SIGTERM makes the VMM power the VM off at once.
     signal(record.pid, libc::SIGTERM);
@@ -490,6 +516,7 @@ fn stop_vm(record: &VmRecord, grace: Duration) {
         signal(record.pid, libc::SIGKILL);
         wait_gone(record, Duration::from_secs(5));
     }
+    Ok(())
 }
 
 /// Runs `f` on each named VM, printing the name on success (as Docker does) and the error
@@ -514,9 +541,8 @@ fn each_vm(names: &[String], mut f: impl FnMut(&str) -> anyhow::Result<()>) -> E
 
 pub fn stop(args: StopArgs) -> anyhow::Result<ExitCode> {
     Ok(each_vm(&args.vms, |name| {
-        let (_, _, record) = find(name)?;
-        stop_vm(&record, Duration::from_secs(args.time));
-        Ok(())
+        let (_, dir, record) = find(name)?;
+        stop_vm(&dir, &record, Duration::from_secs(args.time))
     }))
 }
 
@@ -536,6 +562,7 @@ pub fn snapshot(args: SnapshotArgs) -> anyhow::Result<ExitCode> {
     match call(&dir.control(), &request, Duration::from_secs(600))? {
         ControlReply::Snapshot { dir } => println!("{}", dir.display()),
         ControlReply::Error { message } => bail!("{message}"),
+        ControlReply::Stopping => bail!("unexpected answer from the VM"),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -547,7 +574,7 @@ pub fn rm(args: RmArgs) -> anyhow::Result<ExitCode> {
             if !args.force {
                 bail!("VM {} is running: stop it first or use rm -f", record.name);
             }
-            stop_vm(&record, Duration::ZERO);
+            stop_vm(&dir, &record, Duration::ZERO)?;
         }
         registry.remove(&dir, &record.id, &record.name)?;
         Ok(())

@@ -71,6 +71,10 @@ pub struct VmRecord {
     pub auto_remove: bool,
     /// The workload's exit status, once the VM has ended and could say.
     pub exit_code: Option<i32>,
+    /// Run by a program through the library: the process is that program's, so the VM is
+    /// stopped through its control socket, never by signalling the process.
+    #[serde(default)]
+    pub embedded: bool,
 }
 
 /// A VM's state as `ps` shows it.
@@ -358,6 +362,7 @@ mod tests {
             detached: true,
             auto_remove: false,
             exit_code: None,
+            embedded: false,
         }
     }
 

@@ -1940,6 +1940,21 @@ fn library_vm_runs_commands_moves_files_and_streams() {
         "descriptors left open: {left:?}\n{detail:#?}"
     );
 
+    // The CLI sees a library VM and stops it through its control socket (not by signalling
+    // this process, which would end the test).
+    let embedded = image
+        .start(&VmConfig::new().memory_mib(128).name("embedded"))
+        .unwrap();
+    let (_, ps, _) = env.sm(&["ps"], None);
+    assert!(
+        String::from_utf8_lossy(&ps).contains("embedded"),
+        "{}",
+        String::from_utf8_lossy(&ps)
+    );
+    let (code, _, err) = env.sm(&["stop", "-t", "5", "embedded"], None);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(embedded.wait().unwrap(), 143);
+
     // A missing image is its own error.
     let e = Image::open("oci:/nonexistent/layout:latest").unwrap_err();
     assert!(
