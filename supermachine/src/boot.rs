@@ -342,6 +342,7 @@ pub fn restore_loaded(
     let control = opts.control.clone().unwrap_or_default();
     let mut builder =
         VmBuilder::from_memory(hypervisor.as_ref(), loaded.memory, state.vcpus.len() as u8)?;
+    crate::timings::mark("restore_vm_created");
     let serial =
         SerialConsole::restore(builder.irq_trigger(COM1_IRQ)?, opts.console, &state.serial)
             .map_err(incompatible)?;
@@ -397,6 +398,7 @@ pub fn restore_loaded(
         live.push(device);
     }
     let vm = builder.restore(&state.vm, &state.vcpus)?;
+    crate::timings::mark("restore_state_set");
     // Now that the interrupt controllers hold their saved state, devices may interrupt.
     for device in &live {
         device
@@ -408,6 +410,7 @@ pub fn restore_loaded(
     if let Some(input) = opts.console_input {
         forward_input(input, serial.clone(), control.clone());
     }
+    crate::timings::mark("restore_devices_attached");
     let devices = event_loop
         .start()
         .map_err(|e| BootError::Device(e.to_string()))?;

@@ -315,9 +315,31 @@ struct BootArgs {
     command: Vec<String>,
 }
 
+/// `supermachine run …` parsed with the `run` subcommand's parser alone: building clap's whole
+/// command tree costs more than the rest of a restore's host-side start under emulation. `None`
+/// for anything else, and for anything the full parser should answer (errors, `--help`), so
+/// messages stay the same.
+fn parse_run_fast(args: &[std::ffi::OsString]) -> Option<Cli> {
+    use clap::{Args as _, FromArgMatches};
+    if args.get(1).map(|a| a.as_os_str()) != Some(std::ffi::OsStr::new("run")) {
+        return None;
+    }
+    let parser = RunArgs::augment_args(clap::Command::new("run").no_binary_name(true));
+    let matches = parser.try_get_matches_from(&args[2..]).ok()?;
+    let run = RunArgs::from_arg_matches(&matches).ok()?;
+    Some(Cli {
+        command: Command::Run(run),
+    })
+}
+
 pub fn main() -> ExitCode {
     supermachine::timings::mark("main");
-    let cli = match Cli::try_parse() {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let parsed = match parse_run_fast(&args) {
+        Some(cli) => Ok(cli),
+        None => Cli::try_parse_from(&args),
+    };
+    let cli = match parsed {
         Ok(cli) => {
             supermachine::timings::mark("parsed");
             cli
@@ -752,6 +774,36 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn the_fast_run_parser_agrees_with_the_full_one_and_leaves_it_errors_and_help() {
+        let argv = |s: &str| -> Vec<std::ffi::OsString> {
+            std::iter::once("supermachine")
+                .chain(s.split_whitespace())
+                .map(Into::into)
+                .collect()
+        };
+        for line in [
+            "run busybox",
+            "run -it --rm -e A=1 -e B -p 8080:80 -p 127.0.0.1::443/tls --tls-autogen -m 1g busybox sh -c true",
+            "run -d --name web -v data:/data:ro busybox httpd -f -p 80",
+            "run --snapshot /tmp/x -- echo -n hi",
+            "run busybox ls -la /",
+        ] {
+            let fast = parse_run_fast(&argv(line)).unwrap_or_else(|| panic!("{line}"));
+            let full = Cli::try_parse_from(argv(line)).unwrap();
+            assert_eq!(format!("{fast:?}"), format!("{full:?}"), "{line}");
+        }
+        for line in [
+            "run --help",
+            "run --no-such-flag busybox",
+            "run -m lots busybox",
+            "ps -a",
+            "run",
+        ] {
+            assert!(parse_run_fast(&argv(line)).is_none(), "{line}");
+        }
     }
 
     #[test]

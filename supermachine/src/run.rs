@@ -812,6 +812,7 @@ fn plan(opts: &RunOptions) -> Result<Start, RunError> {
         });
     }
     let (store, record) = resolve_image(opts, true)?;
+    crate::timings::mark("image_resolved");
     let argv = command_line(&record.run_config, opts);
     if argv.is_empty() {
         return Err(RunError::NoCommand);
@@ -821,6 +822,7 @@ fn plan(opts: &RunOptions) -> Result<Start, RunError> {
         .clone()
         .or_else(|| Some(record.run_config.working_dir.clone()).filter(|w| !w.is_empty()));
     let key = bake_key(&record, opts, &argv, &workdir);
+    crate::timings::mark("bake_key");
     let baked = bake_cache_dir(&store).join(&key);
     if opts.bake.is_none()
         && !opts.no_restore
@@ -1075,6 +1077,7 @@ fn run_registered(
     stdin: Option<Box<dyn Read + Send>>,
 ) -> Result<(i32, Option<std::path::PathBuf>), RunError> {
     let started = std::time::Instant::now();
+    crate::timings::mark("registered");
     let start = plan(opts)?;
     crate::timings::mark("planned");
     if opts.bake.is_some() {

@@ -45,7 +45,7 @@ pub enum SnapshotError {
 pub struct Identity {
     /// The supermachine version that wrote it.
     pub supermachine: String,
-    /// The host CPU (`/proc/cpuinfo` vendor, family, model, stepping and flags, hashed).
+    /// The host CPU ([`host_cpu`]: vendor, family, model, stepping, feature bits hashed).
     pub host_cpu: String,
     /// The guest kernel file's identity (size and modification time), if one was booted.
     pub kernel: Option<String>,
@@ -100,34 +100,76 @@ pub struct DeviceSnapshot {
     pub transport: devices::virtio::TransportState,
 }
 
-/// The host CPU's identity: a snapshot's CPU state (CPUID, MSRs, XSAVE layout) is only known
-/// to be valid on the same CPU model with the same features.
+/// The host CPU as a snapshot must match it: vendor, family, model, stepping and a hash of
+/// the feature bits CPUID reports (computed once per process; CPUID rather than
+/// `/proc/cpuinfo`, which the kernel takes tens of milliseconds to format under emulation).
 pub fn host_cpu() -> String {
-    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let field = |name: &str| {
-        info.lines()
-            .find_map(|l| {
-                let (k, v) = l.split_once(':')?;
-                (k.trim() == name).then(|| v.trim().to_string())
-            })
-            .unwrap_or_default()
-    };
-    let summary = format!(
-        "{} family {} model {} stepping {}",
-        field("vendor_id"),
-        field("cpu family"),
-        field("model"),
-        field("stepping")
-    );
-    let mut flags: Vec<&str> = Vec::new();
-    let all_flags = field("flags");
-    flags.extend(all_flags.split_whitespace());
-    flags.sort_unstable();
+    static HOST_CPU: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HOST_CPU.get_or_init(read_host_cpu).clone()
+}
+
+#[cfg(target_arch = "x86_64")]
+fn read_host_cpu() -> String {
+    use std::arch::x86_64::{__cpuid, __cpuid_count};
+    let leaf0 = __cpuid(0);
+    let vendor: Vec<u8> = [leaf0.ebx, leaf0.edx, leaf0.ecx]
+        .iter()
+        .flat_map(|r| r.to_le_bytes())
+        .collect();
+    let leaf1 = __cpuid(1);
+    let base_family = (leaf1.eax >> 8) & 0xf;
+    let family = base_family
+        + if base_family == 0xf {
+            (leaf1.eax >> 20) & 0xff
+        } else {
+            0
+        };
+    let model = ((leaf1.eax >> 4) & 0xf)
+        | if base_family == 0x6 || base_family == 0xf {
+            ((leaf1.eax >> 16) & 0xf) << 4
+        } else {
+            0
+        };
+    // Feature words only: no APIC id (leaf 1 EBX) and no OSXSAVE, which says what the OS
+    // enabled rather than what the CPU has.
+    let mut words = vec![leaf1.ecx & !(1 << 27), leaf1.edx];
+    if leaf0.eax >= 7 {
+        let l7 = __cpuid_count(7, 0);
+        words.extend([l7.ebx, l7.ecx, l7.edx]);
+    }
+    if leaf0.eax >= 0xd {
+        words.push(__cpuid_count(0xd, 1).eax);
+    }
+    if __cpuid(0x8000_0000).eax >= 0x8000_0001 {
+        let ext = __cpuid(0x8000_0001);
+        words.extend([ext.ecx, ext.edx]);
+    }
     // FNV-1a: stable across builds, unlike std's hasher.
-    let hash = flags.join(" ").bytes().fold(0xcbf29ce484222325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
-    });
-    format!("{summary} flags {hash:016x}")
+    let hash = words
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .fold(0xcbf29ce484222325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+        });
+    format!(
+        "{} family {family} model {model} stepping {} cpuid {hash:016x}",
+        String::from_utf8_lossy(&vendor),
+        leaf1.eax & 0xf
+    )
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn read_host_cpu() -> String {
+    // Other architectures: the kernel's description, without what varies from read to read.
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let hash = info
+        .lines()
+        .filter(|l| !l.contains("MHz") && !l.contains("BogoMIPS"))
+        .flat_map(str::bytes)
+        .fold(0xcbf29ce484222325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+        });
+    format!("cpuinfo {hash:016x}")
 }
 
 /// A file's identity without reading it: size and modification time.
@@ -448,6 +490,13 @@ impl std::io::Write for MarkerWatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_host_cpu_identity_is_stable_and_names_the_model() {
+        let id = host_cpu();
+        assert_eq!(id, read_host_cpu());
+        assert!(id.contains(" family ") && id.contains(" model "), "{id}");
+    }
 
     #[test]
     fn a_state_of_another_layout_is_refused_as_such() {
