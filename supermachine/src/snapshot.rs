@@ -65,8 +65,9 @@ impl Identity {
     }
 }
 
-/// The layout of [`MachineState`]; a state written with another is refused.
-pub const MACHINE_STATE_VERSION: u32 = 3;
+/// The layout of [`MachineState`]; a state written with another is refused. 4: the host CPU
+/// identity comes from CPUID (a state of 3 would only fail the CPU check, less clearly).
+pub const MACHINE_STATE_VERSION: u32 = 4;
 
 /// What a virtio device in a snapshot is, so restore can make it again.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -294,7 +295,7 @@ pub fn load(
     };
     if state.version != MACHINE_STATE_VERSION {
         return Err(incompatible(format!(
-            "its state layout is version {}, this build reads {MACHINE_STATE_VERSION}",
+            "its state layout is version {}, this build reads {MACHINE_STATE_VERSION} (bake it again)",
             state.version
         )));
     }
