@@ -1180,22 +1180,23 @@ fn published_ports_terminate_tls_on_the_host() {
     let publish = format!("127.0.0.1:{port}:80/tls");
 
     // Bad key material fails the start with 125 before any VM boots.
-    let (code, _, err) = env.sm(
-        &[
+    let refused = |key: &str, why: &str| {
+        let args = [
             "run",
             "-p",
             &publish,
             "--tls-cert",
             &cert,
             "--tls-key",
-            &other_key,
+            key,
             &env.image,
             "true",
-        ],
-        None,
-    );
-    assert_eq!(code, 125, "{err}");
-    assert!(err.contains("does not match the certificate"), "{err}");
+        ];
+        let (code, _, err) = env.sm(&args, None);
+        assert_eq!(code, 125, "{err}");
+        assert!(err.contains(why), "{err}");
+    };
+    refused(&other_key, "does not match the certificate");
     let encrypted = env.dir.join("encrypted.key").display().to_string();
     openssl(&[
         "pkey",
@@ -1207,22 +1208,7 @@ fn published_ports_terminate_tls_on_the_host() {
         "-out",
         &encrypted,
     ]);
-    let (code, _, err) = env.sm(
-        &[
-            "run",
-            "-p",
-            &publish,
-            "--tls-cert",
-            &cert,
-            "--tls-key",
-            &encrypted,
-            &env.image,
-            "true",
-        ],
-        None,
-    );
-    assert_eq!(code, 125, "{err}");
-    assert!(err.contains("encrypted"), "{err}");
+    refused(&encrypted, "encrypted");
     let (code, _, err) = env.sm(&["run", "-p", &publish, &env.image, "true"], None);
     assert_eq!(code, 125, "{err}");
     assert!(err.contains("needs --tls-cert"), "{err}");

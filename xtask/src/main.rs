@@ -157,6 +157,8 @@ fn main() -> ExitCode {
         } => tests::run_isolated(&binary, &tests, timeout),
     };
     match result {
+        // A wedged or crashed emulated host (negative codes) is a failure, not a success.
+        Ok(code) if code < 0 => ExitCode::from(125),
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
             eprintln!("xtask: {e:#}");

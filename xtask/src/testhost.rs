@@ -39,6 +39,10 @@ pub struct Options {
 /// What `run_command` returns when the emulated machine stopped responding and was killed.
 pub const WEDGED: i32 = -1;
 
+/// What `run_command` returns when the emulated machine ended before the command did (its
+/// kernel panicked or it reset).
+pub const CRASHED: i32 = -2;
+
 impl Default for Options {
     fn default() -> Self {
         Options {
@@ -432,7 +436,7 @@ pub fn run_command_lines(command: &[String], opts: &Options) -> Result<(i32, Vec
             for l in tail {
                 eprintln!("  {l}");
             }
-            Ok((125, printed))
+            Ok((CRASHED, printed))
         }
     }
 }
