@@ -116,8 +116,22 @@ impl Agent {
         Ok(s)
     }
 
+    /// Dials the agent and sends `op`. A refused dial is tried again for a moment: vsock
+    /// refuses instead of queueing when the agent's accept backlog is full, and a clone that was
+    /// just restored can refuse one while its driver resets the snapshot's sockets. Nothing was
+    /// sent yet, so trying again is safe.
     fn request(&self, op: Operation) -> Result<UnixStream, AgentClientError> {
-        let mut s = self.dial(AGENT_PORT)?;
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let mut delay = Duration::from_millis(1);
+        let mut s = loop {
+            match self.dial(AGENT_PORT) {
+                Err(AgentClientError::Refused(_)) if Instant::now() < deadline => {
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_millis(100));
+                }
+                other => break other?,
+            }
+        };
         write_frame(&mut s, &Frame::Request(Request::new(op)))?;
         Ok(s)
     }
