@@ -273,12 +273,13 @@ impl MmioTransport {
     /// the driver had not acknowledged are raised again.
     pub fn finish_restore(&mut self) {
         if self.active {
-            self.device.restored();
             // Kicks the snapshot caught before the device saw them are gone with its old
-            // eventfds, and the driver will not repeat them: look at every queue once.
+            // eventfds, and the driver will not repeat them: look at every queue once. Before
+            // `restored`, which may wait for a kick of its own (vsock's reset).
             for index in 0..self.queues.len() {
                 self.device.process_queue(index);
             }
+            self.device.restored();
         }
         let pending = std::mem::take(&mut self.pending_after_restore);
         if pending != 0 {

@@ -2,10 +2,12 @@
 
 use std::os::fd::RawFd;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_core::GuestMemory;
 
 use super::muxer::Muxer;
@@ -15,6 +17,25 @@ use crate::virtio::{device_type, features, ActivateError, Interrupt, VirtioDevic
 
 /// Event ID of a transport reset (virtio 1.2, 5.10.6.7).
 const EVENT_TRANSPORT_RESET: u32 = 0;
+
+/// How long after the driver re-read the CID held rx traffic waits for the event queue's
+/// refill kick before it goes out anyway (for a driver that never refills its event buffer).
+const RESET_FALLBACK: Duration = Duration::from_millis(250);
+
+/// How far the driver is in handling a TRANSPORT_RESET. Linux re-reads the CID, resets every
+/// connected socket, then refills the event buffer and kicks the event queue. A connection
+/// delivered before that kick may be accepted and then reset along with the snapshot's
+/// sockets, so the rx queue is held until the kick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ResetProgress {
+    /// No reset in flight.
+    Done,
+    /// The event was delivered; the driver has not re-read the CID yet.
+    Delivered,
+    /// The driver re-read the CID and is resetting its sockets; rx goes out at the kick, or at
+    /// `fallback_at`.
+    CidRead { fallback_at: Instant },
+}
 
 /// Errors creating a vsock device.
 #[derive(Debug, thiserror::Error)]
@@ -48,10 +69,8 @@ pub struct Vsock {
     acked_features: u64,
     muxer: Muxer,
     active: Option<Active>,
-    /// A TRANSPORT_RESET was delivered and the driver has not re-read the CID yet. Its reset
-    /// of every connected socket follows that read; a connection delivered before it would be
-    /// reset with the snapshot's, so nothing goes to the rx queue until then.
-    reset_unacknowledged: bool,
+    /// Where the driver is with a TRANSPORT_RESET; nothing goes to the rx queue until it is done.
+    reset: ResetProgress,
     /// Scratch: a chain's buffers, and a tx payload.
     bufs: Vec<(GuestAddress, u32)>,
     payload: Vec<u8>,
@@ -86,6 +105,27 @@ fn chain_buffers(
     Some(())
 }
 
+/// Asks the driver to kick `q` when it next adds a buffer. With EVENT_IDX, virtio-queue's
+/// `enable_notification` arms avail_event at the next entry the device has not taken, which
+/// for a queue the driver keeps stocked ahead (event buffers) is already behind it: no kick
+/// would come. So avail_event is set to the driver's current index here.
+fn kick_on_next_add(q: &mut Queue, mem: &GuestMemory) {
+    if !q.event_idx_enabled() {
+        let _ = q.enable_notification(mem);
+        return;
+    }
+    let Ok(idx) = q.avail_idx(mem, Ordering::Acquire) else {
+        return;
+    };
+    // avail_event: the u16 after the used ring's `size` elements (virtio 1.2, 2.7.8).
+    let avail_event = GuestAddress(q.used_ring()).checked_add(4 + 8 * u64::from(q.size()));
+    if let Some(addr) = avail_event {
+        let _ = mem.store(idx.0.to_le(), addr, Ordering::Release);
+    }
+    // The driver may have added one just now and seen the old value.
+    std::sync::atomic::fence(Ordering::SeqCst);
+}
+
 impl Vsock {
     /// A device for a guest with CID `guest_cid`, listening for host connections at `uds_path`
     /// (a stale socket file there is removed first). Guest connections to host port `P` go to
@@ -99,7 +139,7 @@ impl Vsock {
             acked_features: 0,
             muxer: Muxer::new(guest_cid, &uds_path)?,
             active: None,
-            reset_unacknowledged: false,
+            reset: ResetProgress::Done,
             bufs: Vec::new(),
             payload: Vec::with_capacity(MAX_PAYLOAD),
         })
@@ -127,13 +167,19 @@ impl Vsock {
         let ok = chain_buffers(&a.mem, chain, true, &mut self.bufs).is_some()
             && super::packet::write_at(&a.mem, &self.bufs, 0, &event).is_ok();
         let len = if ok { event.len() as u32 } else { 0 };
+        // The driver's refill of this buffer is the sign that it is done: ask for that kick.
+        kick_on_next_add(q, &a.mem);
         if q.add_used(&a.mem, head, len).is_err() {
             return false;
         }
         if q.needs_notification(&a.mem).unwrap_or(true) {
             a.interrupt.signal_used_queue();
         }
-        self.reset_unacknowledged = ok;
+        self.reset = if ok {
+            ResetProgress::Delivered
+        } else {
+            ResetProgress::Done
+        };
         ok
     }
 
@@ -181,8 +227,12 @@ impl Vsock {
 
     /// Moves what waits for the guest into its rx buffers; returns whether to interrupt.
     fn receive(&mut self) -> bool {
-        if self.reset_unacknowledged {
-            return false;
+        match self.reset {
+            ResetProgress::Done => {}
+            ResetProgress::CidRead { fallback_at } if Instant::now() >= fallback_at => {
+                self.reset = ResetProgress::Done;
+            }
+            ResetProgress::Delivered | ResetProgress::CidRead { .. } => return false,
         }
         let Some(a) = self.active.as_mut() else {
             return false;
@@ -252,10 +302,11 @@ impl VirtioDevice for Vsock {
 
     fn read_config(&mut self, offset: u64, data: &mut [u8]) {
         crate::virtio::read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
-        if std::mem::take(&mut self.reset_unacknowledged) {
-            // The driver handles the reset: deliver what waited for it.
-            let rx = self.receive();
-            self.notify(rx);
+        if self.reset == ResetProgress::Delivered {
+            // The driver handles the reset; its sockets are reset next, then it kicks.
+            let fallback_at = Instant::now() + RESET_FALLBACK;
+            self.reset = ResetProgress::CidRead { fallback_at };
+            self.muxer.wake_at(fallback_at);
         }
     }
 
@@ -291,7 +342,12 @@ impl VirtioDevice for Vsock {
             RX_QUEUE => self.receive(),
             // Answers (RESPONSE, RST, credit) go out in the same pass.
             TX_QUEUE => self.transmit() | self.receive(),
-            // Event buffers stay with us until there is an event.
+            // Event buffers stay with us until there is an event; a kick after a reset means
+            // the driver has reset its sockets: deliver what waited for that.
+            _ if self.reset != ResetProgress::Done => {
+                self.reset = ResetProgress::Done;
+                self.receive()
+            }
             _ => false,
         };
         // Connections the guest closed make room for host connections waiting to be accepted.
@@ -312,7 +368,7 @@ impl VirtioDevice for Vsock {
     }
     fn reset(&mut self) {
         self.muxer.reset();
-        self.reset_unacknowledged = false;
+        self.reset = ResetProgress::Done;
         self.active = None;
         self.acked_features = 0;
     }

@@ -57,6 +57,8 @@ pub(super) struct Muxer {
     timer: TimerFd,
     /// The deadline the timer is armed for.
     timer_at: Option<Instant>,
+    /// A wake-up the device asked for (its epoll turns readable then).
+    wake_at: Option<Instant>,
     listener_paused_until: Option<Instant>,
     /// Whether the listener is in the epoll's interest set.
     listener_on: bool,
@@ -138,6 +140,7 @@ impl Muxer {
             listener,
             timer,
             timer_at: None,
+            wake_at: None,
             listener_paused_until: None,
             listener_on: true,
             handshakes: HashMap::new(),
@@ -519,12 +522,16 @@ impl Muxer {
         if self.listener_paused_until.is_some_and(|t| t <= now) {
             self.listener_paused_until = None;
         }
+        if self.wake_at.is_some_and(|t| t <= now) {
+            self.wake_at = None;
+        }
         let next = self
             .handshakes
             .values()
             .map(|h| h.deadline)
             .chain(self.conns.values().filter_map(|c| c.deadline))
             .chain(self.listener_paused_until)
+            .chain(self.wake_at)
             .min();
         // Re-arming or disarming also clears the expiration, so the timer stops being readable.
         match next {
@@ -533,6 +540,14 @@ impl Muxer {
                 let _ = self.timer.clear();
             }
         }
+    }
+
+    /// Makes the epoll readable at `at` (or earlier), so the device gets a `process_event` then.
+    pub fn wake_at(&mut self, at: Instant) {
+        if self.wake_at.is_none_or(|t| at < t) {
+            self.wake_at = Some(at);
+        }
+        self.schedule(at);
     }
 
     fn schedule(&mut self, at: Instant) {

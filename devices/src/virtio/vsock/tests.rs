@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_core::GuestMemory;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -144,6 +144,11 @@ struct Guest {
 }
 
 fn guest() -> Guest {
+    guest_with(false)
+}
+
+/// A guest whose queues use VIRTIO_F_RING_EVENT_IDX (notification suppression by index).
+fn guest_with(event_idx: bool) -> Guest {
     let dir = TempDir::new();
     let uds = dir.0.join("v.sock");
     let mut dev = Vsock::new(CID, uds.clone()).unwrap();
@@ -151,7 +156,8 @@ fn guest() -> Guest {
     let mem = memory();
     let (rx, rq) = DriverQueue::new(&mem, 0);
     let (tx, tq) = DriverQueue::new(&mem, 0x4000);
-    let (ev, eq) = DriverQueue::new(&mem, 0x8000);
+    let (ev, mut eq) = DriverQueue::new(&mem, 0x8000);
+    eq.set_event_idx(event_idx);
     let (interrupt, irq) = interrupt();
     dev.activate(mem.clone(), vec![rq, tq, eq], interrupt)
         .unwrap();
@@ -844,13 +850,55 @@ fn transport_reset_event_drops_connections() {
         std::thread::sleep(Duration::from_millis(1));
     }
     assert!(g.rx.take_used(&g.mem).is_empty());
+    // Re-reading the CID is not enough: the driver resets its sockets after that read.
+    let mut cid = [0u8; 8];
+    g.dev.read_config(0, &mut cid);
+    assert_eq!(u64::from_le_bytes(cid), CID);
+    g.pump();
+    g.dev.process_queue(RX_QUEUE);
+    assert!(g.rx.take_used(&g.mem).is_empty());
+    // Its refill of the event buffer (a kick of the event queue) says it is done.
+    g.ev.add(&g.mem, &[(EV_AREA, 8, true)]);
+    g.dev.process_queue(EVENT_QUEUE);
+    let p = g.wait_packets(1);
+    assert_eq!(p[0].0.op, op::REQUEST);
+    assert_eq!(p[0].0.dst_port, 22);
+    assert!(g.ev.take_used(&g.mem).is_empty(), "the refill stays posted");
+    // The refill takes the next event; no buffer, or not active: not delivered (connections
+    // still dropped).
+    assert!(g.dev.send_transport_reset());
+    assert!(!g.dev.send_transport_reset());
+    g.dev.reset();
+    assert!(!g.dev.send_transport_reset());
+}
+
+#[test]
+fn transport_reset_asks_for_the_refill_kick_and_falls_back_without_one() {
+    let mut g = guest_with(true);
+    // Linux keeps 8 event buffers posted.
+    for i in 0..8 {
+        g.ev.add(&g.mem, &[(EV_AREA + 8 * i, 8, true)]);
+    }
+    // A restored ring's avail_event is whatever the snapshot held.
+    let avail_event = g.ev.used + 4 + 8 * u64::from(QSIZE);
+    g.mem
+        .write_obj(0x1234u16, GuestAddress(avail_event))
+        .unwrap();
+    assert!(g.dev.send_transport_reset());
+    assert_eq!(g.ev.take_used(&g.mem), [(0, 4)]);
+    // The driver's refill moves its index from 8 to 9; it kicks when the event index it reads
+    // lies in [8, 9) (vring_need_event): the device must have set it to 8.
+    let event: u16 = g.mem.read_obj(GuestAddress(avail_event)).unwrap();
+    assert_eq!(event, 8);
+    // A driver that re-reads the CID but never refills: held traffic still goes out.
+    let mut host = UnixStream::connect(&g.uds).unwrap();
+    host.write_all(b"CONNECT 22\n").unwrap();
+    g.post_rx(1);
+    g.pump();
+    assert!(g.rx.take_used(&g.mem).is_empty());
     let mut cid = [0u8; 8];
     g.dev.read_config(0, &mut cid);
     let p = g.wait_packets(1);
     assert_eq!(p[0].0.op, op::REQUEST);
     assert_eq!(p[0].0.dst_port, 22);
-    // No buffer, or not active: not delivered (connections still dropped).
-    assert!(!g.dev.send_transport_reset());
-    g.dev.reset();
-    assert!(!g.dev.send_transport_reset());
 }
