@@ -525,6 +525,12 @@ pub fn run(config: &InitConfig, c: &ContainerConfig) -> i32 {
     }
     write_etc(&c.hostname);
     loopback_up();
+    if let Some(net) = &c.network {
+        if let Err(e) = crate::net::configure(net) {
+            // The workload may not need the network: say so and go on.
+            eprintln!("supermachine-init: network: {e}");
+        }
+    }
     let consoles = (
         open_console(&c.stdout_device, false),
         open_console(&c.stderr_device, true),

@@ -87,6 +87,28 @@ pub struct ContainerConfig {
     /// then reaches the workload).
     #[serde(default)]
     pub hold_before_start: bool,
+    /// The guest's network interface, if it has one (besides `lo`).
+    #[serde(default)]
+    pub network: Option<NetworkConfig>,
+}
+
+/// How init configures the guest's network interface (static: the host's NAT or TAP setup
+/// decided the addresses; no DHCP client is needed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// The interface (`eth0`).
+    pub interface: String,
+    /// Its IPv4 address.
+    pub address: std::net::Ipv4Addr,
+    /// The prefix length of its subnet.
+    pub prefix_len: u8,
+    /// The default gateway.
+    pub gateway: std::net::Ipv4Addr,
+    /// The DNS server written to `/etc/resolv.conf`.
+    pub dns: std::net::Ipv4Addr,
+    /// The link MTU.
+    pub mtu: u16,
 }
 
 /// A block volume mounted in the container.

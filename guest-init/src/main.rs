@@ -12,6 +12,8 @@ mod container;
 #[cfg(target_os = "linux")]
 mod linux;
 #[cfg(target_os = "linux")]
+mod net;
+#[cfg(target_os = "linux")]
 mod reaper;
 
 #[cfg(target_os = "linux")]

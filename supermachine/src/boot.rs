@@ -79,6 +79,9 @@ pub struct BootOptions {
     /// socket (`CONNECT <port>` to reach a guest port; guest connections to host port P land
     /// on `<socket>_P`).
     pub vsock: Option<PathBuf>,
+    /// Attach a virtio-net device (`eth0`, MAC [`GUEST_MAC`](crate::network::GUEST_MAC))
+    /// with this host side.
+    pub net: Option<Box<dyn devices::virtio::net::NetBackend>>,
     /// Take a snapshot when the guest prints a marker on its serial console, then stop the VM.
     pub snapshot: Option<crate::snapshot::SnapshotRequest>,
     /// Called with the VM's [`Snapshotter`](crate::snapshot::Snapshotter) once it is built,
@@ -248,12 +251,24 @@ pub fn boot(opts: BootOptions) -> Result<BootOutcome, BootError> {
         opts.consoles,
         None,
     )?);
+    let mut next_slot = opts.disks.len() + consoles;
     if let Some(socket) = opts.vsock {
         live.push(attach_vsock(
             &mut builder,
             &mut event_loop,
-            opts.disks.len() + consoles,
+            next_slot,
             socket,
+            None,
+        )?);
+        next_slot += 1;
+    }
+    if let Some(backend) = opts.net {
+        live.push(attach_net(
+            &mut builder,
+            &mut event_loop,
+            next_slot,
+            crate::network::GUEST_MAC,
+            backend,
             None,
         )?);
     }
@@ -314,6 +329,8 @@ pub struct RestoreOptions {
     pub consoles: Vec<ConsoleSpec>,
     /// The host socket for the snapshot's vsock device (required if it has one).
     pub vsock: Option<PathBuf>,
+    /// The host side for the snapshot's network device (required if it has one).
+    pub net: Option<Box<dyn devices::virtio::net::NetBackend>>,
     /// Called with the restored VM's snapshotter before it runs.
     pub on_started: Option<Box<dyn FnOnce(crate::snapshot::Snapshotter) + Send>>,
 }
@@ -352,6 +369,7 @@ pub fn restore_loaded(
         devices::event_loop::EventLoop::new().map_err(|e| BootError::Device(e.to_string()))?;
     let mut consoles = opts.consoles.into_iter();
     let mut vsock_socket = opts.vsock;
+    let mut net_backend = opts.net;
     let mut live = Vec::new();
     for d in &state.devices {
         let slot = d.slot as usize;
@@ -393,6 +411,15 @@ pub fn restore_loaded(
                     .into());
                 };
                 attach_vsock(&mut builder, &mut event_loop, slot, socket, from)?
+            }
+            DeviceKind::Net { mac } => {
+                let Some(backend) = net_backend.take() else {
+                    return Err(incompatible(
+                        "it has a network device and no network was given (it was baked with a network: run it with one)".into(),
+                    )
+                    .into());
+                };
+                attach_net(&mut builder, &mut event_loop, slot, *mac, backend, from)?
             }
         };
         live.push(device);
@@ -572,6 +599,26 @@ fn attach_vsock(
         slot,
         crate::snapshot::DeviceKind::Vsock { cid: GUEST_CID },
         Box::new(vsock),
+        from,
+    )
+}
+
+/// The virtio-net device with `backend` as its host side.
+fn attach_net(
+    builder: &mut VmBuilder,
+    event_loop: &mut devices::event_loop::EventLoop,
+    slot: usize,
+    mac: [u8; 6],
+    backend: Box<dyn devices::virtio::net::NetBackend>,
+    from: Option<&devices::virtio::TransportState>,
+) -> Result<crate::snapshot::LiveDevice, BootError> {
+    let net = devices::virtio::net::Net::new(mac, usernet::MTU, backend);
+    attach_virtio(
+        builder,
+        event_loop,
+        slot,
+        crate::snapshot::DeviceKind::Net { mac },
+        Box::new(net),
         from,
     )
 }

@@ -158,6 +158,14 @@ struct RunArgs {
     /// Seconds the workload has to exit after its stop signal before the VM is powered off
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     stop_timeout: u64,
+    /// The guest's network: user (rootless NAT; 10.0.2.2 is the host's loopback), none (only
+    /// lo), or tap:IFACE (an existing TAP device)
+    #[arg(long, alias = "net", value_name = "MODE", default_value = "user")]
+    network: supermachine::network::NetworkMode,
+    /// Where the guest may connect (--network user): allow-all, deny-private, none,
+    /// allow:CIDR[:PORT],... or deny:CIDR[:PORT],... (IPv6 in brackets)
+    #[arg(long, value_name = "POLICY", default_value = "allow-all")]
+    egress: supermachine::network::EgressPolicy,
     /// Block volume: FILE:PATH or NAME:PATH, ":ro" for read-only (created ext4 when missing)
     #[arg(short, long, value_name = "SRC:DST[:ro]")]
     volume: Vec<supermachine::volumes::VolumeSpec>,
@@ -394,6 +402,24 @@ fn image_command(f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<ExitC
     }
 }
 
+/// Library warnings (e.g. a guest hitting its network's flow limit) go to stderr; with
+/// `--debug`, the details too (e.g. each flow the egress policy refused).
+fn init_logging(debug: bool) {
+    let level = if debug {
+        tracing::Level::DEBUG
+    } else {
+        tracing::Level::WARN
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .without_time()
+        .with_target(false)
+        .with_level(false)
+        .with_ansi(false)
+        .try_init();
+}
+
 /// The library's options for `run` (and `bake`) from the command line.
 fn run_options(args: RunArgs) -> anyhow::Result<supermachine::run::RunOptions> {
     use supermachine::run::{PullPolicy, RunOptions};
@@ -410,6 +436,12 @@ fn run_options(args: RunArgs) -> anyhow::Result<supermachine::run::RunOptions> {
         );
     }
     env.extend(args.env);
+    init_logging(args.debug);
+    let network = supermachine::network::NetworkOptions {
+        mode: args.network,
+        egress: args.egress,
+    };
+    network.validate()?;
     // Checked now, so a bad certificate or key fails the start, never the first connection.
     let tls = match (&args.tls_cert, &args.tls_key, args.tls_autogen) {
         (Some(cert), Some(key), _) => Some(TlsTermination::from_pem_files(cert, key)?),
@@ -468,6 +500,7 @@ fn run_options(args: RunArgs) -> anyhow::Result<supermachine::run::RunOptions> {
         idle: false,
         forward_signals: true,
         stop_handle: None,
+        network,
     })
 }
 
@@ -714,6 +747,7 @@ fn run_boot(args: BootArgs) -> anyhow::Result<ExitCode> {
             control: None,
             consoles: Vec::new(),
             vsock: None,
+            net: None,
             on_started: None,
         })?;
         return Ok(boot_exit_code(outcome.exit));
@@ -740,6 +774,7 @@ fn run_boot(args: BootArgs) -> anyhow::Result<ExitCode> {
         consoles: Vec::new(),
         control: None,
         vsock: None,
+        net: None,
         snapshot: args.snapshot_to.zip(args.snapshot_when).map(|(dir, when)| {
             supermachine::snapshot::SnapshotRequest {
                 when_output: when,

@@ -64,6 +64,7 @@ mod exec;
 mod image;
 pub mod images;
 mod machine;
+pub mod network;
 pub mod paths;
 mod pool;
 pub mod ports;

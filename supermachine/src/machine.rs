@@ -55,6 +55,7 @@ pub struct VmConfig {
     pub(crate) stop_timeout: Duration,
     pub(crate) start_timeout: Duration,
     pub(crate) boot_always: bool,
+    pub(crate) network: crate::network::NetworkOptions,
 }
 
 impl Default for VmConfig {
@@ -77,6 +78,7 @@ impl Default for VmConfig {
             stop_timeout: crate::run::STOP_GRACE,
             start_timeout: crate::run::COME_UP_LIMIT,
             boot_always: false,
+            network: crate::network::NetworkOptions::default(),
         }
     }
 }
@@ -173,6 +175,23 @@ impl VmConfig {
         self
     }
 
+    /// The guest's network (default: the user-mode NAT, [`NetworkMode::User`]).
+    ///
+    /// [`NetworkMode::User`]: crate::network::NetworkMode::User
+    pub fn network(mut self, mode: crate::network::NetworkMode) -> Self {
+        self.network.mode = mode;
+        self
+    }
+
+    /// Where the guest may connect (default: anywhere). [`EgressPolicy::None`] removes the
+    /// network device.
+    ///
+    /// [`EgressPolicy::None`]: crate::network::EgressPolicy::None
+    pub fn egress(mut self, policy: crate::network::EgressPolicy) -> Self {
+        self.network.egress = policy;
+        self
+    }
+
     /// Terminates TLS on the published ports marked `/tls`, or on all of them when none is.
     pub fn tls(mut self, tls: TlsTermination) -> Self {
         self.tls = Some(tls);
@@ -226,6 +245,7 @@ impl VmConfig {
             snapshot: snapshot.map(Path::to_path_buf),
             no_restore: self.boot_always,
             idle,
+            network: self.network.clone(),
             ..Default::default()
         })
     }

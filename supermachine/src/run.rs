@@ -95,6 +95,8 @@ pub struct RunOptions {
     pub forward_signals: bool,
     /// Filled in once the VM runs: stops it from this process.
     pub stop_handle: Option<StopHandle>,
+    /// The guest's network (default: user-mode NAT, every destination allowed).
+    pub network: crate::network::NetworkOptions,
 }
 
 /// Stops a VM run by this process: the workload gets the image's stop signal, and the VM is
@@ -248,6 +250,9 @@ pub struct BakedWorkload {
     pub baked_at: u64,
     /// How long the bake took, boot to snapshot written (ms).
     pub bake_ms: u64,
+    /// Baked with a network device (its host side and egress policy are chosen at restore).
+    #[serde(default)]
+    pub network: bool,
 }
 
 /// The bake cache key: the image and every setting a restore cannot change (command, user,
@@ -273,6 +278,7 @@ pub fn bake_key(
         "vcpus": opts.vcpus,
         "tty": opts.tty,
         "interactive": opts.interactive,
+        "network": opts.network.has_device(),
         "identity": [identity.supermachine, identity.kernel, identity.initramfs],
     });
     let digest = sha2::Sha256::digest(material.to_string().as_bytes());
@@ -352,6 +358,9 @@ pub enum RunError {
     /// TLS termination was asked for without what it needs.
     #[error("{0}")]
     Tls(String),
+    /// The guest's network could not be set up.
+    #[error(transparent)]
+    Network(#[from] crate::network::NetworkError),
     /// Baking failed.
     #[error("bake failed: {0}")]
     Bake(String),
@@ -897,6 +906,13 @@ fn check_restorable(
     if !opts.volumes.is_empty() {
         return bad("volumes cannot be attached to a restored VM (bake and run without -v)");
     }
+    if w.network != opts.network.has_device() {
+        return bad(if w.network {
+            "it was baked with a network device: run it with --network user or tap:IFACE"
+        } else {
+            "it was baked without a network: run it with --network none"
+        });
+    }
     Ok(w)
 }
 
@@ -1415,6 +1431,7 @@ fn run_registered(
                     control: Some(vm_control.clone()),
                     consoles,
                     vsock: Some(restoring),
+                    net: opts.network.backend()?,
                     on_started: Some(on_started),
                 },
                 *loaded,
@@ -1470,6 +1487,7 @@ fn run_registered(
                 control_device: "/dev/hvc2".into(),
                 mounts: volume_mounts,
                 hold_before_start: hold,
+                network: opts.network.guest_config(),
             };
             let workload = BakedWorkload {
                 image: opts.image.clone(),
@@ -1490,6 +1508,7 @@ fn run_registered(
                 before_start: hold,
                 baked_at: now_seconds(),
                 bake_ms: 0,
+                network: opts.network.has_device(),
             };
             let bake = opts.bake.as_ref().map(|bake| {
                 let target = bake
@@ -1570,6 +1589,7 @@ fn run_registered(
                 consoles,
                 control: Some(vm_control),
                 vsock: Some(dir.vsock()),
+                net: opts.network.backend()?,
                 snapshot: None,
                 on_started,
             })?

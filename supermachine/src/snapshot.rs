@@ -88,6 +88,11 @@ pub enum DeviceKind {
         /// The guest's context id.
         cid: u64,
     },
+    /// A virtio-net device (its host side, user-mode NAT or TAP, is chosen at restore).
+    Net {
+        /// The guest's MAC address.
+        mac: [u8; 6],
+    },
 }
 
 /// One virtio device in a snapshot.

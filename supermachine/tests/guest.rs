@@ -436,7 +436,27 @@ impl RunEnv {
         args: &[&str],
         stdin: Option<&[u8]>,
     ) -> (i32, Vec<u8>, String) {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_supermachine"));
+        self.command_wrapped(&[], vars, args, stdin)
+    }
+
+    /// [`command`](Self::command) with supermachine started by `wrapper` (its arguments
+    /// follow the wrapper's).
+    fn command_wrapped(
+        &self,
+        wrapper: &[&str],
+        vars: &[(&str, &str)],
+        args: &[&str],
+        stdin: Option<&[u8]>,
+    ) -> (i32, Vec<u8>, String) {
+        let bin = env!("CARGO_BIN_EXE_supermachine");
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
         cmd.args(args)
             .envs(vars.iter().copied())
             .env("SUPERMACHINE_HOME", self.dir.join("home"))
@@ -2088,4 +2108,344 @@ fn examples_run_against_real_vms() {
         server.contains("through a stream: served from a snapshot\n"),
         "{server}"
     );
+}
+
+// ---- Networking ---------------------------------------------------------------------------
+
+/// The bytes `/big` serves: a pattern that is not periodic in any small window.
+fn pattern(len: usize) -> Vec<u8> {
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// An HTTP/1.0 server on the host's loopback (what the guest reaches at 10.0.2.2): `/big`
+/// is `body`, anything else `hello from the host\n`. Counts accepted connections; connections
+/// to `/hold` are kept open until the server is dropped.
+struct HostHttp {
+    port: u16,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl HostHttp {
+    fn start(body: Vec<u8>) -> HostHttp {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let body = Arc::new(body);
+        let (a, st) = (accepted.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !st.load(Ordering::SeqCst) {
+                let (mut conn, _) = match listener.accept() {
+                    Ok(c) => c,
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    }
+                };
+                a.fetch_add(1, Ordering::SeqCst);
+                conn.set_nonblocking(false).ok();
+                let body = body.clone();
+                let (tx, rx) = std::sync::mpsc::channel();
+                std::thread::spawn(move || {
+                    use std::io::{BufRead, Write};
+                    let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).is_err() {
+                        return;
+                    }
+                    let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+                    if path == "/hold" {
+                        let _ = tx.send(conn);
+                        return;
+                    }
+                    loop {
+                        let mut h = String::new();
+                        match reader.read_line(&mut h) {
+                            Ok(0) | Err(_) => break,
+                            Ok(_) if h == "\r\n" || h == "\n" => break,
+                            Ok(_) => {}
+                        }
+                    }
+                    let small = b"hello from the host\n".to_vec();
+                    let data: &[u8] = if path == "/big" { &body } else { &small };
+                    let _ = write!(
+                        conn,
+                        "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n",
+                        data.len()
+                    );
+                    let _ = conn.write_all(data);
+                });
+                if let Ok(c) = rx.recv_timeout(Duration::from_secs(5)) {
+                    held.push(c);
+                }
+            }
+        });
+        HostHttp {
+            port,
+            accepted,
+            stop,
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for HostHttp {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A read-only TFTP server (RFC 1350, 512-byte blocks) on the host's loopback serving
+/// `data` under any name: UDP both ways, with the guest acknowledging every block.
+fn host_tftp(data: Vec<u8>) -> u16 {
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = sock.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1024];
+        let Ok((n, peer)) = sock.recv_from(&mut buf) else {
+            return;
+        };
+        if n < 2 || buf[1] != 1 {
+            return;
+        }
+        // Each transfer gets its own port (the TID), as the protocol says.
+        let t = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        t.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let blocks = data.len() / 512 + 1;
+        for block in 1..=blocks {
+            let chunk = &data[(block - 1) * 512..(block * 512).min(data.len())];
+            let mut packet = vec![0, 3, (block >> 8) as u8, block as u8];
+            packet.extend_from_slice(chunk);
+            let mut acked = false;
+            for _ in 0..10 {
+                t.send_to(&packet, peer).unwrap();
+                if let Ok((n, _)) = t.recv_from(&mut buf) {
+                    if n >= 4
+                        && buf[1] == 4
+                        && usize::from(buf[2]) << 8 | usize::from(buf[3]) == block & 0xffff
+                    {
+                        acked = true;
+                        break;
+                    }
+                }
+            }
+            if !acked {
+                return;
+            }
+        }
+    });
+    port
+}
+
+/// Runs `supermachine ARGS` in its own mount namespace where `/etc/hosts` is `hosts`: the
+/// host resolver (which the guest's DNS server asks) then knows names no other process sees.
+fn run_with_hosts(env: &RunEnv, hosts: &str, args: &[&str]) -> (i32, Vec<u8>, String) {
+    let file = env.dir.join("hosts");
+    std::fs::write(&file, hosts).unwrap();
+    let file = file.to_string_lossy().into_owned();
+    let mut all = vec!["run"];
+    all.extend_from_slice(args);
+    env.command_wrapped(
+        &[
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            r#"mount --bind "$0" /etc/hosts && exec "$@""#,
+            &file,
+        ],
+        &[],
+        &all,
+        None,
+    )
+}
+
+#[test]
+fn user_network_reaches_the_host_loopback_over_tcp_udp_and_dns() {
+    let env = RunEnv::new("net-user");
+    let big = pattern(100 << 20);
+    let big_sha = sha256_hex(&big);
+    let http = HostHttp::start(big);
+    let tftp_data = pattern(300_000);
+    let tftp_sha = sha256_hex(&tftp_data);
+    let tftp = host_tftp(tftp_data);
+    let script = format!(
+        "ip addr show eth0 | grep -o 'inet [0-9./]*'; \
+         wget -q -O - http://10.0.2.2:{p}/big | sha256sum | cut -d' ' -f1; \
+         tftp -g -r file -l /tmp/t 10.0.2.2 {tftp} && sha256sum /tmp/t | cut -d' ' -f1; \
+         nslookup sm-host.test 2>&1 | grep -A9 '^Name' | grep '^Address' | head -1 | awk '{{print $NF}}'; \
+         wget -q -O - http://sm-host.test:{p}/small",
+        p = http.port
+    );
+    let (code, out, err) = run_with_hosts(
+        &env,
+        "127.0.0.1 localhost\n127.0.0.1 sm-host.test\n",
+        &[&env.image, "sh", "-c", &script],
+    );
+    let out = String::from_utf8_lossy(&out);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "inet 10.0.2.15/24",
+            big_sha.as_str(),
+            tftp_sha.as_str(),
+            "10.0.2.2",
+            "hello from the host",
+        ],
+        "{err}"
+    );
+}
+
+#[test]
+fn egress_policy_decides_each_flow_and_none_leaves_only_lo() {
+    let env = RunEnv::new("net-policy");
+    let open = HostHttp::start(Vec::new());
+    let other = HostHttp::start(Vec::new());
+    let get = |port: u16| {
+        format!("wget -q -T 10 -O - http://10.0.2.2:{port}/small 2>&1 || echo refused {port}")
+    };
+    let script = format!(
+        "{}; {}; nslookup sm-private.test 2>&1 | grep -A9 '^Name' | grep -c '^Address'",
+        get(open.port),
+        get(other.port)
+    );
+    let hosts = "127.0.0.1 localhost\n192.168.77.1 sm-private.test\n";
+    // deny-private: the host's loopback and private answers are out of reach.
+    let (_, out, err) = run_with_hosts(
+        &env,
+        hosts,
+        &["--egress", "deny-private", &env.image, "sh", "-c", &script],
+    );
+    let out = String::from_utf8_lossy(&out);
+    assert!(
+        out.contains(&format!("refused {}", open.port)),
+        "{out}\n{err}"
+    );
+    assert!(
+        out.contains(&format!("refused {}", other.port)),
+        "{out}\n{err}"
+    );
+    assert!(!out.contains("hello from the host"), "{out}");
+    assert_eq!(
+        out.lines().last(),
+        Some("0"),
+        "a private address was answered: {out}"
+    );
+    assert_eq!((open.accepted(), other.accepted()), (0, 0));
+    // An allow-list admits exactly the listed port.
+    let allow = format!("allow:127.0.0.1/32:{}", open.port);
+    let (_, out, err) = run_with_hosts(
+        &env,
+        hosts,
+        &["--egress", &allow, &env.image, "sh", "-c", &script],
+    );
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("hello from the host\n"), "{out}\n{err}");
+    assert!(
+        out.contains(&format!("refused {}", other.port)),
+        "{out}\n{err}"
+    );
+    assert_eq!((open.accepted(), other.accepted()), (1, 0));
+    // With allow-all both answer, and the private name resolves.
+    let (_, out, err) = run_with_hosts(&env, hosts, &[&env.image, "sh", "-c", &script]);
+    let out = String::from_utf8_lossy(&out);
+    assert_eq!(
+        out, "hello from the host\nhello from the host\n1\n",
+        "{err}"
+    );
+    // No network: only lo, and --egress none means the same.
+    for flags in [["--network", "none"], ["--egress", "none"]] {
+        let (code, out, err) = env.run(
+            &[flags[0], flags[1], &env.image, "ls", "/sys/class/net"],
+            None,
+        );
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(String::from_utf8_lossy(&out), "lo\n", "{flags:?}");
+    }
+    // Bad policies are refused before anything starts.
+    for bad in ["allow:10.0.0.1/8", "deny-everything", "allow:"] {
+        let (code, _, err) = env.run(&["--egress", bad, &env.image, "true"], None);
+        assert_eq!(code, 125, "{bad}: {err}");
+        assert!(
+            err.contains("--egress") || err.contains(bad.trim_start_matches("allow:")),
+            "{bad}: {err}"
+        );
+    }
+}
+
+/// A server on the host's loopback that accepts every connection and keeps it open until the
+/// client closes it; counts them.
+fn host_holder() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    std::thread::spawn(move || {
+        let started = Instant::now();
+        let mut held: Vec<std::net::TcpStream> = Vec::new();
+        while started.elapsed() < HANG_LIMIT {
+            while let Ok((c, _)) = listener.accept() {
+                c.set_nonblocking(true).ok();
+                count.fetch_add(1, Ordering::SeqCst);
+                held.push(c);
+            }
+            let mut buf = [0u8; 256];
+            held.retain_mut(|c| match c.read(&mut buf) {
+                Ok(0) => false,
+                Ok(_) => true,
+                Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+            });
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
+    (port, accepted)
+}
+
+#[test]
+fn a_guest_flooding_the_nat_hits_the_flow_limit_and_the_host_keeps_serving() {
+    let env = RunEnv::new("net-flood");
+    let http = HostHttp::start(Vec::new());
+    let (hold_port, held) = host_holder();
+    // 600 connections the host keeps open: more than the NAT's 512 TCP flows. Once they are
+    // closed, the NAT serves new flows again.
+    let script = format!(
+        "for i in $(seq 1 600); do nc 10.0.2.2 {hold_port} </dev/null >/dev/null 2>&1 & done; \
+         sleep 10; \
+         wget -q -T 10 -O - http://10.0.2.2:{p}/small >/dev/null 2>&1 || echo refused while full; \
+         killall nc; sleep 5; \
+         wget -q -T 10 -O - http://10.0.2.2:{p}/small || echo no-answer",
+        p = http.port
+    );
+    let (code, out, err) = env.run(&["--memory", "1g", &env.image, "sh", "-c", &script], None);
+    let out = String::from_utf8_lossy(&out);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        err.contains("512 TCP flows open, the limit"),
+        "no flow-limit line:\n{err}"
+    );
+    let held = held.load(std::sync::atomic::Ordering::SeqCst);
+    assert!((400..=512).contains(&held), "{held} host connections");
+    assert_eq!(out, "refused while full\nhello from the host\n", "{err}");
 }

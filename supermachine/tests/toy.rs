@@ -44,6 +44,7 @@ fn boot_toy(vcpus: u8) -> (VmExit, String) {
         consoles: vec![],
         control: None,
         vsock: None,
+        net: None,
         snapshot: None,
         on_started: None,
     })

@@ -705,6 +705,7 @@ fn bench_run(runs: usize, here: bool) -> Result<()> {
             control_device: "/dev/hvc2".into(),
             mounts: Vec::new(),
             hold_before_start: false,
+            network: None,
         }),
         ..Default::default()
     };

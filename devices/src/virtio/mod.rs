@@ -8,6 +8,7 @@
 pub mod block;
 pub mod console;
 mod mmio;
+pub mod net;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
 pub mod vsock;
@@ -45,6 +46,8 @@ pub mod features {
 
 /// Device type IDs.
 pub mod device_type {
+    /// Network card.
+    pub const NET: u32 = 1;
     /// Block device.
     pub const BLOCK: u32 = 2;
     /// Console.

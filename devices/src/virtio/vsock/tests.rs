@@ -2,23 +2,19 @@
 //! sockets in a temporary directory on the other.
 
 use std::io::{Read, Write};
-use std::os::fd::RawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use virtio_queue::desc::split::Descriptor;
-use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_core::GuestMemory;
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::packet::{op, shutdown, PacketHeader, HEADER_LEN, TYPE_STREAM};
 use super::*;
-use crate::virtio::test_utils::{interrupt, memory, CountingIrq, BUF_BASE, F_NEXT, F_WRITE};
+use crate::virtio::test_utils::{interrupt, memory, readable, CountingIrq, DriverQueue, BUF_BASE};
 use crate::virtio::{device_type, features, ActivateError, VirtioDevice};
 
 const CID: u64 = 3;
@@ -54,83 +50,6 @@ impl Drop for TempDir {
     }
 }
 
-/// The driver's side of one split queue: adds chains (ring indices wrap properly) and reads
-/// back used entries.
-struct DriverQueue {
-    desc: u64,
-    avail: u64,
-    used: u64,
-    next_desc: u16,
-    avail_idx: u16,
-    used_seen: u16,
-}
-
-impl DriverQueue {
-    fn new(mem: &GuestMemory, base: u64) -> (Self, Queue) {
-        let mq = MockSplitQueue::create(mem, GuestAddress(base), QSIZE);
-        let q = mq.create_queue::<Queue>().unwrap();
-        let d = DriverQueue {
-            desc: mq.desc_table_addr().0,
-            avail: mq.avail_addr().0,
-            used: mq.used_addr().0,
-            next_desc: 0,
-            avail_idx: 0,
-            used_seen: 0,
-        };
-        (d, q)
-    }
-
-    /// Adds one chain of `(address, length, device-writable)` buffers; returns its head.
-    fn add(&mut self, mem: &GuestMemory, bufs: &[(u64, u32, bool)]) -> u16 {
-        let head = self.next_desc;
-        for (i, &(addr, len, write)) in bufs.iter().enumerate() {
-            let idx = (head + i as u16) % QSIZE;
-            let mut flags = if write { F_WRITE } else { 0 };
-            if i + 1 < bufs.len() {
-                flags |= F_NEXT;
-            }
-            let d = Descriptor::new(addr, len, flags, (idx + 1) % QSIZE);
-            mem.write_obj(d, GuestAddress(self.desc + 16 * u64::from(idx)))
-                .unwrap();
-        }
-        self.next_desc = (head + bufs.len() as u16) % QSIZE;
-        let slot = self.avail + 4 + 2 * u64::from(self.avail_idx % QSIZE);
-        mem.write_obj(head, GuestAddress(slot)).unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        mem.write_obj(self.avail_idx, GuestAddress(self.avail + 2))
-            .unwrap();
-        head
-    }
-
-    /// Used entries since the last call: (head, length).
-    fn take_used(&mut self, mem: &GuestMemory) -> Vec<(u16, u32)> {
-        let idx: u16 = mem.read_obj(GuestAddress(self.used + 2)).unwrap();
-        let mut out = Vec::new();
-        while self.used_seen != idx {
-            let e = self.used + 4 + 8 * u64::from(self.used_seen % QSIZE);
-            let id: u32 = mem.read_obj(GuestAddress(e)).unwrap();
-            let len: u32 = mem.read_obj(GuestAddress(e + 4)).unwrap();
-            out.push((id as u16, len));
-            self.used_seen = self.used_seen.wrapping_add(1);
-        }
-        out
-    }
-
-    /// Chains the device has not returned yet.
-    fn in_flight(&self, mem: &GuestMemory) -> u16 {
-        let used: u16 = mem.read_obj(GuestAddress(self.used + 2)).unwrap();
-        self.avail_idx.wrapping_sub(used)
-    }
-}
-
-fn readable(fd: RawFd) -> bool {
-    let ep = Epoll::new().unwrap();
-    ep.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, 0))
-        .unwrap();
-    let mut ev = [EpollEvent::default(); 1];
-    ep.wait(0, &mut ev).unwrap() > 0
-}
-
 /// A guest driver with the device, its queues and its Unix socket.
 struct Guest {
     mem: GuestMemory,
@@ -154,9 +73,9 @@ fn guest_with(event_idx: bool) -> Guest {
     let mut dev = Vsock::new(CID, uds.clone()).unwrap();
     dev.ack_features(dev.features());
     let mem = memory();
-    let (rx, rq) = DriverQueue::new(&mem, 0);
-    let (tx, tq) = DriverQueue::new(&mem, 0x4000);
-    let (ev, mut eq) = DriverQueue::new(&mem, 0x8000);
+    let (rx, rq) = DriverQueue::new(&mem, 0, QSIZE);
+    let (tx, tq) = DriverQueue::new(&mem, 0x4000, QSIZE);
+    let (ev, mut eq) = DriverQueue::new(&mem, 0x8000, QSIZE);
     eq.set_event_idx(event_idx);
     let (interrupt, irq) = interrupt();
     dev.activate(mem.clone(), vec![rq, tq, eq], interrupt)
