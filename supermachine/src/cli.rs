@@ -309,6 +309,13 @@ struct BootArgs {
     /// Show only COMMAND's output: no kernel log, no init progress
     #[arg(long, short = 'q')]
     quiet: bool,
+    /// A network device (eth0, unconfigured: the command sets it up): none, user (rootless
+    /// NAT; 10.0.2.2 is the host's loopback, 10.0.2.3 answers DNS) or tap:IFACE
+    #[arg(long, value_name = "MODE", default_value = "none")]
+    network: supermachine::network::NetworkMode,
+    /// Where the guest may connect with --network user (as for `run`)
+    #[arg(long, value_name = "POLICY", default_value = "allow-all")]
+    egress: supermachine::network::EgressPolicy,
     /// Snapshot the VM into this directory once it prints --snapshot-when (then stop it)
     #[arg(long, value_name = "DIR", requires = "snapshot_when")]
     snapshot_to: Option<PathBuf>,
@@ -774,7 +781,11 @@ fn run_boot(args: BootArgs) -> anyhow::Result<ExitCode> {
         consoles: Vec::new(),
         control: None,
         vsock: None,
-        net: None,
+        net: supermachine::network::NetworkOptions {
+            mode: args.network,
+            egress: args.egress,
+        }
+        .backend()?,
         snapshot: args.snapshot_to.zip(args.snapshot_when).map(|(dir, when)| {
             supermachine::snapshot::SnapshotRequest {
                 when_output: when,

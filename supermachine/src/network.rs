@@ -104,7 +104,7 @@ impl NetworkOptions {
     }
 
     /// The host side of the guest's virtio-net device (`None` without one).
-    pub(crate) fn backend(
+    pub fn backend(
         &self,
     ) -> Result<Option<Box<dyn devices::virtio::net::NetBackend>>, NetworkError> {
         self.validate()?;

@@ -2451,3 +2451,51 @@ fn a_guest_flooding_the_nat_hits_the_flow_limit_and_the_host_keeps_serving() {
     assert!((400..=512).contains(&held), "{held} host connections");
     assert_eq!(out, "refused while full\nhello from the host\n", "{err}");
 }
+
+#[test]
+fn tap_network_attaches_an_existing_tap_device() {
+    let env = RunEnv::new("net-tap");
+    let www = env.dir.join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("index.html"), "hello over tap\n").unwrap();
+    // A network namespace of its own: the TAP device, its host address and a web server
+    // there, nothing that touches the test host's own network.
+    let setup = format!(
+        "ip link set lo up && ip tuntap add dev smtap0 mode tap && \
+         ip addr add 10.0.2.2/24 dev smtap0 && ip link set smtap0 up && \
+         busybox httpd -p 10.0.2.2:8080 -h {} && exec \"$0\" \"$@\"",
+        www.display()
+    );
+    let (code, out, err) = env.command_wrapped(
+        &["unshare", "--net", "sh", "-c", &setup],
+        &[],
+        &[
+            "run",
+            "--network",
+            "tap:smtap0",
+            &env.image,
+            "wget",
+            "-q",
+            "-O",
+            "-",
+            "http://10.0.2.2:8080/index.html",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(String::from_utf8_lossy(&out), "hello over tap\n");
+    // Egress policies are the NAT's: with a TAP device they are refused up front.
+    let (code, _, err) = env.run(
+        &[
+            "--network",
+            "tap:smtap0",
+            "--egress",
+            "deny-private",
+            &env.image,
+            "true",
+        ],
+        None,
+    );
+    assert_eq!(code, 125, "{err}");
+    assert!(err.contains("--network user"), "{err}");
+}

@@ -132,6 +132,22 @@ pub enum Which {
         #[arg(long)]
         here: bool,
     },
+    /// TCP through the user-mode network: throughput both ways and connect latency, next to
+    /// QEMU's user-mode (slirp) network
+    Net {
+        /// Runs per VMM (the median is reported)
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// MiB moved each way per run
+        #[arg(long, default_value_t = 64)]
+        mib: u64,
+        /// Sequential connects per run
+        #[arg(long, default_value_t = 200)]
+        connects: usize,
+        /// Run here even if this machine's KVM fails the probe (used inside the test host)
+        #[arg(long)]
+        here: bool,
+    },
 }
 
 /// Timestamps of one run.
@@ -201,13 +217,13 @@ fn time_run(cmd: &mut Command, marker: &str, limit: Duration) -> Result<Sample> 
     })
 }
 
-struct Stats {
-    median: f64,
-    min: f64,
-    max: f64,
+pub(crate) struct Stats {
+    pub(crate) median: f64,
+    pub(crate) min: f64,
+    pub(crate) max: f64,
 }
 
-fn stats(mut v: Vec<f64>) -> Stats {
+pub(crate) fn stats(mut v: Vec<f64>) -> Stats {
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
     let median = if n % 2 == 1 {
@@ -435,6 +451,26 @@ pub fn run(which: Which) -> Result<()> {
             seconds,
             here,
         } => bench_blk(runs, mib, seconds, here),
+        Which::Net {
+            runs,
+            mib,
+            connects,
+            here,
+        } => {
+            let args = [
+                "net".to_string(),
+                "--runs".into(),
+                runs.to_string(),
+                "--mib".into(),
+                mib.to_string(),
+                "--connects".into(),
+                connects.to_string(),
+            ];
+            match guest_bench_host(here, &args)? {
+                Some(sm) => crate::bench_net::bench(&sm, runs, mib, connects),
+                None => Ok(()),
+            }
+        }
     }
 }
 
@@ -568,7 +604,7 @@ fn bench_boot(runs: usize, here: bool) -> Result<()> {
 }
 
 /// Runs `cmd`, returns the `RESULT <mode> <value> <unit>` lines as (mode, value, unit).
-fn blk_results(cmd: &mut Command) -> Result<Vec<(String, f64, String)>> {
+pub(crate) fn result_lines(cmd: &mut Command) -> Result<Vec<(String, f64, String)>> {
     let out = cmd
         .stdin(Stdio::null())
         .output()
@@ -639,7 +675,7 @@ fn bench_blk(runs: usize, mib: u64, seconds: u64, here: bool) -> Result<()> {
                     .args(["-device", "virtio-blk-device,drive=d0"]);
                 c
             };
-            let r = blk_results(&mut cmd).with_context(|| format!("run {}", run + 1))?;
+            let r = result_lines(&mut cmd).with_context(|| format!("run {}", run + 1))?;
             result.push(r);
         }
     }

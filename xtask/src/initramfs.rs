@@ -12,9 +12,10 @@ use crate::util::{cargo, installed_initramfs, output, run, step, target_dir, wri
 const MUSL: &str = "x86_64-unknown-linux-musl";
 const BUSYBOX: &str = "/bin/busybox";
 
-/// Builds the guest binaries (static, musl): `guest-init` and the `sm-blkbench` tool.
+/// Builds the guest binaries (static, musl): `guest-init` and the `sm-blkbench` and
+/// `sm-netbench` tools.
 pub fn guest_binaries() -> Result<PathBuf> {
-    step("initramfs: building guest-init and sm-blkbench (static, musl)");
+    step("initramfs: building guest-init, sm-blkbench and sm-netbench (static, musl)");
     run(cargo().args([
         "build",
         "--release",
@@ -34,6 +35,8 @@ pub fn build() -> Result<PathBuf> {
         std::fs::read(bins.join("guest-init")).context("cannot read the guest-init binary")?;
     let blkbench =
         std::fs::read(bins.join("sm-blkbench")).context("cannot read the sm-blkbench binary")?;
+    let netbench =
+        std::fs::read(bins.join("sm-netbench")).context("cannot read the sm-netbench binary")?;
     let busybox = std::fs::read(BUSYBOX)
         .with_context(|| format!("cannot read {BUSYBOX} (apt-get install busybox-static)"))?;
     let applets = output(Command::new(BUSYBOX).arg("--list-full"))?;
@@ -50,6 +53,7 @@ pub fn build() -> Result<PathBuf> {
     w.file("init", 0o755, &init)?;
     w.file("bin/busybox", 0o755, &busybox)?;
     w.file("usr/bin/sm-blkbench", 0o755, &blkbench)?;
+    w.file("usr/bin/sm-netbench", 0o755, &netbench)?;
     for applet in applets.lines().map(str::trim) {
         let name = applet.trim_start_matches('/');
         if name.is_empty() || name == "bin/busybox" || name == "init" || name == "linuxrc" {

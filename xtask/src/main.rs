@@ -14,6 +14,7 @@
 
 mod bench;
 mod bench_agent;
+mod bench_net;
 mod bench_pull;
 mod bench_restore;
 mod deps;

@@ -25,7 +25,14 @@ use crate::util::{cache_dir, nproc, output, run, step, write_atomic};
 const START_MARKER: &str = "supermachine-testhost-start";
 const EXIT_MARKER: &str = "supermachine-testhost-exit=";
 /// Modules the L1 initramfs loads, with their dependencies first.
-const MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p", "kvm-amd", "virtio_net"];
+const MODULES: &[&str] = &[
+    "virtio_pci",
+    "9pnet_virtio",
+    "9p",
+    "kvm-amd",
+    "virtio_net",
+    "tun",
+];
 
 pub struct Options {
     pub memory_mib: u32,
@@ -209,10 +216,14 @@ poweroff -f
 
 /// Builds the L1 initramfs (once per kernel package).
 fn ensure_initrd(pkg: &Path) -> Result<PathBuf> {
-    // Named by the init script's content, so a changed script gets a new initrd.
-    let script_hash = L1_INIT.bytes().fold(0xcbf29ce484222325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100000001b3)
-    });
+    // Named by the init script's content and the module list, so a change to either gets a
+    // new initrd.
+    let script_hash = L1_INIT
+        .bytes()
+        .chain(MODULES.join(",").into_bytes())
+        .fold(0xcbf29ce484222325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100000001b3)
+        });
     let initrd = dir().join(format!("initrd-{script_hash:016x}.cpio"));
     if initrd.is_file() {
         return Ok(initrd);
