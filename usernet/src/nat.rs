@@ -356,7 +356,17 @@ impl UserNet {
         };
         self.guest_mac = Some(eth.src_addr());
         match eth.ethertype() {
-            EthernetProtocol::Arp => self.frames.inbound.push_back(frame.to_vec()),
+            EthernetProtocol::Arp => {
+                // smoltcp answers ARP for every address (any-IP): not for the guest's own,
+                // which would look like an address conflict to it.
+                let own = smoltcp::wire::ArpPacket::new_checked(eth.payload()).is_ok_and(|arp| {
+                    arp.target_protocol_addr() == arp.source_protocol_addr()
+                        || arp.target_protocol_addr() == GUEST.octets()
+                });
+                if !own {
+                    self.frames.inbound.push_back(frame.to_vec());
+                }
+            }
             EthernetProtocol::Ipv4 => self.take_ipv4(frame, eth.payload()),
             // IPv6 is not forwarded: the guest has no IPv6 address from us.
             _ => {}

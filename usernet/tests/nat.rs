@@ -404,3 +404,37 @@ fn flow_limits_refuse_new_flows_and_free_up_as_flows_close() {
     });
     drop(listener);
 }
+
+/// An ARP request from the guest's MAC and address for `target`.
+fn arp_request(target: std::net::Ipv4Addr) -> Vec<u8> {
+    let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&GUEST.octets());
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&target.octets());
+    f
+}
+
+#[test]
+fn arp_is_answered_for_the_gateway_and_never_for_the_guests_own_address() {
+    let mut nat = UserNet::new(UserNetConfig::default()).unwrap();
+    let mut buf = vec![0u8; 2048];
+    nat.send(&arp_request(GUEST));
+    nat.poll();
+    assert_eq!(
+        nat.recv(&mut buf),
+        None,
+        "an answer for the guest's own address"
+    );
+    nat.send(&arp_request(GATEWAY));
+    nat.poll();
+    let n = nat.recv(&mut buf).expect("no ARP reply for the gateway");
+    assert_eq!(&buf[12..14], &[0x08, 0x06]);
+    assert_eq!(&buf[20..22], &[0, 2], "an ARP reply");
+    assert_eq!(&buf[22..28], &usernet::GATEWAY_MAC);
+    assert_eq!(&buf[28..32], &GATEWAY.octets());
+    assert!(n >= 42);
+}

@@ -26,6 +26,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("wrk", "/usr/bin/wrk"),
     ("curl", "/usr/bin/curl"),
     ("openssl", "/usr/bin/openssl"),
+    // The TAP test's namespace set-up (`ip tuntap`) and the DNS tests' private /etc/hosts.
+    ("iproute2", "/usr/bin/ip"),
+    ("util-linux", "/usr/bin/unshare"),
 ];
 
 const RUST_TARGETS: &[&str] = &[
