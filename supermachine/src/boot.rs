@@ -43,6 +43,17 @@ impl std::str::FromStr for DiskSpec {
     }
 }
 
+/// A host directory shared with the guest through virtio-fs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareSpec {
+    /// The tag the guest mounts (`mount -t virtiofs TAG PATH`).
+    pub tag: String,
+    /// The host directory.
+    pub dir: PathBuf,
+    /// Refuse every change from the guest (on the host side).
+    pub read_only: bool,
+}
+
 /// What to boot.
 pub struct BootOptions {
     /// Guest kernel.
@@ -82,6 +93,8 @@ pub struct BootOptions {
     /// Attach a virtio-net device (`eth0`, MAC [`GUEST_MAC`](crate::network::GUEST_MAC))
     /// with this host side.
     pub net: Option<Box<dyn devices::virtio::net::NetBackend>>,
+    /// Host directories shared through virtio-fs, after the other devices.
+    pub shares: Vec<ShareSpec>,
     /// Take a snapshot when the guest prints a marker on its serial console, then stop the VM.
     pub snapshot: Option<crate::snapshot::SnapshotRequest>,
     /// Called with the VM's [`Snapshotter`](crate::snapshot::Snapshotter) once it is built,
@@ -271,6 +284,23 @@ pub fn boot(opts: BootOptions) -> Result<BootOutcome, BootError> {
             backend,
             None,
         )?);
+        next_slot += 1;
+    }
+    for share in &opts.shares {
+        let fs = virtiofs::Fs::new(&share.tag, &share.dir, share.read_only)
+            .map_err(|e| BootError::Device(e.to_string()))?;
+        live.push(attach_virtio(
+            &mut builder,
+            &mut event_loop,
+            next_slot,
+            crate::snapshot::DeviceKind::Fs {
+                tag: share.tag.clone(),
+                dir: share.dir.clone(),
+            },
+            Box::new(fs),
+            None,
+        )?);
+        next_slot += 1;
     }
     let vm = builder.build()?;
     let snapshotter = crate::snapshot::Snapshotter {
@@ -420,6 +450,13 @@ pub fn restore_loaded(
                     .into());
                 };
                 attach_net(&mut builder, &mut event_loop, slot, *mac, backend, from)?
+            }
+            DeviceKind::Fs { dir, .. } => {
+                return Err(incompatible(format!(
+                    "it shares the host directory {} (virtio-fs): shared directories are not part of a snapshot",
+                    dir.display()
+                ))
+                .into());
             }
         };
         live.push(device);

@@ -166,7 +166,8 @@ struct RunArgs {
     /// allow:CIDR[:PORT],... or deny:CIDR[:PORT],... (IPv6 in brackets)
     #[arg(long, value_name = "POLICY", default_value = "allow-all")]
     egress: supermachine::network::EgressPolicy,
-    /// Block volume: FILE:PATH or NAME:PATH, ":ro" for read-only (created ext4 when missing)
+    /// Volume: DIR:PATH shares an existing host directory (virtio-fs); FILE:PATH or NAME:PATH
+    /// is a block volume (created ext4 when missing); ":ro" for read-only
     #[arg(short, long, value_name = "SRC:DST[:ro]")]
     volume: Vec<supermachine::volumes::VolumeSpec>,
     /// Size of volumes created on first use
@@ -786,6 +787,7 @@ fn run_boot(args: BootArgs) -> anyhow::Result<ExitCode> {
             egress: args.egress,
         }
         .backend()?,
+        shares: Vec::new(),
         snapshot: args.snapshot_to.zip(args.snapshot_when).map(|(dir, when)| {
             supermachine::snapshot::SnapshotRequest {
                 when_output: when,

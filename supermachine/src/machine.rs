@@ -114,7 +114,8 @@ impl VmConfig {
         self
     }
 
-    /// Attaches a block volume (`-v`; parse one with `"data:/data".parse()`).
+    /// Attaches a volume (`-v`; parse one with `"data:/data".parse()`): an existing host
+    /// directory is shared (virtio-fs), a file or named volume is a block volume.
     pub fn volume(mut self, volume: VolumeSpec) -> Self {
         self.volumes.push(volume);
         self

@@ -1451,20 +1451,37 @@ fn run_registered(
                 read_only: true,
             }];
             let mut volume_mounts = Vec::new();
+            let mut shares = Vec::new();
             for v in &opts.volumes {
-                let path =
-                    crate::volumes::prepare(v, opts.volume_size).map_err(RunError::Volume)?;
-                // /dev/vda is the image; volumes follow in order.
-                volume_mounts.push(guest_init::MountSpec {
-                    device: format!("/dev/vd{}", (b'a' + disks.len() as u8) as char),
-                    target: v.target.clone(),
-                    fstype: "ext4".into(),
-                    read_only: v.read_only,
-                });
-                disks.push(DiskSpec {
-                    path,
-                    read_only: v.read_only,
-                });
+                match crate::volumes::prepare(v, opts.volume_size).map_err(RunError::Volume)? {
+                    crate::volumes::Prepared::Disk(path) => {
+                        // /dev/vda is the image; volumes follow in order.
+                        volume_mounts.push(guest_init::MountSpec {
+                            device: format!("/dev/vd{}", (b'a' + disks.len() as u8) as char),
+                            target: v.target.clone(),
+                            fstype: "ext4".into(),
+                            read_only: v.read_only,
+                        });
+                        disks.push(DiskSpec {
+                            path,
+                            read_only: v.read_only,
+                        });
+                    }
+                    crate::volumes::Prepared::Directory(dir) => {
+                        let share = crate::boot::ShareSpec {
+                            tag: format!("share{}", shares.len()),
+                            dir,
+                            read_only: v.read_only,
+                        };
+                        volume_mounts.push(guest_init::MountSpec {
+                            device: share.tag.clone(),
+                            target: v.target.clone(),
+                            fstype: "virtiofs".into(),
+                            read_only: v.read_only,
+                        });
+                        shares.push(share);
+                    }
+                }
             }
             let hold = opts.idle
                 || matches!(
@@ -1590,6 +1607,7 @@ fn run_registered(
                 control: Some(vm_control),
                 vsock: Some(dir.vsock()),
                 net: opts.network.backend()?,
+                shares,
                 snapshot: None,
                 on_started,
             })?

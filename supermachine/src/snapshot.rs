@@ -93,6 +93,14 @@ pub enum DeviceKind {
         /// The guest's MAC address.
         mac: [u8; 6],
     },
+    /// A shared host directory (virtio-fs). Not restorable: the FUSE server's inodes that the
+    /// guest holds are not part of a snapshot.
+    Fs {
+        /// The tag the guest mounted.
+        tag: String,
+        /// The host directory.
+        dir: PathBuf,
+    },
 }
 
 /// One virtio device in a snapshot.

@@ -1,9 +1,8 @@
-//! Block volumes: a host file (or a named volume in the data directory) attached as a
-//! virtio-blk disk and mounted by `guest-init` at a path in the container. Created sparse and
-//! formatted ext4 on first use. Data the guest syncs is on the host file when its `fsync`
-//! returns (virtio-blk FLUSH is an `fsync` of the file).
-//!
-//! Host directories (virtio-fs) are not supported yet and are refused with a clear error.
+//! Volumes. A host file (or a named volume in the data directory) is a block volume: attached
+//! as a virtio-blk disk and mounted by `guest-init` at a path in the container, created sparse
+//! and formatted ext4 on first use; data the guest syncs is on the host file when its `fsync`
+//! returns (virtio-blk FLUSH is an `fsync` of the file). An existing host directory is shared
+//! through virtio-fs (the [`virtiofs`] crate): edits on either side show on the other.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -34,9 +33,9 @@ pub enum VolumeError {
     /// A malformed `-v` argument.
     #[error("invalid volume {0:?}: {1}")]
     Invalid(String, &'static str),
-    /// Directories would need virtio-fs.
-    #[error("{0} is a directory: sharing host directories (virtio-fs) is not supported yet; give a file (a block volume) instead")]
-    Directory(PathBuf),
+    /// A host directory could not be shared.
+    #[error(transparent)]
+    Share(#[from] virtiofs::FsError),
     /// Creating or formatting the file failed.
     #[error("cannot create volume {path}: {detail}")]
     Create {
@@ -132,19 +131,33 @@ pub fn create(path: &Path, size: u64) -> Result<(), VolumeError> {
     result
 }
 
-/// The host file for `spec`, created (with `size` bytes) if it does not exist.
-pub fn prepare(spec: &VolumeSpec, size: u64) -> Result<PathBuf, VolumeError> {
+/// What backs a volume in the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Prepared {
+    /// A disk image file (virtio-blk, ext4).
+    Disk(PathBuf),
+    /// A host directory (virtio-fs), canonical.
+    Directory(PathBuf),
+}
+
+/// What backs `spec`: an existing host directory, or a disk image file, created (with `size`
+/// bytes) if it does not exist.
+pub fn prepare(spec: &VolumeSpec, size: u64) -> Result<Prepared, VolumeError> {
     let path = match &spec.source {
         VolumeSource::HostFile(p) => p.clone(),
         VolumeSource::Named(n) => named_path(n),
     };
     if path.is_dir() {
-        return Err(VolumeError::Directory(path));
+        let dir = std::fs::canonicalize(&path).map_err(|e| VolumeError::Create {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+        return Ok(Prepared::Directory(dir));
     }
     if !path.exists() {
         create(&path, size)?;
     }
-    Ok(path)
+    Ok(Prepared::Disk(path))
 }
 
 /// Named volumes: (name, size on disk in bytes).

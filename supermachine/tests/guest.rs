@@ -2499,3 +2499,85 @@ fn tap_network_attaches_an_existing_tap_device() {
     assert_eq!(code, 125, "{err}");
     assert!(err.contains("--network user"), "{err}");
 }
+
+// ---- Shared host directories (virtio-fs) ----------------------------------------------------
+
+#[test]
+fn a_shared_host_directory_is_live_both_ways_confined_and_read_only_on_request() {
+    let env = RunEnv::new("share");
+    // On the test host's own filesystem (not its 9p share of the build tree).
+    let base = std::env::temp_dir().join(format!("sm-share-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let dir = base.join("shared");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(base.join("outside.txt"), "SECRET\n").unwrap();
+    std::fs::write(dir.join("from-host.txt"), "v1\n").unwrap();
+    std::os::unix::fs::symlink("/etc", dir.join("hostetc")).unwrap();
+    std::os::unix::fs::symlink("../outside.txt", dir.join("up")).unwrap();
+    // The host answers the guest's file with an edit of its own, while the guest waits.
+    let watcher = {
+        let dir = dir.clone();
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            while !dir.join("from-guest.txt").exists() {
+                assert!(
+                    started.elapsed() < HANG_LIMIT,
+                    "the guest's file never appeared"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let seen = std::fs::read_to_string(dir.join("from-guest.txt")).unwrap();
+            std::fs::write(dir.join("from-host.txt"), "v2 edited on the host\n").unwrap();
+            std::fs::write(dir.join("host-edit.txt"), "new on the host\n").unwrap();
+            seen
+        })
+    };
+    let script = "cat /data/from-host.txt; \
+         echo 'written in the guest' > /data/from-guest.txt; sync; \
+         for i in $(seq 1 120); do [ -f /data/host-edit.txt ] && break; sleep 1; done; sleep 2; \
+         cat /data/host-edit.txt /data/from-host.txt; \
+         readlink /data/hostetc; cat /data/hostetc/hostname; \
+         cat /data/up 2>/dev/null || echo 'up: not reachable'";
+    let share = format!("{}:/data", dir.display());
+    let (code, out, err) = env.run(
+        &[
+            "-v",
+            &share,
+            "--hostname",
+            "sm-guest-x",
+            &env.image,
+            "sh",
+            "-c",
+            script,
+        ],
+        None,
+    );
+    let out = String::from_utf8_lossy(&out);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(
+        out, "v1\nnew on the host\nv2 edited on the host\n/etc\nsm-guest-x\nup: not reachable\n",
+        "{err}"
+    );
+    assert_eq!(watcher.join().unwrap(), "written in the guest\n");
+    // Read-only: writes fail in the guest and nothing changes on the host.
+    let ro = format!("{}:/data:ro", dir.display());
+    let (code, out, err) = env.run(
+        &[
+            "-v",
+            &ro,
+            &env.image,
+            "sh",
+            "-c",
+            "cat /data/host-edit.txt; echo x > /data/new.txt || echo refused; \
+             rm /data/from-host.txt || echo refused; mkdir /data/d || echo refused",
+        ],
+        None,
+    );
+    let out = String::from_utf8_lossy(&out);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "new on the host\nrefused\nrefused\nrefused\n", "{err}");
+    assert!(err.contains("Read-only file system"), "{err}");
+    assert!(!dir.join("new.txt").exists() && !dir.join("d").exists());
+    assert!(dir.join("from-host.txt").exists());
+    std::fs::remove_dir_all(&base).unwrap();
+}

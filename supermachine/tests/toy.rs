@@ -45,6 +45,7 @@ fn boot_toy(vcpus: u8) -> (VmExit, String) {
         control: None,
         vsock: None,
         net: None,
+        shares: Vec::new(),
         snapshot: None,
         on_started: None,
     })

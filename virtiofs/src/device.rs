@@ -1,0 +1,606 @@
+//! The virtio-fs device (virtio 1.2, 5.11): one high-priority and one request queue, both
+//! served by the same FUSE server.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use devices::virtio::{features, ActivateError, Interrupt, VirtioDevice};
+use fuse_backend_rs::abi::fuse_abi::{InHeader, Opcode, OpenIn, OutHeader};
+use fuse_backend_rs::api::server::Server;
+use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
+use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
+use virtio_queue::{Queue, QueueState, QueueT};
+use virtio_queue_fuse::QueueT as _;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+use vmm_core::GuestMemory;
+
+/// The virtio device type of a file system device.
+const DEVICE_TYPE: u32 = 26;
+/// Bytes of the tag in the configuration space (NUL-padded UTF-8).
+pub const TAG_LEN: usize = 36;
+const QUEUE_SIZE: u16 = 256;
+/// The high-priority queue and one request queue.
+const NUM_QUEUES: usize = 2;
+
+/// Errors creating a file system device.
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    /// The tag is empty, longer than [`TAG_LEN`] bytes, or has a NUL byte.
+    #[error("bad virtio-fs tag {0:?}: 1 to {TAG_LEN} bytes, no NUL")]
+    BadTag(String),
+    /// The shared path is not a directory.
+    #[error("{0} is not a directory")]
+    NotADirectory(PathBuf),
+    /// The directory could not be opened for sharing.
+    #[error("cannot share {path}: {source}")]
+    Share {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The guest memory and rings as `fuse-backend-rs` sees them (its own `vm-memory` and
+/// `virtio-queue` versions, over the same mappings).
+struct Active {
+    /// Keeps the mappings the view points into alive.
+    _mem: GuestMemory,
+    view: vm_memory_fuse::GuestMemoryMmap<()>,
+    queues: Vec<virtio_queue_fuse::Queue>,
+    interrupt: Arc<Interrupt>,
+}
+
+/// A virtio-fs device sharing one host directory (see the [crate docs](crate)).
+pub struct Fs {
+    tag: [u8; TAG_LEN],
+    server: Server<Arc<PassthroughFs<()>>>,
+    read_only: bool,
+    acked_features: u64,
+    active: Option<Active>,
+}
+
+impl std::fmt::Debug for Fs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fs")
+            .field("read_only", &self.read_only)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How long the guest may trust cached attributes and names: short, so edits made on the host
+/// show in the guest about as soon as a container engine's bind mount would.
+const CACHE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl Fs {
+    /// A device sharing `dir` under `tag` (the name the guest mounts); `read_only` refuses
+    /// every modifying request.
+    pub fn new(tag: &str, dir: &Path, read_only: bool) -> Result<Fs, FsError> {
+        if tag.is_empty() || tag.len() > TAG_LEN || tag.contains('\0') {
+            return Err(FsError::BadTag(tag.into()));
+        }
+        let share = |source| FsError::Share {
+            path: dir.to_path_buf(),
+            source,
+        };
+        let meta = std::fs::metadata(dir).map_err(share)?;
+        if !meta.is_dir() {
+            return Err(FsError::NotADirectory(dir.to_path_buf()));
+        }
+        let config = Config {
+            root_dir: dir.to_string_lossy().into_owned(),
+            do_import: true,
+            xattr: false,
+            cache_policy: CachePolicy::Auto,
+            attr_timeout: CACHE_TIMEOUT,
+            entry_timeout: CACHE_TIMEOUT,
+            ..Default::default()
+        };
+        let fs = PassthroughFs::<()>::new(config).map_err(share)?;
+        fs.import().map_err(share)?;
+        let mut t = [0u8; TAG_LEN];
+        t[..tag.len()].copy_from_slice(tag.as_bytes());
+        Ok(Fs {
+            tag: t,
+            server: Server::new(Arc::new(fs)),
+            read_only,
+            acked_features: 0,
+            active: None,
+        })
+    }
+
+    /// Serves every request waiting on queue `index`; whether to interrupt.
+    fn serve(&mut self, index: usize) -> bool {
+        let Some(a) = self.active.as_mut() else {
+            return false;
+        };
+        let Some(q) = a.queues.get_mut(index) else {
+            return false;
+        };
+        let mut used = false;
+        loop {
+            if q.disable_notification(&a.view).is_err() {
+                break;
+            }
+            let mut progressed = false;
+            while let Some(chain) = q.pop_descriptor_chain(&a.view) {
+                progressed = true;
+                let head = chain.head_index();
+                let len = handle(&self.server, self.read_only, &a.view, chain);
+                if q.add_used(&a.view, head, len).is_err() {
+                    break;
+                }
+                used = true;
+            }
+            match q.enable_notification(&a.view) {
+                Ok(true) if progressed => continue,
+                _ => break,
+            }
+        }
+        used && q.needs_notification(&a.view).unwrap_or(true)
+    }
+}
+
+type Chain<'a> = virtio_queue_fuse::DescriptorChain<&'a vm_memory_fuse::GuestMemoryMmap<()>>;
+
+/// Answers one request; the bytes written to the chain.
+fn handle(
+    server: &Server<Arc<PassthroughFs<()>>>,
+    read_only: bool,
+    view: &vm_memory_fuse::GuestMemoryMmap<()>,
+    chain: Chain<'_>,
+) -> u32 {
+    if let Some(errno) = refusal(view, chain.clone(), read_only) {
+        return reply_error(view, chain, errno);
+    }
+    let Ok(reader) = Reader::from_descriptor_chain(view, chain.clone()) else {
+        return 0;
+    };
+    let Ok(writer) = VirtioFsWriter::new(view, chain) else {
+        return 0;
+    };
+    match server.handle_message(reader, writer.into(), None, None) {
+        Ok(n) => u32::try_from(n).unwrap_or(0),
+        Err(e) => {
+            tracing::debug!("virtio-fs: request failed: {e}");
+            0
+        }
+    }
+}
+
+/// The error a request gets without reaching the filesystem, if any: modifying requests on a
+/// read-only share, and opcodes FUSE does not define (the server's opcode conversion assumes
+/// defined values).
+fn refusal(
+    view: &vm_memory_fuse::GuestMemoryMmap<()>,
+    chain: Chain<'_>,
+    read_only: bool,
+) -> Option<i32> {
+    let mut r = Reader::from_descriptor_chain(view, chain).ok()?;
+    let h: InHeader = r.read_obj().ok()?;
+    if h.opcode == 7 || h.opcode == 19 {
+        return Some(libc::ENOSYS);
+    }
+    if !read_only {
+        return None;
+    }
+    const MODIFYING: [Opcode; 15] = [
+        Opcode::Setattr,
+        Opcode::Symlink,
+        Opcode::Mknod,
+        Opcode::Mkdir,
+        Opcode::Unlink,
+        Opcode::Rmdir,
+        Opcode::Rename,
+        Opcode::Link,
+        Opcode::Write,
+        Opcode::Setxattr,
+        Opcode::Removexattr,
+        Opcode::Create,
+        Opcode::Fallocate,
+        Opcode::Rename2,
+        Opcode::CopyFileRange,
+    ];
+    if MODIFYING.iter().any(|&op| op as u32 == h.opcode) {
+        return Some(libc::EROFS);
+    }
+    if h.opcode == Opcode::Open as u32 {
+        let open: OpenIn = r.read_obj().ok()?;
+        let flags = open.flags as i32;
+        if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
+            return Some(libc::EROFS);
+        }
+    }
+    None
+}
+
+fn reply_error(view: &vm_memory_fuse::GuestMemoryMmap<()>, chain: Chain<'_>, errno: i32) -> u32 {
+    let unique = Reader::from_descriptor_chain(view, chain.clone())
+        .ok()
+        .and_then(|mut r| r.read_obj::<InHeader>().ok())
+        .map(|h| h.unique)
+        .unwrap_or(0);
+    let out = OutHeader {
+        len: std::mem::size_of::<OutHeader>() as u32,
+        error: -errno,
+        unique,
+    };
+    let Ok(mut w) = VirtioFsWriter::new(view, chain) else {
+        return 0;
+    };
+    match w.write_obj(out) {
+        Ok(()) => out.len,
+        Err(_) => 0,
+    }
+}
+
+/// `mem` as `fuse-backend-rs`' `vm-memory` version sees it: the same host mappings, borrowed.
+fn fuse_view(mem: &GuestMemory) -> Option<vm_memory_fuse::GuestMemoryMmap<()>> {
+    let mut regions = Vec::new();
+    for r in mem.iter() {
+        let host = r.get_host_address(MemoryRegionAddress(0)).ok()?;
+        let len = usize::try_from(r.len()).ok()?;
+        // SAFETY: `host..host + len` is a live mapping of guest memory that `Active` keeps
+        // alive (it holds `mem`) for as long as the view exists; a raw region does not unmap it.
+        let mapping = unsafe {
+            vm_memory_fuse::MmapRegion::<()>::build_raw(
+                host,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+            )
+        }
+        .ok()?;
+        let region = vm_memory_fuse::GuestRegionMmap::new(
+            mapping,
+            vm_memory_fuse::GuestAddress(r.start_addr().0),
+        )?;
+        regions.push(region);
+    }
+    vm_memory_fuse::GuestMemoryMmap::from_regions(regions).ok()
+}
+
+/// A ring as `fuse-backend-rs`' `virtio-queue` version sees it, where ours left it.
+fn fuse_queue(q: &Queue) -> Option<virtio_queue_fuse::Queue> {
+    let s = q.state();
+    virtio_queue_fuse::Queue::try_from(virtio_queue_fuse::QueueState {
+        max_size: s.max_size,
+        next_avail: s.next_avail,
+        next_used: s.next_used,
+        event_idx_enabled: s.event_idx_enabled,
+        size: s.size,
+        ready: s.ready,
+        desc_table: s.desc_table,
+        avail_ring: s.avail_ring,
+        used_ring: s.used_ring,
+    })
+    .ok()
+}
+
+impl VirtioDevice for Fs {
+    fn device_type(&self) -> u32 {
+        DEVICE_TYPE
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE; NUM_QUEUES]
+    }
+
+    fn features(&self) -> u64 {
+        features::VERSION_1 | features::RING_EVENT_IDX
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked_features = features & self.features();
+    }
+
+    fn read_config(&mut self, offset: u64, data: &mut [u8]) {
+        let mut config = [0u8; TAG_LEN + 4];
+        config[..TAG_LEN].copy_from_slice(&self.tag);
+        config[TAG_LEN..].copy_from_slice(&(NUM_QUEUES as u32 - 1).to_le_bytes());
+        devices::virtio::read_config_bytes(&config, offset, data);
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        queues: Vec<Queue>,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<(), ActivateError> {
+        if queues.len() != NUM_QUEUES {
+            return Err(ActivateError::QueueCount {
+                expected: NUM_QUEUES,
+                got: queues.len(),
+            });
+        }
+        if let Some(i) = queues.iter().position(|q| !q.is_valid(&mem)) {
+            return Err(ActivateError::InvalidQueue(i));
+        }
+        let view = fuse_view(&mem).ok_or(ActivateError::InvalidQueue(0))?;
+        let mut fuse_queues = Vec::new();
+        for (i, q) in queues.iter().enumerate() {
+            fuse_queues.push(fuse_queue(q).ok_or(ActivateError::InvalidQueue(i))?);
+        }
+        self.active = Some(Active {
+            _mem: mem,
+            view,
+            queues: fuse_queues,
+            interrupt,
+        });
+        Ok(())
+    }
+
+    fn process_queue(&mut self, index: usize) {
+        if self.serve(index) {
+            if let Some(a) = &self.active {
+                a.interrupt.signal_used_queue();
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.acked_features = 0;
+    }
+
+    fn queue_states(&self) -> Vec<QueueState> {
+        self.active
+            .as_ref()
+            .map(|a| {
+                a.queues
+                    .iter()
+                    .map(|q| {
+                        let s = q.state();
+                        QueueState {
+                            max_size: s.max_size,
+                            next_avail: s.next_avail,
+                            next_used: s.next_used,
+                            event_idx_enabled: s.event_idx_enabled,
+                            size: s.size,
+                            ready: s.ready,
+                            desc_table: s.desc_table,
+                            avail_ring: s.avail_ring,
+                            used_ring: s.used_ring,
+                        }
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use devices::virtio::test_utils::{interrupt, memory, DriverQueue, BUF_BASE};
+    use fuse_backend_rs::abi::fuse_abi::{EntryOut, InitIn, MkdirIn, OpenOut, ReadIn};
+    use vm_memory::{Bytes, GuestAddress};
+    use vm_memory_fuse::ByteValued;
+
+    /// Request buffer at BUF_BASE, reply buffer after it.
+    const REQ: u64 = BUF_BASE;
+    const REPLY: u64 = BUF_BASE + 0x1_0000;
+    const REPLY_LEN: u32 = 0x1_0000;
+
+    struct Driver {
+        mem: GuestMemory,
+        fs: Fs,
+        q: DriverQueue,
+        unique: u64,
+        _dir: TempDir,
+    }
+
+    struct TempDir(PathBuf);
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn driver(read_only: bool, setup: impl FnOnce(&Path)) -> Driver {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let root = std::env::temp_dir().join(format!("virtiofs-test-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let share = root.join("share");
+        std::fs::create_dir_all(&share).unwrap();
+        std::fs::write(root.join("secret"), "outside").unwrap();
+        setup(&share);
+        let mut fs = Fs::new("share", &share, read_only).unwrap();
+        fs.ack_features(fs.features());
+        let mem = memory();
+        let (_, hiprio) = DriverQueue::new(&mem, 0, QUEUE_SIZE);
+        let (q, request) = DriverQueue::new(&mem, 0x8000, QUEUE_SIZE);
+        let (irq, _) = interrupt();
+        fs.activate(mem.clone(), vec![hiprio, request], irq)
+            .unwrap();
+        let mut d = Driver {
+            mem,
+            fs,
+            q,
+            unique: 0,
+            _dir: TempDir(root),
+        };
+        let (err, _) = d.call(
+            26,
+            0,
+            InitIn {
+                major: 7,
+                minor: 31,
+                max_readahead: 0x2_0000,
+                flags: 0,
+            }
+            .as_slice(),
+        );
+        assert_eq!(err, 0, "FUSE_INIT");
+        d
+    }
+
+    impl Driver {
+        /// Sends one request on the request queue; its error and reply body.
+        fn call(&mut self, opcode: u32, nodeid: u64, body: &[u8]) -> (i32, Vec<u8>) {
+            self.unique += 1;
+            let header = InHeader {
+                len: (std::mem::size_of::<InHeader>() + body.len()) as u32,
+                opcode,
+                unique: self.unique,
+                nodeid,
+                ..Default::default()
+            };
+            let mut req = header.as_slice().to_vec();
+            req.extend_from_slice(body);
+            self.mem.write_slice(&req, GuestAddress(REQ)).unwrap();
+            self.q.add(
+                &self.mem,
+                &[(REQ, req.len() as u32, false), (REPLY, REPLY_LEN, true)],
+            );
+            self.fs.process_queue(1);
+            let used = self.q.take_used(&self.mem);
+            assert_eq!(used.len(), 1, "one reply");
+            let len = used[0].1 as usize;
+            assert!(len >= 16, "reply of {len} bytes");
+            let mut reply = vec![0u8; len];
+            self.mem
+                .read_slice(&mut reply, GuestAddress(REPLY))
+                .unwrap();
+            let out = OutHeader::from_slice(&reply[..16]).copied().unwrap();
+            assert_eq!(out.unique, self.unique);
+            (-out.error, reply[16..].to_vec())
+        }
+
+        fn lookup(&mut self, parent: u64, name: &str) -> Result<EntryOut, i32> {
+            let mut body = name.as_bytes().to_vec();
+            body.push(0);
+            match self.call(1, parent, &body) {
+                (0, r) => Ok(EntryOut::from_slice(&r[..std::mem::size_of::<EntryOut>()])
+                    .copied()
+                    .unwrap()),
+                (e, _) => Err(e),
+            }
+        }
+
+        fn read_file(&mut self, node: u64) -> Result<Vec<u8>, i32> {
+            let open = OpenIn {
+                flags: libc::O_RDONLY as u32,
+                fuse_flags: 0,
+            };
+            let (e, r) = self.call(14, node, open.as_slice());
+            if e != 0 {
+                return Err(e);
+            }
+            let fh = OpenOut::from_slice(&r[..16]).unwrap().fh;
+            let read = ReadIn {
+                fh,
+                offset: 0,
+                size: 4096,
+                ..Default::default()
+            };
+            match self.call(15, node, read.as_slice()) {
+                (0, data) => Ok(data),
+                (e, _) => Err(e),
+            }
+        }
+    }
+
+    #[test]
+    fn lookup_open_and_read_a_shared_file() {
+        let mut d = driver(false, |dir| {
+            std::fs::write(dir.join("hello.txt"), "hello from the host\n").unwrap();
+        });
+        let e = d.lookup(1, "hello.txt").unwrap();
+        assert_eq!(e.attr.size, 20);
+        assert_eq!(d.read_file(e.nodeid).unwrap(), b"hello from the host\n");
+        assert_eq!(d.lookup(1, "missing").unwrap_err(), libc::ENOENT);
+        // A directory made through the share appears on the host.
+        let mut body = MkdirIn {
+            mode: 0o755,
+            umask: 0,
+        }
+        .as_slice()
+        .to_vec();
+        body.extend_from_slice(b"made-in-guest\0");
+        assert_eq!(d.call(9, 1, &body).0, 0);
+        assert!(d._dir.0.join("share/made-in-guest").is_dir());
+    }
+
+    #[test]
+    fn nothing_outside_the_shared_directory_is_reachable() {
+        let mut d = driver(false, |dir| {
+            std::os::unix::fs::symlink("/etc", dir.join("etc")).unwrap();
+            std::os::unix::fs::symlink("../secret", dir.join("up")).unwrap();
+        });
+        // `..` of the root is the root (or refused), never its parent.
+        if let Ok(e) = d.lookup(1, "..") {
+            assert!(d.lookup(e.nodeid, "secret").is_err(), "`..` left the share");
+        }
+        // Symlinks are links to the guest, never followed on the host.
+        let etc = d.lookup(1, "etc").unwrap();
+        assert_eq!(etc.attr.mode & libc::S_IFMT, libc::S_IFLNK);
+        let (e, target) = d.call(5, etc.nodeid, &[]);
+        assert_eq!((e, target.as_slice()), (0, b"/etc".as_slice()));
+        assert!(d.lookup(etc.nodeid, "passwd").is_err());
+        let up = d.lookup(1, "up").unwrap();
+        assert_eq!(up.attr.mode & libc::S_IFMT, libc::S_IFLNK);
+        assert!(
+            d.read_file(up.nodeid).is_err(),
+            "a symlink was opened on the host"
+        );
+        // Names with a slash are not paths.
+        assert!(d.lookup(1, "../secret").is_err());
+    }
+
+    #[test]
+    fn a_read_only_share_refuses_every_change_on_the_host_side() {
+        let mut d = driver(true, |dir| {
+            std::fs::write(dir.join("f"), "keep").unwrap();
+        });
+        let f = d.lookup(1, "f").unwrap();
+        assert_eq!(d.read_file(f.nodeid).unwrap(), b"keep");
+        let write_open = OpenIn {
+            flags: libc::O_WRONLY as u32,
+            fuse_flags: 0,
+        };
+        assert_eq!(d.call(14, f.nodeid, write_open.as_slice()).0, libc::EROFS);
+        let trunc = OpenIn {
+            flags: (libc::O_RDONLY | libc::O_TRUNC) as u32,
+            fuse_flags: 0,
+        };
+        assert_eq!(d.call(14, f.nodeid, trunc.as_slice()).0, libc::EROFS);
+        let mut body = MkdirIn {
+            mode: 0o755,
+            umask: 0,
+        }
+        .as_slice()
+        .to_vec();
+        body.extend_from_slice(b"new\0");
+        assert_eq!(d.call(9, 1, &body).0, libc::EROFS);
+        assert_eq!(d.call(10, 1, b"f\0").0, libc::EROFS);
+        assert_eq!(std::fs::read(d._dir.0.join("share/f")).unwrap(), b"keep");
+        assert!(!d._dir.0.join("share/new").exists());
+        // Undefined opcodes are refused before the server sees them.
+        assert_eq!(d.call(7, 1, &[]).0, libc::ENOSYS);
+        assert_eq!(d.call(19, 1, &[]).0, libc::ENOSYS);
+    }
+
+    #[test]
+    fn bad_tags_and_paths_are_refused() {
+        let dir = std::env::temp_dir();
+        assert!(matches!(Fs::new("", &dir, false), Err(FsError::BadTag(_))));
+        assert!(matches!(
+            Fs::new(&"x".repeat(37), &dir, false),
+            Err(FsError::BadTag(_))
+        ));
+        let file = dir.join(format!("virtiofs-not-a-dir-{}", std::process::id()));
+        std::fs::write(&file, "").unwrap();
+        assert!(matches!(
+            Fs::new("t", &file, false),
+            Err(FsError::NotADirectory(_))
+        ));
+        std::fs::remove_file(&file).unwrap();
+        assert!(matches!(
+            Fs::new("t", Path::new("/nonexistent/dir"), false),
+            Err(FsError::Share { .. })
+        ));
+    }
+}
