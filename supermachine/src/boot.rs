@@ -23,6 +23,28 @@ pub struct DiskSpec {
     pub read_only: bool,
 }
 
+impl std::str::FromStr for ShareSpec {
+    type Err = String;
+
+    /// `DIR:TAG`, `DIR:TAG:ro` or `DIR:TAG:rw`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (rest, read_only) = match s.rsplit_once(':') {
+            Some((r, "ro")) => (r, true),
+            Some((r, "rw")) => (r, false),
+            _ => (s, false),
+        };
+        let (dir, tag) = rest
+            .rsplit_once(':')
+            .filter(|(d, t)| !d.is_empty() && !t.is_empty())
+            .ok_or_else(|| format!("expected DIR:TAG[:ro], got {s:?}"))?;
+        Ok(ShareSpec {
+            tag: tag.to_string(),
+            dir: PathBuf::from(dir),
+            read_only,
+        })
+    }
+}
+
 impl std::str::FromStr for DiskSpec {
     type Err = String;
 

@@ -307,6 +307,10 @@ struct BootArgs {
     /// read-only (repeatable)
     #[arg(long, value_name = "PATH[:ro]")]
     disk: Vec<supermachine::DiskSpec>,
+    /// Share a host directory through virtio-fs (the command mounts it: mount -t virtiofs TAG
+    /// PATH); add :ro for read-only (repeatable)
+    #[arg(long, value_name = "DIR:TAG[:ro]")]
+    share: Vec<supermachine::boot::ShareSpec>,
     /// Show only COMMAND's output: no kernel log, no init progress
     #[arg(long, short = 'q')]
     quiet: bool,
@@ -787,7 +791,7 @@ fn run_boot(args: BootArgs) -> anyhow::Result<ExitCode> {
             egress: args.egress,
         }
         .backend()?,
-        shares: Vec::new(),
+        shares: args.share,
         snapshot: args.snapshot_to.zip(args.snapshot_when).map(|(dir, when)| {
             supermachine::snapshot::SnapshotRequest {
                 when_output: when,

@@ -132,6 +132,22 @@ pub enum Which {
         #[arg(long)]
         here: bool,
     },
+    /// A block volume and a shared directory from inside the guest: virtio-blk and virtio-fs,
+    /// next to QEMU microvm's virtio-blk and virtio-9p
+    Fs {
+        /// Runs per VMM (the median is reported)
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Disk/file size and sequential transfer in MiB
+        #[arg(long, default_value_t = 128)]
+        mib: u64,
+        /// Duration of each random-read phase in seconds
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Run here even if this machine's KVM fails the probe (used inside the test host)
+        #[arg(long)]
+        here: bool,
+    },
     /// TCP through the user-mode network: throughput both ways and connect latency, next to
     /// QEMU's user-mode (slirp) network
     Net {
@@ -451,6 +467,12 @@ pub fn run(which: Which) -> Result<()> {
             seconds,
             here,
         } => bench_blk(runs, mib, seconds, here),
+        Which::Fs {
+            runs,
+            mib,
+            seconds,
+            here,
+        } => bench_fs(runs, mib, seconds, here),
         Which::Net {
             runs,
             mib,
@@ -604,7 +626,10 @@ fn bench_boot(runs: usize, here: bool) -> Result<()> {
 }
 
 /// Runs `cmd`, returns the `RESULT <mode> <value> <unit>` lines as (mode, value, unit).
-pub(crate) fn result_lines(cmd: &mut Command) -> Result<Vec<(String, f64, String)>> {
+pub(crate) fn result_lines(
+    cmd: &mut Command,
+    expected: usize,
+) -> Result<Vec<(String, f64, String)>> {
     let out = cmd
         .stdin(Stdio::null())
         .output()
@@ -621,9 +646,9 @@ pub(crate) fn result_lines(cmd: &mut Command) -> Result<Vec<(String, f64, String
             ))
         })
         .collect();
-    if results.len() != 3 {
+    if results.len() != expected {
         bail!(
-            "expected 3 results, got:\n{text}\n{}",
+            "expected {expected} results, got:\n{text}\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
@@ -675,7 +700,7 @@ fn bench_blk(runs: usize, mib: u64, seconds: u64, here: bool) -> Result<()> {
                     .args(["-device", "virtio-blk-device,drive=d0"]);
                 c
             };
-            let r = result_lines(&mut cmd).with_context(|| format!("run {}", run + 1))?;
+            let r = result_lines(&mut cmd, 3).with_context(|| format!("run {}", run + 1))?;
             result.push(r);
         }
     }
@@ -697,6 +722,112 @@ fn bench_blk(runs: usize, mib: u64, seconds: u64, here: bool) -> Result<()> {
         medians[0][0] / medians[1][0],
         medians[0][1] / medians[1][1],
         medians[0][2] / medians[1][2]
+    );
+    Ok(())
+}
+
+fn bench_fs(runs: usize, mib: u64, seconds: u64, here: bool) -> Result<()> {
+    let args = [
+        "fs".to_string(),
+        "--runs".into(),
+        runs.to_string(),
+        "--mib".into(),
+        mib.to_string(),
+        "--seconds".into(),
+        seconds.to_string(),
+    ];
+    let Some(supermachine) = guest_bench_host(here, &args)? else {
+        return Ok(());
+    };
+    // Disk and shared directory live in memory (tmpfs), so the VMMs' I/O paths are measured.
+    let dir = PathBuf::from("/run").join(format!("sm-bench-fs-{}", std::process::id()));
+    let share = dir.join("share");
+    std::fs::create_dir_all(&share)?;
+    let disk = dir.join("disk.img");
+    let passes = |path: &str| {
+        format!(
+            "sm-blkbench write {path} {mib} && sm-blkbench read {path} {mib} && \
+             sm-blkbench randread {path} {mib} {seconds}"
+        )
+    };
+    let script = |mount: &str| {
+        format!(
+            "{} && mkdir -p /mnt && {mount} share0 /mnt && {}",
+            passes("/dev/vda"),
+            passes("/mnt/file")
+        )
+    };
+    let ours = script("mount -t virtiofs");
+    let theirs = script("mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000");
+    let config = guest_init::InitConfig {
+        argv: vec!["/bin/sh".into(), "-c".into(), theirs],
+        ..Default::default()
+    };
+    let initrd = initramfs_with(&config, &dir)?;
+    let kernel = installed_kernel();
+    let names = [
+        "supermachine: virtio-blk, virtio-fs",
+        "qemu microvm: virtio-blk, virtio-9p",
+    ];
+    let mut results: Vec<Vec<Vec<(String, f64, String)>>> = vec![Vec::new(), Vec::new()];
+    for run in 0..runs {
+        for (k, result) in results.iter_mut().enumerate() {
+            step(&format!("fs: {} run {}/{runs}", names[k], run + 1));
+            std::fs::write(&disk, vec![0u8; (mib << 20) as usize])?;
+            let _ = std::fs::remove_file(share.join("file"));
+            let mut cmd = if k == 0 {
+                let mut c = Command::new(&supermachine);
+                c.args(["boot", "--quiet", "--memory", "512", "--disk"])
+                    .arg(&disk)
+                    .arg("--share")
+                    .arg(format!("{}:share0", share.display()))
+                    .args(["--", "/bin/sh", "-c", &ours]);
+                c
+            } else {
+                let mut c = qemu_linux(&kernel, &initrd, 512);
+                c.arg("-drive")
+                    .arg(format!("id=d0,file={},format=raw,if=none", disk.display()))
+                    .args(["-device", "virtio-blk-device,drive=d0"])
+                    .arg("-fsdev")
+                    .arg(format!(
+                        "local,id=f0,path={},security_model=none",
+                        share.display()
+                    ))
+                    .args(["-device", "virtio-9p-device,fsdev=f0,mount_tag=share0"]);
+                c
+            };
+            let r = result_lines(&mut cmd, 6).with_context(|| format!("run {}", run + 1))?;
+            result.push(r);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    println!(
+        "\nBlock volume and shared directory from the guest (O_DIRECT, {mib} MiB in host memory, \
+         {seconds} s of 4 KiB random reads; median of {runs} runs)\n"
+    );
+    println!(
+        "| VMM | block write MiB/s | block read MiB/s | block 4 KiB rand IOPS | share write MiB/s | share read MiB/s | share 4 KiB rand IOPS |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    let mut medians = Vec::new();
+    for (k, name) in names.iter().enumerate() {
+        let col = |i: usize| stats(results[k].iter().map(|r| r[i].1).collect()).median;
+        let m: Vec<f64> = (0..6).map(col).collect();
+        println!(
+            "| {name} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {:.0} |",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        );
+        medians.push(m);
+    }
+    let ratio = |i: usize| medians[0][i] / medians[1][i];
+    println!(
+        "\nsupermachine / qemu: block {:.2}× / {:.2}× / {:.2}×; shared directory (virtio-fs vs 9p) {:.2}× / {:.2}× / {:.2}×",
+        ratio(0),
+        ratio(1),
+        ratio(2),
+        ratio(3),
+        ratio(4),
+        ratio(5)
     );
     Ok(())
 }

@@ -79,7 +79,7 @@ pub fn bench(supermachine: &Path, runs: usize, mib: u64, connects: usize) -> Res
                     .args(["-device", "virtio-net-device,netdev=n0"]);
                 c
             };
-            let r = result_lines(&mut cmd).with_context(|| format!("{} run {run}", names[k]))?;
+            let r = result_lines(&mut cmd, 3).with_context(|| format!("{} run {run}", names[k]))?;
             result.push([r[0].1, r[1].1, r[2].1]);
         }
     }

@@ -3,7 +3,8 @@
 //! page cache is not what is measured.
 //!
 //! ```text
-//! sm-blkbench write DEVICE MIB              sequential 1 MiB writes, then fsync
+//! sm-blkbench write DEVICE MIB              sequential 1 MiB writes, then fsync (DEVICE may
+//!                                           be a file, created if missing)
 //! sm-blkbench read DEVICE MIB               sequential 1 MiB reads
 //! sm-blkbench randread DEVICE MIB SECONDS   4 KiB reads at random offsets in the first MIB
 //! ```
@@ -71,6 +72,8 @@ mod linux {
         let file = match OpenOptions::new()
             .read(true)
             .write(mode == "write")
+            // A file on a shared directory is made by the write pass.
+            .create(mode == "write" && !dev.starts_with("/dev/"))
             .custom_flags(libc::O_DIRECT)
             .open(dev)
         {
