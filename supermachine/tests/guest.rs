@@ -2519,14 +2519,16 @@ fn a_shared_host_directory_is_live_both_ways_confined_and_read_only_on_request()
         let dir = dir.clone();
         std::thread::spawn(move || {
             let started = Instant::now();
-            while !dir.join("from-guest.txt").exists() {
+            // The file appears at the guest's open, its line at the guest's write.
+            let mut seen = String::new();
+            while !seen.ends_with('\n') {
                 assert!(
                     started.elapsed() < HANG_LIMIT,
-                    "the guest's file never appeared"
+                    "the guest's line never appeared"
                 );
                 std::thread::sleep(Duration::from_millis(50));
+                seen = std::fs::read_to_string(dir.join("from-guest.txt")).unwrap_or_default();
             }
-            let seen = std::fs::read_to_string(dir.join("from-guest.txt")).unwrap();
             std::fs::write(dir.join("from-host.txt"), "v2 edited on the host\n").unwrap();
             std::fs::write(dir.join("host-edit.txt"), "new on the host\n").unwrap();
             seen
