@@ -154,19 +154,108 @@ fn handle(
     if let Some(errno) = refusal(view, chain.clone(), read_only) {
         return reply_error(view, chain, errno);
     }
+    let init_flags = init_request_flags(view, chain.clone());
     let Ok(reader) = Reader::from_descriptor_chain(view, chain.clone()) else {
         return 0;
     };
-    let Ok(writer) = VirtioFsWriter::new(view, chain) else {
+    let Ok(writer) = VirtioFsWriter::new(view, chain.clone()) else {
         return 0;
     };
-    match server.handle_message(reader, writer.into(), None, None) {
+    let len = match server.handle_message(reader, writer.into(), None, None) {
         Ok(n) => u32::try_from(n).unwrap_or(0),
         Err(e) => {
             tracing::debug!("virtio-fs: request failed: {e}");
             0
         }
+    };
+    if let Some(capable) = init_flags {
+        allow_big_writes(view, chain, len, capable);
     }
+    len
+}
+
+/// `FUSE_BIG_WRITES` and `FUSE_MAX_PAGES` in `fuse_init_in.flags`.
+const BIG_WRITES: u32 = 1 << 5;
+const MAX_PAGES: u32 = 1 << 22;
+/// Pages per request: Linux's default, which fits a request's descriptors in our queue size.
+const REQUEST_PAGES: u16 = 32;
+
+/// The flags the guest offers, if this is its `FUSE_INIT`.
+fn init_request_flags(view: &vm_memory_fuse::GuestMemoryMmap<()>, chain: Chain<'_>) -> Option<u32> {
+    let mut r = Reader::from_descriptor_chain(view, chain).ok()?;
+    let h: InHeader = r.read_obj().ok()?;
+    if h.opcode != Opcode::Init as u32 {
+        return None;
+    }
+    let init: fuse_backend_rs::abi::fuse_abi::InitIn = r.read_obj().ok()?;
+    Some(init.flags)
+}
+
+/// The passthrough filesystem does not ask for big writes, so the guest would send every
+/// write a page at a time (a request per 4 KiB). Its `FUSE_INIT` reply is amended here to
+/// allow requests of [`REQUEST_PAGES`] pages when the guest offers that.
+fn allow_big_writes(
+    view: &vm_memory_fuse::GuestMemoryMmap<()>,
+    chain: Chain<'_>,
+    reply_len: u32,
+    capable: u32,
+) {
+    use vm_memory_fuse::Bytes;
+    // fuse_out_header (16 bytes), then fuse_init_out: flags at 12, max_write at 20,
+    // max_pages at 28.
+    const FLAGS: usize = 16 + 12;
+    const MAX_WRITE: usize = 16 + 20;
+    const MAX_PAGES_AT: usize = 16 + 28;
+    if (reply_len as usize) < MAX_PAGES_AT + 2 || capable & (BIG_WRITES | MAX_PAGES) == 0 {
+        return;
+    }
+    let mut reply = vec![0u8; reply_len as usize];
+    let bufs: Vec<(vm_memory_fuse::GuestAddress, usize)> = chain
+        .writable()
+        .map(|d| (d.addr(), d.len() as usize))
+        .collect();
+    // Read the reply back, amend it, write it again (it may span buffers).
+    let copy = |write: bool, reply: &mut [u8]| -> bool {
+        let mut done = 0;
+        for &(addr, len) in &bufs {
+            if done == reply.len() {
+                break;
+            }
+            let n = len.min(reply.len() - done);
+            let part = &mut reply[done..done + n];
+            let ok = if write {
+                view.write_slice(part, addr).is_ok()
+            } else {
+                view.read_slice(part, addr).is_ok()
+            };
+            if !ok {
+                return false;
+            }
+            done += n;
+        }
+        done == reply.len()
+    };
+    if !copy(false, &mut reply) {
+        return;
+    }
+    let error = i32::from_le_bytes([reply[4], reply[5], reply[6], reply[7]]);
+    if error != 0 {
+        return;
+    }
+    let mut flags = u32::from_le_bytes([
+        reply[FLAGS],
+        reply[FLAGS + 1],
+        reply[FLAGS + 2],
+        reply[FLAGS + 3],
+    ]);
+    flags |= capable & (BIG_WRITES | MAX_PAGES);
+    reply[FLAGS..FLAGS + 4].copy_from_slice(&flags.to_le_bytes());
+    let max_write = u32::from(REQUEST_PAGES) * 4096;
+    reply[MAX_WRITE..MAX_WRITE + 4].copy_from_slice(&max_write.to_le_bytes());
+    if capable & MAX_PAGES != 0 {
+        reply[MAX_PAGES_AT..MAX_PAGES_AT + 2].copy_from_slice(&REQUEST_PAGES.to_le_bytes());
+    }
+    copy(true, &mut reply);
 }
 
 /// The error a request gets without reaching the filesystem, if any: modifying requests on a
@@ -422,18 +511,26 @@ mod tests {
             unique: 0,
             _dir: TempDir(root),
         };
-        let (err, _) = d.call(
+        let (err, init) = d.call(
             26,
             0,
             InitIn {
                 major: 7,
                 minor: 31,
                 max_readahead: 0x2_0000,
-                flags: 0,
+                flags: BIG_WRITES | MAX_PAGES,
             }
             .as_slice(),
         );
         assert_eq!(err, 0, "FUSE_INIT");
+        // Requests of 32 pages, not one: the reply was amended.
+        let u32_at = |i: usize| u32::from_le_bytes(init[i..i + 4].try_into().unwrap());
+        assert_eq!(
+            u32_at(12) & (BIG_WRITES | MAX_PAGES),
+            BIG_WRITES | MAX_PAGES
+        );
+        assert_eq!(u32_at(20), 32 * 4096, "max_write");
+        assert_eq!(u16::from_le_bytes([init[28], init[29]]), 32, "max_pages");
         d
     }
 

@@ -802,8 +802,9 @@ fn bench_fs(runs: usize, mib: u64, seconds: u64, here: bool) -> Result<()> {
     }
     let _ = std::fs::remove_dir_all(&dir);
     println!(
-        "\nBlock volume and shared directory from the guest (O_DIRECT, {mib} MiB in host memory, \
-         {seconds} s of 4 KiB random reads; median of {runs} runs)\n"
+        "\nBlock volume (O_DIRECT) and shared directory (page cache dropped before each read \
+         pass) from the guest, {mib} MiB in host memory, \
+         {seconds} s of 4 KiB random reads; median of {runs} runs\n"
     );
     println!(
         "| VMM | block write MiB/s | block read MiB/s | block 4 KiB rand IOPS | share write MiB/s | share read MiB/s | share 4 KiB rand IOPS |"

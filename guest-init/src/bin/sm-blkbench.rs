@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! sm-blkbench write DEVICE MIB              sequential 1 MiB writes, then fsync (DEVICE may
-//!                                           be a file, created if missing)
+//!                                           be a file: created if missing, buffered I/O, the
+//!                                           page cache dropped before reads)
 //! sm-blkbench read DEVICE MIB               sequential 1 MiB reads
 //! sm-blkbench randread DEVICE MIB SECONDS   4 KiB reads at random offsets in the first MIB
 //! ```
@@ -60,6 +61,14 @@ mod linux {
         2
     }
 
+    fn drop_caches() {
+        // SAFETY: sync takes no arguments.
+        unsafe { libc::sync() };
+        if let Err(e) = std::fs::write("/proc/sys/vm/drop_caches", "3") {
+            eprintln!("sm-blkbench: cannot drop caches: {e}");
+        }
+    }
+
     pub fn main() -> i32 {
         let args: Vec<String> = std::env::args().collect();
         if args.len() < 4 {
@@ -69,12 +78,17 @@ mod linux {
         let Ok(mib) = args[3].parse::<u64>() else {
             return usage();
         };
+        // A file (on a shared directory) is made by the write pass and read through the page
+        // cache, dropped first: O_DIRECT is refused by shares whose host side is tmpfs.
+        let is_file = !dev.starts_with("/dev/");
+        if is_file && mode != "write" {
+            drop_caches();
+        }
         let file = match OpenOptions::new()
             .read(true)
             .write(mode == "write")
-            // A file on a shared directory is made by the write pass.
-            .create(mode == "write" && !dev.starts_with("/dev/"))
-            .custom_flags(libc::O_DIRECT)
+            .create(mode == "write" && is_file)
+            .custom_flags(if is_file { 0 } else { libc::O_DIRECT })
             .open(dev)
         {
             Ok(f) => f,
