@@ -18,7 +18,8 @@ use vmm_core::GuestMemory;
 const DEVICE_TYPE: u32 = 26;
 /// Bytes of the tag in the configuration space (NUL-padded UTF-8).
 pub const TAG_LEN: usize = 36;
-const QUEUE_SIZE: u16 = 256;
+/// Room for a whole [`REQUEST_PAGES`] request (a descriptor per page, no indirect tables).
+const QUEUE_SIZE: u16 = 1024;
 /// The high-priority queue and one request queue.
 const NUM_QUEUES: usize = 2;
 
@@ -177,8 +178,9 @@ fn handle(
 /// `FUSE_BIG_WRITES` and `FUSE_MAX_PAGES` in `fuse_init_in.flags`.
 const BIG_WRITES: u32 = 1 << 5;
 const MAX_PAGES: u32 = 1 << 22;
-/// Pages per request: Linux's default, which fits a request's descriptors in our queue size.
-const REQUEST_PAGES: u16 = 32;
+/// Pages per request (1 MiB): requests are round trips through the event loop, so fewer and
+/// bigger ones carry more; the server accepts up to 1 MiB of data per request.
+const REQUEST_PAGES: u16 = 256;
 
 /// The flags the guest offers, if this is its `FUSE_INIT`.
 fn init_request_flags(view: &vm_memory_fuse::GuestMemoryMmap<()>, chain: Chain<'_>) -> Option<u32> {
@@ -523,14 +525,14 @@ mod tests {
             .as_slice(),
         );
         assert_eq!(err, 0, "FUSE_INIT");
-        // Requests of 32 pages, not one: the reply was amended.
+        // Requests of 256 pages, not one: the reply was amended.
         let u32_at = |i: usize| u32::from_le_bytes(init[i..i + 4].try_into().unwrap());
         assert_eq!(
             u32_at(12) & (BIG_WRITES | MAX_PAGES),
             BIG_WRITES | MAX_PAGES
         );
-        assert_eq!(u32_at(20), 32 * 4096, "max_write");
-        assert_eq!(u16::from_le_bytes([init[28], init[29]]), 32, "max_pages");
+        assert_eq!(u32_at(20), 256 * 4096, "max_write");
+        assert_eq!(u16::from_le_bytes([init[28], init[29]]), 256, "max_pages");
         d
     }
 
@@ -645,6 +647,27 @@ mod tests {
         );
         // Names with a slash are not paths.
         assert!(d.lookup(1, "../secret").is_err());
+    }
+
+    #[test]
+    fn a_directory_swapped_for_a_symlink_after_lookup_does_not_lead_outside() {
+        let mut d = driver(false, |dir| {
+            std::fs::create_dir(dir.join("d")).unwrap();
+            std::fs::write(dir.join("d/inside"), "in").unwrap();
+        });
+        let sub = d.lookup(1, "d").unwrap();
+        assert!(d.lookup(sub.nodeid, "inside").is_ok());
+        // The race: between the guest's lookup of `d` and its use, `d` becomes a symlink to
+        // the directory holding `secret` (outside the share).
+        let share = d._dir.0.join("share");
+        std::fs::rename(share.join("d"), d._dir.0.join("moved-away")).unwrap();
+        std::os::unix::fs::symlink(&d._dir.0, share.join("d")).unwrap();
+        // The guest's inode is still the old directory, wherever it went; `secret` is not in it.
+        assert_eq!(d.lookup(sub.nodeid, "secret").unwrap_err(), libc::ENOENT);
+        // A fresh lookup finds a symlink, which the host never follows.
+        let again = d.lookup(1, "d").unwrap();
+        assert_eq!(again.attr.mode & libc::S_IFMT, libc::S_IFLNK);
+        assert!(d.lookup(again.nodeid, "secret").is_err());
     }
 
     #[test]
