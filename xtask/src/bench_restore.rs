@@ -368,6 +368,8 @@ pub fn bench_linux(supermachine: &Path, runs: usize, clones: usize) -> Result<()
     let port = 18900u16;
     let publish = format!("127.0.0.1:{port}:80");
     let (mut restore_call, mut restored, mut cold) = (Vec::new(), Vec::new(), Vec::new());
+    // Milestones of each restore, ms from process start (`timings: at NAME=MS`).
+    let mut marks: Vec<(String, Vec<f64>)> = Vec::new();
     for i in 0..=runs {
         for boot in [false, true] {
             let mut args = vec!["run", "-m", &memory, "-p", &publish];
@@ -377,6 +379,11 @@ pub fn bench_linux(supermachine: &Path, runs: usize, clones: usize) -> Result<()
             args.extend_from_slice(&[&image, "sh", "-c", WEB]);
             let mut cmd = sm(&args);
             cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+            let t0 = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
+            cmd.env("SUPERMACHINE_TIMINGS_T0", t0.to_string());
             let since = Instant::now();
             let mut child = cmd.spawn()?;
             let mut err = child.stderr.take().context("no stderr")?;
@@ -401,6 +408,15 @@ pub fn bench_linux(supermachine: &Path, runs: usize, clones: usize) -> Result<()
                 cold.push(t.as_secs_f64() * 1e3);
             } else {
                 restored.push(t.as_secs_f64() * 1e3);
+                for (name, ms) in err.lines().filter_map(|l| {
+                    let (n, v) = l.strip_prefix("timings: at ")?.split_once('=')?;
+                    Some((n.to_string(), v.trim().parse::<f64>().ok()?))
+                }) {
+                    match marks.iter_mut().find(|(n, _)| *n == name) {
+                        Some((_, v)) => v.push(ms),
+                        None => marks.push((name, vec![ms])),
+                    }
+                }
                 let call = err
                     .lines()
                     .find_map(|l| l.strip_prefix("timings: restore_call="))
@@ -518,6 +534,15 @@ pub fn bench_linux(supermachine: &Path, runs: usize, clones: usize) -> Result<()
         c / r,
         median(&mut qemu_echo.clone()) / median(&mut ours_echo.clone())
     );
+    if !marks.is_empty() {
+        println!("\nWhere a restore's time goes: milestones from process start (median ms)\n");
+        println!("| milestone | ms |");
+        println!("|---|---:|");
+        for (name, mut v) in marks {
+            println!("| {name} | {:.1} |", median(&mut v));
+        }
+        println!("| first HTTP response (b) | {:.1} |", r);
+    }
     // Memory: 20 VMs restored from one snapshot at once.
     step(&format!("{clones} VMs restored from one snapshot: memory"));
     let mut ids = Vec::new();
