@@ -6,6 +6,7 @@
 //! [`EventLoop`](crate::event_loop::EventLoop) thread, off the vCPU threads.
 
 pub mod block;
+pub mod chain;
 pub mod console;
 mod mmio;
 pub mod net;

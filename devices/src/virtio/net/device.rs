@@ -4,7 +4,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::GuestAddress;
 use vmm_core::GuestMemory;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
@@ -13,6 +13,7 @@ use super::{
     features as net_features, NetBackend, CONFIG_LEN, ETH_HEADER_LEN, HEADER_LEN, LINK_UP,
     MAX_FRAME, MIN_MTU, QUEUE_SIZE, RX_QUEUE, TX_QUEUE,
 };
+use crate::virtio::chain::{chain_buffers, read_at, total_len, write_at};
 use crate::virtio::{device_type, features, ActivateError, Interrupt, VirtioDevice};
 
 /// Rounds of "deliver what the backend has, then let it work" per receive pass.
@@ -162,85 +163,6 @@ pub struct Net {
     tx_frame: Box<[u8]>,
 }
 
-/// The chain's buffers of one direction, in order, each checked to lie in guest memory (`None`
-/// if one does not). A device-readable chain stops at its first device-writable buffer; a
-/// device-writable one skips device-readable buffers. Empty buffers are left out.
-fn chain_buffers(
-    mem: &GuestMemory,
-    chain: DescriptorChain<&GuestMemory>,
-    writable: bool,
-    out: &mut Vec<(GuestAddress, u32)>,
-) -> Option<()> {
-    out.clear();
-    // The queue's iterator stops at loops, out-of-table indices and over-long chains.
-    for d in chain {
-        if d.is_write_only() != writable {
-            if writable {
-                continue;
-            }
-            break;
-        }
-        if d.len() == 0 {
-            continue;
-        }
-        if !mem.check_range(d.addr(), d.len() as usize) {
-            return None;
-        }
-        out.push((d.addr(), d.len()));
-    }
-    Some(())
-}
-
-fn total_len(bufs: &[(GuestAddress, u32)]) -> u64 {
-    bufs.iter().map(|&(_, len)| u64::from(len)).sum()
-}
-
-/// Copies between guest buffers and `data`, from `offset` bytes into the buffers; `None` if
-/// they are not all there or not all in guest memory.
-fn copy_at(
-    mem: &GuestMemory,
-    bufs: &[(GuestAddress, u32)],
-    mut offset: u64,
-    mut data: Data<'_>,
-) -> Option<()> {
-    let want = data.len();
-    let mut done = 0usize;
-    for &(addr, len) in bufs {
-        if done == want {
-            break;
-        }
-        let len = u64::from(len);
-        if offset >= len {
-            offset -= len;
-            continue;
-        }
-        let n = ((len - offset) as usize).min(want - done);
-        let at = GuestAddress(addr.0.checked_add(offset)?);
-        match &mut data {
-            Data::To(out) => mem.read_slice(&mut out[done..done + n], at).ok()?,
-            Data::From(src) => mem.write_slice(&src[done..done + n], at).ok()?,
-        }
-        done += n;
-        offset = 0;
-    }
-    (done == want).then_some(())
-}
-
-/// The direction of a [`copy_at`]: into `To` from the guest, or from `From` to the guest.
-enum Data<'a> {
-    To(&'a mut [u8]),
-    From(&'a [u8]),
-}
-
-impl Data<'_> {
-    fn len(&self) -> usize {
-        match self {
-            Data::To(d) => d.len(),
-            Data::From(d) => d.len(),
-        }
-    }
-}
-
 /// Reads the frame of a transmit chain (after its header) into `out`; returns its length, or
 /// `None` if the chain is unusable or the frame too short or too long.
 fn read_frame(
@@ -255,7 +177,7 @@ fn read_frame(
         return None;
     }
     let len = len as usize;
-    copy_at(mem, bufs, HEADER_LEN as u64, Data::To(&mut out[..len]))?;
+    read_at(mem, bufs, HEADER_LEN as u64, &mut out[..len]).ok()?;
     Some(len)
 }
 
@@ -263,8 +185,8 @@ fn read_frame(
 fn write_frame(mem: &GuestMemory, bufs: &[(GuestAddress, u32)], frame: &[u8]) -> Option<()> {
     let mut header = [0u8; HEADER_LEN];
     header[NUM_BUFFERS_OFFSET..].copy_from_slice(&1u16.to_le_bytes());
-    copy_at(mem, bufs, 0, Data::From(&header))?;
-    copy_at(mem, bufs, HEADER_LEN as u64, Data::From(frame))
+    write_at(mem, bufs, 0, &header).ok()?;
+    write_at(mem, bufs, HEADER_LEN as u64, frame).ok()
 }
 
 impl Net {

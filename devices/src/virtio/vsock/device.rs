@@ -6,13 +6,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress};
 use vmm_core::GuestMemory;
 
 use super::muxer::Muxer;
 use super::packet::{read_packet, HEADER_LEN};
 use super::{EVENT_QUEUE, HOST_CID, MAX_PAYLOAD, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
+use crate::virtio::chain::chain_buffers;
 use crate::virtio::{device_type, features, ActivateError, Interrupt, VirtioDevice};
 
 /// Event ID of a transport reset (virtio 1.2, 5.10.6.7).
@@ -74,35 +75,6 @@ pub struct Vsock {
     /// Scratch: a chain's buffers, and a tx payload.
     bufs: Vec<(GuestAddress, u32)>,
     payload: Vec<u8>,
-}
-
-/// The chain's buffers of one direction, in order, each checked to lie in guest memory (`None`
-/// if one does not). A device-readable chain stops at its first device-writable buffer; a
-/// device-writable one skips device-readable buffers.
-fn chain_buffers(
-    mem: &GuestMemory,
-    chain: DescriptorChain<&GuestMemory>,
-    writable: bool,
-    out: &mut Vec<(GuestAddress, u32)>,
-) -> Option<()> {
-    out.clear();
-    // The queue's iterator stops at loops, out-of-table indices and over-long chains.
-    for d in chain {
-        if d.is_write_only() != writable {
-            if writable {
-                continue;
-            }
-            break;
-        }
-        if d.len() == 0 {
-            continue;
-        }
-        if !mem.check_range(d.addr(), d.len() as usize) {
-            return None;
-        }
-        out.push((d.addr(), d.len()));
-    }
-    Some(())
 }
 
 /// Asks the driver to kick `q` when it next adds a buffer. With EVENT_IDX, virtio-queue's

@@ -4,7 +4,7 @@
 //! split both across descriptors in any way. Buffers are given as `(address, length)` pairs in
 //! chain order; nothing in them is trusted.
 
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::GuestAddress;
 use vmm_core::GuestMemory;
 
 use super::MAX_PAYLOAD;
@@ -142,79 +142,7 @@ impl PacketError {
     }
 }
 
-/// A read or write does not fit the buffers, or they lie outside guest memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("guest buffers too short or outside guest memory")]
-pub struct BufferError;
-
-/// Total length of `bufs`.
-pub fn total_len(bufs: &[(GuestAddress, u32)]) -> u64 {
-    bufs.iter().map(|&(_, len)| u64::from(len)).sum()
-}
-
-/// Reads `out.len()` bytes starting `offset` bytes into `bufs`. Fails if they are not all there
-/// or not all in guest memory.
-pub fn read_at(
-    mem: &GuestMemory,
-    bufs: &[(GuestAddress, u32)],
-    mut offset: u64,
-    out: &mut [u8],
-) -> Result<(), BufferError> {
-    let mut done = 0usize;
-    for &(addr, len) in bufs {
-        if done == out.len() {
-            break;
-        }
-        let len = u64::from(len);
-        if offset >= len {
-            offset -= len;
-            continue;
-        }
-        let n = ((len - offset) as usize).min(out.len() - done);
-        let at = addr.0.checked_add(offset).ok_or(BufferError)?;
-        mem.read_slice(&mut out[done..done + n], GuestAddress(at))
-            .map_err(|_| BufferError)?;
-        done += n;
-        offset = 0;
-    }
-    if done == out.len() {
-        Ok(())
-    } else {
-        Err(BufferError)
-    }
-}
-
-/// Writes `data` starting `offset` bytes into `bufs`. Fails if they do not hold it all or lie
-/// outside guest memory.
-pub fn write_at(
-    mem: &GuestMemory,
-    bufs: &[(GuestAddress, u32)],
-    mut offset: u64,
-    data: &[u8],
-) -> Result<(), BufferError> {
-    let mut done = 0usize;
-    for &(addr, len) in bufs {
-        if done == data.len() {
-            break;
-        }
-        let len = u64::from(len);
-        if offset >= len {
-            offset -= len;
-            continue;
-        }
-        let n = ((len - offset) as usize).min(data.len() - done);
-        let at = addr.0.checked_add(offset).ok_or(BufferError)?;
-        mem.write_slice(&data[done..done + n], GuestAddress(at))
-            .map_err(|_| BufferError)?;
-        done += n;
-        offset = 0;
-    }
-    if done == data.len() {
-        Ok(())
-    } else {
-        Err(BufferError)
-    }
-}
+pub use crate::virtio::chain::{read_at, total_len, write_at, BufferError};
 
 /// Reads the packet in `bufs` (the device-readable buffers of a tx chain, in order). The payload
 /// of an RW packet goes into `payload` (cleared first, at most [`MAX_PAYLOAD`] bytes); other
@@ -263,6 +191,7 @@ pub fn write_packet(
 mod tests {
     use super::*;
     use crate::virtio::test_utils::{memory, BUF_BASE, MEM_SIZE};
+    use vm_memory::Bytes;
 
     fn sample() -> PacketHeader {
         PacketHeader {
