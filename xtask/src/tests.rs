@@ -181,8 +181,7 @@ fn run_supermachine(supermachine: &std::path::Path, command: Vec<String>) -> Res
 /// `timeout_secs`; prints a line per test and the output of failures; returns the number of
 /// failed tests as the exit status (0: all passed).
 pub fn run_isolated(binary: &std::path::Path, only: &[String], timeout_secs: u64) -> Result<i32> {
-    use std::io::Read;
-    use std::time::{Duration, Instant};
+    use std::time::Instant;
     let tests = if only.is_empty() {
         list_tests(binary)?
     } else {
@@ -190,74 +189,18 @@ pub fn run_isolated(binary: &std::path::Path, only: &[String], timeout_secs: u64
     };
     println!("running {} tests, one process each", tests.len());
     let mut failed = Vec::new();
+    let mut flaky = Vec::new();
     let all = Instant::now();
     for name in &tests {
-        // The driver outside the emulated host learns from this which test was running if
-        // the host stops responding.
-        println!("{STARTING}{name}");
-        let started = Instant::now();
-        let mut child = Command::new(binary)
-            .args(["--exact", name, "--color=never", "--test-threads=1"])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()?;
-        let mut out = child.stdout.take().context("no stdout")?;
-        let mut err = child.stderr.take().context("no stderr")?;
-        let o = std::thread::spawn(move || {
-            let mut v = Vec::new();
-            let _ = out.read_to_end(&mut v);
-            v
-        });
-        let e = std::thread::spawn(move || {
-            let mut v = Vec::new();
-            let _ = err.read_to_end(&mut v);
-            v
-        });
-        let limit = Duration::from_secs(timeout_secs);
-        let status = loop {
-            if let Some(s) = child.try_wait()? {
-                break Some(s);
-            }
-            if started.elapsed() > limit {
-                // What was running, for whoever reads the log: processes, the kernel stacks
-                // of busy or blocked ones, and every CPU's backtrace.
-                let _ = Command::new("sh")
-                    .arg("-c")
-                    .arg(
-                        "ps -eo pid,ppid,stat,pcpu,etime,wchan:24,args --sort=-pcpu | head -25; \
-                         for p in $(ps -eo pid,stat,pcpu --no-headers | \
-                           awk '$2 ~ /D/ || $3 > 20 {print $1}'); do \
-                           echo \"--- kernel stack of $p\"; cat /proc/$p/stack 2>/dev/null; done; \
-                         echo l > /proc/sysrq-trigger 2>/dev/null; dmesg 2>/dev/null | tail -60",
-                    )
-                    .status();
-                // Not waited for: a process stuck in the kernel would block us too.
-                let _ = child.kill();
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        let secs = started.elapsed().as_secs_f64();
-        let passed = status.is_some_and(|s| s.success());
-        if passed {
-            println!("test {name} ... ok ({secs:.0} s)");
+        if run_one(binary, name, timeout_secs)? {
+            continue;
+        }
+        // A failure is run once more so one flaky test does not hide the others' results;
+        // a pass then is reported as flaky, never as a plain pass.
+        println!("retrying {name} once: a pass now is reported as flaky");
+        if run_one(binary, name, timeout_secs)? {
+            flaky.push(name.clone());
         } else {
-            let why = match status {
-                None => format!("TIMED OUT after {timeout_secs} s"),
-                Some(s) => format!("FAILED ({s})"),
-            };
-            println!("test {name} ... {why}");
-            // A process the test left holding its pipes must not block the report.
-            for (what, h) in [("stdout", o), ("stderr", e)] {
-                if h.is_finished() {
-                    let text = h.join().unwrap_or_default();
-                    println!(
-                        "---- {name} {what} ----\n{}",
-                        String::from_utf8_lossy(&text)
-                    );
-                }
-            }
             failed.push(name.clone());
         }
     }
@@ -267,10 +210,88 @@ pub fn run_isolated(binary: &std::path::Path, only: &[String], timeout_secs: u64
         failed.len(),
         all.elapsed().as_secs_f64()
     );
+    for f in &flaky {
+        println!("  flaky (failed, then passed on retry): {f}");
+    }
     for f in &failed {
         println!("  failed: {f}");
     }
     Ok(failed.len().min(255) as i32)
+}
+
+/// Runs one test in its own process (killed after `timeout_secs`); prints its result line and,
+/// when it fails, its output. Whether it passed.
+fn run_one(binary: &std::path::Path, name: &str, timeout_secs: u64) -> Result<bool> {
+    use std::io::Read;
+    use std::time::{Duration, Instant};
+    // The driver outside the emulated host learns from this which test was running if
+    // the host stops responding.
+    println!("{STARTING}{name}");
+    let started = Instant::now();
+    let mut child = Command::new(binary)
+        .args(["--exact", name, "--color=never", "--test-threads=1"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let mut out = child.stdout.take().context("no stdout")?;
+    let mut err = child.stderr.take().context("no stderr")?;
+    let o = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let e = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let limit = Duration::from_secs(timeout_secs);
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break Some(s);
+        }
+        if started.elapsed() > limit {
+            // What was running, for whoever reads the log: processes, the kernel stacks
+            // of busy or blocked ones, and every CPU's backtrace.
+            let _ = Command::new("sh")
+                .arg("-c")
+                .arg(
+                    "ps -eo pid,ppid,stat,pcpu,etime,wchan:24,args --sort=-pcpu | head -25; \
+                         for p in $(ps -eo pid,stat,pcpu --no-headers | \
+                           awk '$2 ~ /D/ || $3 > 20 {print $1}'); do \
+                           echo \"--- kernel stack of $p\"; cat /proc/$p/stack 2>/dev/null; done; \
+                         echo l > /proc/sysrq-trigger 2>/dev/null; dmesg 2>/dev/null | tail -60",
+                )
+                .status();
+            // Not waited for: a process stuck in the kernel would block us too.
+            let _ = child.kill();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let secs = started.elapsed().as_secs_f64();
+    let passed = status.is_some_and(|s| s.success());
+    if passed {
+        println!("test {name} ... ok ({secs:.0} s)");
+    } else {
+        let why = match status {
+            None => format!("TIMED OUT after {timeout_secs} s"),
+            Some(s) => format!("FAILED ({s})"),
+        };
+        println!("test {name} ... {why}");
+        // A process the test left holding its pipes must not block the report.
+        for (what, h) in [("stdout", o), ("stderr", e)] {
+            if h.is_finished() {
+                let text = h.join().unwrap_or_default();
+                println!(
+                    "---- {name} {what} ----\n{}",
+                    String::from_utf8_lossy(&text)
+                );
+            }
+        }
+    }
+    Ok(passed)
 }
 
 /// What the isolated runner prints before each test.
@@ -323,8 +344,11 @@ fn run_guest_tests_in_testhost(binary: &std::path::Path) -> Result<usize> {
             } else if let Some(rest) = line.strip_prefix("test ") {
                 if let Some((name, outcome)) = rest.split_once(" ... ") {
                     remaining.retain(|t| t != name);
-                    // A failed test's own output repeats its name: count it once.
-                    if !outcome.starts_with("ok") && !failed.iter().any(|f| f == name) {
+                    // The last outcome counts (a failure is retried once, and its output
+                    // repeats its name: count it once).
+                    if outcome.starts_with("ok") {
+                        failed.retain(|f| f != name);
+                    } else if !failed.iter().any(|f| f == name) {
                         failed.push(name.to_string());
                     }
                     running = None;
