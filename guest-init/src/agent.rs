@@ -115,9 +115,16 @@ pub fn start(defaults: Arc<RwLock<ExecDefaults>>) -> io::Result<()> {
             // SAFETY: a fresh descriptor from accept4, owned from here on.
             let conn = Conn(unsafe { File::from_raw_fd(fd) });
             let defaults = defaults.clone();
-            let _ = std::thread::Builder::new()
+            // A connection dropped without a word would look like a broken transport to the host.
+            let spare = conn.try_clone();
+            if let Err(e) = std::thread::Builder::new()
                 .name("agent-conn".into())
-                .spawn(move || serve(conn, &defaults));
+                .spawn(move || serve(conn, &defaults))
+            {
+                if let Ok(mut c) = spare {
+                    let _ = write_frame(&mut c, &io_error("agent thread", &e));
+                }
+            }
         })?;
     Ok(())
 }
@@ -308,13 +315,17 @@ fn connect(mut conn: Conn, port: u16) {
     else {
         return;
     };
-    let upstream = std::thread::spawn(move || {
-        copy_then_shutdown(conn, &tcp, || {
-            let _ = tcp.shutdown(Shutdown::Write);
-        })
-    });
+    let upstream = std::thread::Builder::new()
+        .name("connect-up".into())
+        .spawn(move || {
+            copy_then_shutdown(conn, &tcp, || {
+                let _ = tcp.shutdown(Shutdown::Write);
+            })
+        });
     copy_then_shutdown(&tcp_in, conn_out, || conn_ctl.shutdown(Shutdown::Write));
-    let _ = upstream.join();
+    if let Ok(upstream) = upstream {
+        let _ = upstream.join();
+    }
 }
 
 /// Sends frames from several threads, one whole frame at a time.
@@ -328,28 +339,30 @@ impl FrameWriter {
     }
 }
 
-fn pump(mut from: File, out: FrameWriter, stderr: bool) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut buf = vec![0u8; 64 << 10];
-        loop {
-            let n = match from.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                // A pty master reads EIO once the last process holding the terminal is gone.
-                Err(_) => break,
-            };
-            let data = buf[..n].to_vec();
-            let f = if stderr {
-                Frame::Stderr(data)
-            } else {
-                Frame::Stdout(data)
-            };
-            if !out.send(&f) {
-                break;
+fn pump(mut from: File, out: FrameWriter, stderr: bool) -> io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("pump".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                let n = match from.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    // A pty master reads EIO once the last process holding the terminal is gone.
+                    Err(_) => break,
+                };
+                let data = buf[..n].to_vec();
+                let f = if stderr {
+                    Frame::Stderr(data)
+                } else {
+                    Frame::Stdout(data)
+                };
+                if !out.send(&f) {
+                    break;
+                }
             }
-        }
-    })
+        })
 }
 
 fn pipe() -> io::Result<(File, File)> {
@@ -471,7 +484,14 @@ fn reseed_entropy(bytes: &[u8]) -> io::Result<()> {
 }
 
 fn exec(conn: Conn, req: ExecRequest, defaults: &ExecDefaults) {
-    let Ok(writer) = conn.try_clone() else { return };
+    let writer = match conn.try_clone() {
+        Ok(w) => w,
+        Err(e) => {
+            let mut conn = conn;
+            let _ = write_frame(&mut conn, &io_error("exec", &e));
+            return;
+        }
+    };
     let out = FrameWriter(Arc::new(Mutex::new(writer)));
     let fail = |f: Frame| {
         out.send(&f);
@@ -512,7 +532,7 @@ fn exec(conn: Conn, req: ExecRequest, defaults: &ExecDefaults) {
                 .stdout(slave.try_clone()?)
                 .stderr(slave);
             stdin = Some(master.try_clone()?);
-            pumps.push(pump(master.try_clone()?, out.clone(), false));
+            pumps.push(pump(master.try_clone()?, out.clone(), false)?);
             terminal = Some(master);
         } else {
             let (or, ow) = pipe()?;
@@ -525,8 +545,8 @@ fn exec(conn: Conn, req: ExecRequest, defaults: &ExecDefaults) {
             } else {
                 cmd.stdin(Stdio::null());
             }
-            pumps.push(pump(or, out.clone(), false));
-            pumps.push(pump(er, out.clone(), true));
+            pumps.push(pump(or, out.clone(), false)?);
+            pumps.push(pump(er, out.clone(), true)?);
         }
         Ok(())
     })();
@@ -557,49 +577,57 @@ fn exec(conn: Conn, req: ExecRequest, defaults: &ExecDefaults) {
     let mut input = conn;
     let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let ended_seen = ended.clone();
-    std::thread::spawn(move || {
-        let mut stdin = stdin;
-        loop {
-            match read_frame(&mut input) {
-                Ok(Some(Frame::Data(d))) => {
-                    if let Some(s) = stdin.as_mut() {
-                        if s.write_all(&d).is_err() {
+    let input_thread = std::thread::Builder::new()
+        .name("exec-input".into())
+        .spawn(move || {
+            let mut stdin = stdin;
+            loop {
+                match read_frame(&mut input) {
+                    Ok(Some(Frame::Data(d))) => {
+                        if let Some(s) = stdin.as_mut() {
+                            if s.write_all(&d).is_err() {
+                                stdin = None;
+                            }
+                        }
+                    }
+                    Ok(Some(Frame::Eof)) => {
+                        if tty {
+                            // A terminal has no end-of-file of its own: send ^D as a user would.
+                            if let Some(s) = stdin.as_mut() {
+                                let _ = s.write_all(&[4]);
+                            }
+                        } else {
                             stdin = None;
                         }
                     }
-                }
-                Ok(Some(Frame::Eof)) => {
-                    if tty {
-                        // A terminal has no end-of-file of its own: send ^D as a user would.
-                        if let Some(s) = stdin.as_mut() {
-                            let _ = s.write_all(&[4]);
+                    Ok(Some(Frame::Signal(n))) if (1..=64).contains(&n) => {
+                        if !ended_seen.load(std::sync::atomic::Ordering::SeqCst) {
+                            // SAFETY: signalling the process group of the process we started.
+                            unsafe { libc::kill(-pid, n) };
                         }
-                    } else {
-                        stdin = None;
                     }
-                }
-                Ok(Some(Frame::Signal(n))) if (1..=64).contains(&n) => {
-                    if !ended_seen.load(std::sync::atomic::Ordering::SeqCst) {
-                        // SAFETY: signalling the process group of the process we started.
-                        unsafe { libc::kill(-pid, n) };
+                    Ok(Some(Frame::Resize(rows, cols))) => {
+                        if let Some(t) = &terminal {
+                            crate::container::set_window_size(t, rows, cols);
+                        }
                     }
-                }
-                Ok(Some(Frame::Resize(rows, cols))) => {
-                    if let Some(t) = &terminal {
-                        crate::container::set_window_size(t, rows, cols);
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => {
+                        if !ended_seen.load(std::sync::atomic::Ordering::SeqCst) {
+                            // SAFETY: as above; the host is gone, so is the process.
+                            unsafe { libc::kill(-pid, libc::SIGKILL) };
+                        }
+                        break;
                     }
-                }
-                Ok(Some(_)) => {}
-                Ok(None) | Err(_) => {
-                    if !ended_seen.load(std::sync::atomic::Ordering::SeqCst) {
-                        // SAFETY: as above; the host is gone, so is the process.
-                        unsafe { libc::kill(-pid, libc::SIGKILL) };
-                    }
-                    break;
                 }
             }
-        }
-    });
+        });
+    if let Err(e) = input_thread {
+        // Without it the host could neither feed nor stop the process: do not leave it running.
+        // SAFETY: killing the process group we just created.
+        unsafe { libc::kill(-pid, libc::SIGKILL) };
+        out.send(&io_error("exec input thread", &e));
+    }
     let raw = exited.recv().unwrap_or(0);
     ended.store(true, std::sync::atomic::Ordering::SeqCst);
     for p in pumps {

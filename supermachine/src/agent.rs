@@ -34,6 +34,9 @@ pub enum AgentClientError {
     /// The agent answered out of turn.
     #[error("the guest agent sent an unexpected {0}")]
     Unexpected(&'static str),
+    /// The connection ended where the agent owed an answer (the frame it was waiting for).
+    #[error("the guest agent's connection ended before the {0}")]
+    Closed(&'static str),
     /// The agent did not come up in time.
     #[error("the guest agent did not answer within {0:?}")]
     Timeout(Duration),
@@ -65,11 +68,13 @@ fn frame_name(f: &Frame) -> &'static str {
     }
 }
 
-fn expect_end(frame: Option<Frame>) -> Result<Frame, AgentClientError> {
+/// The next frame, an error reply as an error; `awaiting` names what a closed connection
+/// took away.
+fn expect_end(frame: Option<Frame>, awaiting: &'static str) -> Result<Frame, AgentClientError> {
     match frame {
         Some(Frame::Error(e)) => Err(AgentClientError::Remote(e)),
         Some(f) => Ok(f),
-        None => Err(ProtocolError::Truncated.into()),
+        None => Err(AgentClientError::Closed(awaiting)),
     }
 }
 
@@ -139,7 +144,7 @@ impl Agent {
     /// Asks the agent to answer.
     pub fn ping(&self) -> Result<(), AgentClientError> {
         let mut s = self.request(Operation::Ping)?;
-        match expect_end(read_frame(&mut s)?)? {
+        match expect_end(read_frame(&mut s)?, "reply")? {
             Frame::Done => Ok(()),
             f => Err(AgentClientError::Unexpected(frame_name(&f))),
         }
@@ -161,7 +166,7 @@ impl Agent {
             env: env.to_vec(),
             hostname: hostname.map(str::to_string),
         }))?;
-        match expect_end(read_frame(&mut s)?)? {
+        match expect_end(read_frame(&mut s)?, "reply")? {
             Frame::Done => Ok(()),
             f => Err(AgentClientError::Unexpected(frame_name(&f))),
         }
@@ -183,7 +188,7 @@ impl Agent {
     /// Starts a process; the session streams its input and output.
     pub fn spawn(&self, req: ExecRequest) -> Result<ExecSession, AgentClientError> {
         let mut s = self.request(Operation::Exec(req))?;
-        match expect_end(read_frame(&mut s)?)? {
+        match expect_end(read_frame(&mut s)?, "start notice")? {
             Frame::Started { pid } => Ok(ExecSession {
                 pid,
                 input: Arc::new(Mutex::new(s.try_clone()?)),
@@ -238,7 +243,7 @@ impl Agent {
             }
         }
         write_frame(&mut s, &Frame::Eof)?;
-        match expect_end(read_frame(&mut s)?)? {
+        match expect_end(read_frame(&mut s)?, "reply")? {
             Frame::Done => Ok(()),
             f => Err(AgentClientError::Unexpected(frame_name(&f))),
         }
@@ -247,12 +252,12 @@ impl Agent {
     /// Copies the guest file at `path` into `to`; returns its mode and size.
     pub fn read_file(&self, path: &str, to: &mut dyn Write) -> Result<FileInfo, AgentClientError> {
         let mut s = self.request(Operation::ReadFile { path: path.into() })?;
-        let info = match expect_end(read_frame(&mut s)?)? {
+        let info = match expect_end(read_frame(&mut s)?, "file info")? {
             Frame::FileInfo(i) => i,
             f => return Err(AgentClientError::Unexpected(frame_name(&f))),
         };
         loop {
-            match expect_end(read_frame(&mut s)?)? {
+            match expect_end(read_frame(&mut s)?, "file data")? {
                 Frame::Data(d) => to.write_all(&d)?,
                 Frame::Eof => return Ok(info),
                 f => return Err(AgentClientError::Unexpected(frame_name(&f))),
@@ -263,7 +268,7 @@ impl Agent {
     /// A byte stream to `127.0.0.1:port` inside the guest.
     pub fn connect(&self, port: u16) -> Result<UnixStream, AgentClientError> {
         let mut s = self.request(Operation::Connect { port })?;
-        match expect_end(read_frame(&mut s)?)? {
+        match expect_end(read_frame(&mut s)?, "reply")? {
             Frame::Done => Ok(s),
             f => Err(AgentClientError::Unexpected(frame_name(&f))),
         }
@@ -350,7 +355,7 @@ impl ExecSession {
         stderr: &mut dyn Write,
     ) -> Result<ExitStatus, AgentClientError> {
         loop {
-            match expect_end(read_frame(&mut self.output)?)? {
+            match expect_end(read_frame(&mut self.output)?, "exit status")? {
                 Frame::Stdout(d) => {
                     stdout.write_all(&d)?;
                     stdout.flush()?;

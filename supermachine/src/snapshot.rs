@@ -67,7 +67,7 @@ impl Identity {
 
 /// The layout of [`MachineState`]; a state written with another is refused. 4: the host CPU
 /// identity comes from CPUID (a state of 3 would only fail the CPU check, less clearly).
-pub const MACHINE_STATE_VERSION: u32 = 4;
+pub const MACHINE_STATE_VERSION: u32 = 5;
 
 /// What a virtio device in a snapshot is, so restore can make it again.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

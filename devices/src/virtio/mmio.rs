@@ -145,6 +145,8 @@ pub struct TransportState {
     pub active: bool,
     /// InterruptStatus.
     pub interrupt_status: u32,
+    /// The device's own state.
+    pub device: super::DeviceState,
 }
 
 /// Errors creating a transport.
@@ -216,6 +218,7 @@ impl MmioTransport {
             config_generation: self.config_generation,
             active: self.active,
             interrupt_status: self.interrupt.status(),
+            device: self.device.save_device_state(),
         }
     }
 
@@ -236,6 +239,7 @@ impl MmioTransport {
             )));
         }
         let mut t = MmioTransport::new(device, mem, irq)?;
+        t.device.load_device_state(&state.device).map_err(bad)?;
         if state.queues.len() != t.queues.len() {
             return Err(bad(format!(
                 "{} queues in the snapshot, {} here",

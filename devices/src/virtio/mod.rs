@@ -158,9 +158,31 @@ pub trait VirtioDevice: Send {
     fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
         Vec::new()
     }
+    /// The device's own state beyond its queues, for a snapshot.
+    fn save_device_state(&self) -> DeviceState {
+        DeviceState::Stateless
+    }
+    /// Takes back [`save_device_state`](Self::save_device_state)'s state, before the device is
+    /// re-activated from a snapshot.
+    fn load_device_state(&mut self, state: &DeviceState) -> Result<(), String> {
+        match state {
+            DeviceState::Stateless => Ok(()),
+            other => Err(format!("unexpected device state {other:?}")),
+        }
+    }
     /// Called once after the device was re-activated from a snapshot (e.g. vsock tells the
     /// guest its connections are gone).
     fn restored(&mut self) {}
+}
+
+/// A device's own state in a snapshot (what its queues and registers do not say).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub enum DeviceState {
+    /// Nothing beyond queues and registers.
+    Stateless,
+    /// virtio-vsock.
+    Vsock(vsock::VsockState),
 }
 
 /// Copies `src` (a config-space image) into `data` from `offset`, zero-filling past its end.

@@ -14,7 +14,7 @@ use super::muxer::Muxer;
 use super::packet::{read_packet, HEADER_LEN};
 use super::{EVENT_QUEUE, HOST_CID, MAX_PAYLOAD, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
 use crate::virtio::chain::chain_buffers;
-use crate::virtio::{device_type, features, ActivateError, Interrupt, VirtioDevice};
+use crate::virtio::{device_type, features, ActivateError, DeviceState, Interrupt, VirtioDevice};
 
 /// Event ID of a transport reset (virtio 1.2, 5.10.6.7).
 const EVENT_TRANSPORT_RESET: u32 = 0;
@@ -62,6 +62,14 @@ struct Active {
     mem: GuestMemory,
     queues: Vec<Queue>,
     interrupt: Arc<Interrupt>,
+}
+
+/// The vsock device's own state in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VsockState {
+    /// The local port the next host connection tries first: a restored device goes on from
+    /// there and never reuses a port the snapshot's guest may still hold a socket for.
+    pub next_local_port: u32,
 }
 
 /// A virtio-vsock device whose host side is a Unix socket (see the [module docs](super)).
@@ -332,6 +340,22 @@ impl VirtioDevice for Vsock {
             .as_ref()
             .map(|a| a.queues.iter().map(|q| q.state()).collect())
             .unwrap_or_default()
+    }
+
+    fn save_device_state(&self) -> DeviceState {
+        DeviceState::Vsock(VsockState {
+            next_local_port: self.muxer.next_local_port(),
+        })
+    }
+
+    fn load_device_state(&mut self, state: &DeviceState) -> Result<(), String> {
+        match state {
+            DeviceState::Vsock(s) => {
+                self.muxer.continue_local_ports_from(s.next_local_port);
+                Ok(())
+            }
+            other => Err(format!("a vsock device cannot take {other:?}")),
+        }
     }
 
     fn restored(&mut self) {

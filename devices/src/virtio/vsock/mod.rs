@@ -39,7 +39,7 @@ mod unix;
 
 use std::time::Duration;
 
-pub use device::{Vsock, VsockError};
+pub use device::{Vsock, VsockError, VsockState};
 pub use packet::{PacketError, PacketHeader};
 
 /// The host's CID (virtio 1.2, 5.10.4).

@@ -65,6 +65,9 @@ pub(super) struct Muxer {
     handshakes: HashMap<RawFd, Handshake>,
     conns: HashMap<ConnKey, Connection>,
     by_fd: HashMap<RawFd, ConnKey>,
+    /// Connections the guest reset after closing its side while the host had not yet taken
+    /// all it sent: their streams get the rest, then EOF (the guest knows nothing of them).
+    draining: HashMap<RawFd, Connection>,
     /// Connections with something for the guest, in turn.
     rx_ready: VecDeque<ConnKey>,
     /// RSTs not tied to a live connection.
@@ -146,6 +149,7 @@ impl Muxer {
             handshakes: HashMap::new(),
             conns: HashMap::new(),
             by_fd: HashMap::new(),
+            draining: HashMap::new(),
             rx_ready: VecDeque::new(),
             control: VecDeque::new(),
             next_port: FIRST_LOCAL_PORT,
@@ -177,6 +181,8 @@ impl Muxer {
                 self.on_handshake(fd);
             } else if let Some(&key) = self.by_fd.get(&fd) {
                 self.on_stream(key, set);
+            } else if self.draining.contains_key(&fd) {
+                self.on_draining(fd, set);
             }
         }
         self.refresh_listener();
@@ -196,6 +202,9 @@ impl Muxer {
             }
         }
         self.by_fd.clear();
+        for (fd, _) in self.draining.drain() {
+            let _ = ctl(&self.epoll, ControlOperation::Delete, fd, EventSet::empty());
+        }
         self.rx_ready.clear();
         self.control.clear();
     }
@@ -266,7 +275,7 @@ impl Muxer {
             return;
         };
         if h.op == op::RST {
-            self.kill(key, false);
+            self.on_guest_reset(key);
             return;
         }
         conn.update_peer_credit(h);
@@ -444,6 +453,19 @@ impl Muxer {
         self.update(key);
     }
 
+    /// The local port the next host connection will try first.
+    pub fn next_local_port(&self) -> u32 {
+        self.next_port
+    }
+
+    /// Continues numbering host connections where a snapshot's device stopped. The restored
+    /// guest can still hold sockets of the snapshot's connections (reset, but open until their
+    /// owner closes them, and a closing one resets its port when its close timer fires): a
+    /// reused port would have a new connection reset by an old socket.
+    pub fn continue_local_ports_from(&mut self, port: u32) {
+        self.next_port = port.max(FIRST_LOCAL_PORT);
+    }
+
     /// A local port no connection uses, from [`FIRST_LOCAL_PORT`] up, wrapping.
     fn alloc_port(&mut self) -> u32 {
         loop {
@@ -574,12 +596,9 @@ impl Muxer {
         }
     }
 
-    /// Closes a connection (the host side sees EOF, or a reset if it had unread data) and, if
-    /// `rst` and the guest knows of it, tells the guest with RST.
-    fn kill(&mut self, key: ConnKey, rst: bool) {
-        let Some(conn) = self.conns.remove(&key) else {
-            return;
-        };
+    /// Takes a connection out of the tables and the epoll.
+    fn detach(&mut self, key: ConnKey) -> Option<Connection> {
+        let conn = self.conns.remove(&key)?;
         let fd = conn.stream.as_raw_fd();
         if conn.registered.is_some() {
             let _ = ctl(&self.epoll, ControlOperation::Delete, fd, EventSet::empty());
@@ -588,6 +607,52 @@ impl Muxer {
         if conn.queued {
             self.rx_ready.retain(|k| *k != key);
         }
+        Some(conn)
+    }
+
+    /// The guest reset a connection. After its own clean close (everything sent, SHUTDOWN
+    /// SEND first) Linux resets when we do not answer in time, e.g. while a slow host reader
+    /// still has guest bytes to take: those bytes are the guest's last words, so the host
+    /// stream still gets them before EOF. Any other reset ends the connection at once.
+    fn on_guest_reset(&mut self, key: ConnKey) {
+        let Some(mut conn) = self.detach(key) else {
+            return;
+        };
+        if !conn.peer_shut_send || conn.buffered() == 0 || self.draining.len() >= MAX_CONNECTIONS {
+            return;
+        }
+        let fd = conn.stream.as_raw_fd();
+        if ctl(&self.epoll, ControlOperation::Add, fd, EventSet::OUT).is_ok() {
+            conn.registered = Some(EventSet::OUT);
+            self.draining.insert(fd, conn);
+        }
+    }
+
+    /// A draining connection's stream is writable (or failed): give it more; close it once
+    /// all is out.
+    fn on_draining(&mut self, fd: RawFd, set: EventSet) {
+        let Some(conn) = self.draining.get_mut(&fd) else {
+            return;
+        };
+        let failed = set.intersects(EventSet::ERROR | EventSet::HANG_UP) || conn.flush().is_err();
+        if failed || conn.buffered() == 0 {
+            let _ = ctl(&self.epoll, ControlOperation::Delete, fd, EventSet::empty());
+            self.draining.remove(&fd);
+        }
+    }
+
+    /// Host streams still taking a reset connection's last bytes.
+    #[cfg(test)]
+    pub fn draining(&self) -> usize {
+        self.draining.len()
+    }
+
+    /// Closes a connection (the host side sees EOF, or a reset if it had unread data) and, if
+    /// `rst` and the guest knows of it, tells the guest with RST.
+    fn kill(&mut self, key: ConnKey, rst: bool) {
+        let Some(conn) = self.detach(key) else {
+            return;
+        };
         if rst && conn.guest_knows() {
             self.push_control(PacketHeader {
                 src_cid: HOST_CID,

@@ -15,7 +15,7 @@ use vmm_core::GuestMemory;
 use super::packet::{op, shutdown, PacketHeader, HEADER_LEN, TYPE_STREAM};
 use super::*;
 use crate::virtio::test_utils::{interrupt, memory, readable, CountingIrq, DriverQueue, BUF_BASE};
-use crate::virtio::{device_type, features, ActivateError, VirtioDevice};
+use crate::virtio::{device_type, features, ActivateError, DeviceState, VirtioDevice};
 
 const CID: u64 = 3;
 const QSIZE: u16 = 64;
@@ -488,6 +488,86 @@ fn guest_shutdown_half_closes_and_the_host_can_still_reply() {
     assert_eq!(p[0].1, b"reply");
     assert_eq!(p[1].0.flags & shutdown::SEND, shutdown::SEND);
     assert_eq!(g.connections(), 0);
+}
+
+#[test]
+fn a_guest_reset_after_its_close_still_delivers_what_the_host_had_not_taken() {
+    let mut g = guest();
+    let listener = g.host_listener(5001);
+    let mut s = g.connect_to_host(&listener, 778, 5001);
+    // More than a Unix socket buffer holds, within the device's credit: some stays buffered.
+    let data = pattern(BUF_ALLOC as usize, 0x3c);
+    for chunk in data.chunks(16 << 10) {
+        g.send(hdr(op::RW, 778, 5001), chunk);
+    }
+    assert!(
+        g.dev.muxer().buffered() > 0,
+        "the host's socket never filled up"
+    );
+    // A closing Linux guest: SHUTDOWN both ways, then (no RST from us in time) its own RST.
+    g.send(
+        PacketHeader {
+            flags: shutdown::SEND | shutdown::RCV,
+            ..hdr(op::SHUTDOWN, 778, 5001)
+        },
+        &[],
+    );
+    g.send(hdr(op::RST, 778, 5001), &[]);
+    assert_eq!(g.connections(), 0);
+    assert_eq!(g.dev.muxer().draining(), 1);
+    let reader = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        got
+    });
+    let start = Instant::now();
+    while !reader.is_finished() {
+        assert!(start.elapsed() < WAIT, "the rest never reached the host");
+        g.pump();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(reader.join().unwrap() == data, "guest→host bytes differ");
+    assert_eq!(g.dev.muxer().draining(), 0);
+    // Nothing more goes to the guest for a connection it reset.
+    g.post_rx(4);
+    g.pump();
+    assert!(g.recv().is_empty());
+
+    // A reset without the guest's close first is a reset: the buffered bytes are dropped.
+    let listener = g.host_listener(5002);
+    let mut s = g.connect_to_host(&listener, 779, 5002);
+    for chunk in data.chunks(16 << 10) {
+        g.send(hdr(op::RW, 779, 5002), chunk);
+    }
+    g.send(hdr(op::RST, 779, 5002), &[]);
+    assert_eq!((g.connections(), g.dev.muxer().draining()), (0, 0));
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    assert!(got.len() < data.len());
+}
+
+#[test]
+fn a_restored_device_never_reuses_the_snapshots_local_ports() {
+    let mut g = guest();
+    let (_a, first) = g.connect_from_host(1024);
+    let (_b, second) = g.connect_from_host(1024);
+    assert_eq!(second, first + 1);
+    let state = g.dev.save_device_state();
+    assert_eq!(
+        state,
+        DeviceState::Vsock(VsockState {
+            next_local_port: second + 1
+        })
+    );
+    // A clone of that snapshot: its guest may still hold sockets for `first` and `second`.
+    let mut clone = guest();
+    clone.dev.load_device_state(&state).unwrap();
+    let (_c, port) = clone.connect_from_host(1024);
+    assert_eq!(port, second + 1);
+    assert!(clone
+        .dev
+        .load_device_state(&DeviceState::Stateless)
+        .is_err());
 }
 
 #[test]
