@@ -5,8 +5,9 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use supermachine::boot::{boot, BootOptions};
+use supermachine::images::human_size;
 use supermachine::VmExit;
-use supermachine::{images, paths};
+use supermachine::{paths, Image};
 
 /// Exit status when supermachine itself failed (as Docker's 125).
 const EXIT_SUPERMACHINE_FAILED: u8 = 125;
@@ -523,7 +524,7 @@ fn resolve_snapshot(given: &str) -> anyhow::Result<PathBuf> {
         return Ok(path);
     }
     if !given.contains('/') {
-        let store = images::store()?;
+        let store = supermachine::images::store()?;
         let named = supermachine::run::bake_cache_dir(&store).join(given);
         if named.is_dir() {
             return Ok(named);
@@ -562,7 +563,7 @@ fn run_bake(args: BakeArgs) -> anyhow::Result<ExitCode> {
             if name.is_empty() || name.contains('/') || name.starts_with('.') {
                 anyhow::bail!("--as {name:?}: a bake name is one path component");
             }
-            let store = images::store()?;
+            let store = supermachine::images::store()?;
             Some(supermachine::run::bake_cache_dir(&store).join(name))
         }
         (None, None) => None,
@@ -626,35 +627,40 @@ fn run_run(args: RunArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn run_pull(args: PullArgs) -> anyhow::Result<()> {
-    let mut opts = images::PullOptions::default();
+    let mut opts = supermachine::PullOptions::new().progress(!args.quiet);
     if let Some(p) = &args.platform {
         let (os, arch) = p
             .split_once('/')
             .ok_or_else(|| anyhow::anyhow!("--platform wants OS/ARCH, e.g. linux/amd64"))?;
-        opts.platform = (os.to_string(), arch.to_string());
+        opts = opts.platform(os, arch);
     }
-    opts.client.insecure_registries = args.insecure_registry;
-    opts.progress = !args.quiet;
-    let store = images::store()?;
-    let record = images::pull(&store, &args.image, &opts)?;
-    println!("{}", record.name);
-    println!("digest: {}", record.manifest);
-    println!("rootfs: {}", store.rootfs_path(&record.rootfs).display());
+    for host in &args.insecure_registry {
+        opts = opts.insecure_registry(host);
+    }
+    let info = Image::pull_with(&args.image, &opts)?.info()?;
+    println!("{}", info.name);
+    println!("digest: {}", info.digest);
+    println!("rootfs: {}", info.rootfs.display());
     Ok(())
 }
 
+/// `sha256:0123456789ab…` → `0123456789ab`, as `docker images` shows a digest.
+fn short_digest(digest: &str) -> &str {
+    let hex = digest.split_once(':').map_or(digest, |(_, h)| h);
+    &hex[..hex.len().min(12)]
+}
+
 fn run_images() -> anyhow::Result<()> {
-    let store = images::store()?;
     println!("{:<60} {:<14} {:>10}", "IMAGE", "DIGEST", "SIZE");
-    for r in store.images()? {
+    for i in Image::list()? {
         println!(
             "{:<60} {:<14} {:>10}",
-            r.name,
-            r.manifest.short(),
-            images::human_size(r.size)
+            i.name,
+            short_digest(&i.digest),
+            human_size(i.size)
         );
     }
-    let bakes = supermachine::run::list_bakes(&store);
+    let bakes = Image::list_baked()?;
     if !bakes.is_empty() {
         println!();
         println!(
@@ -665,14 +671,14 @@ fn run_images() -> anyhow::Result<()> {
             println!(
                 "{:<34} {:<40} {:>7} {:>8.1}s {:>10}  {}",
                 b.name,
-                b.workload.image,
-                format!("{}m", b.workload.memory_mib),
-                b.workload.bake_ms as f64 / 1000.0,
-                images::human_size(b.disk_bytes),
-                if b.workload.before_start {
-                    b.workload.ready.clone()
+                b.image,
+                format!("{}m", b.memory_mib),
+                b.bake_time.as_secs_f64(),
+                human_size(b.disk_bytes),
+                if b.before_start {
+                    b.ready.clone()
                 } else {
-                    format!("ready: {}", b.workload.ready)
+                    format!("ready: {}", b.ready)
                 }
             );
         }
@@ -681,27 +687,17 @@ fn run_images() -> anyhow::Result<()> {
 }
 
 fn run_rmi(names: &[String]) -> anyhow::Result<()> {
-    let store = images::store()?;
     let mut missing = Vec::new();
     for name in names {
-        let record = images::find(&store, name)?;
-        match record {
-            Some(r) if store.remove_image(&r.name)? => {
-                println!("Untagged: {}", r.name);
-                // Its bakes go with the last name for its manifest: they boot nothing else.
-                let manifest = r.manifest.to_string();
-                if !store.images()?.iter().any(|i| i.manifest == r.manifest) {
-                    for b in supermachine::run::list_bakes(&store) {
-                        if b.workload.manifest == manifest {
-                            anyhow::Context::with_context(std::fs::remove_dir_all(&b.dir), || {
-                                format!("removing the bake {}", b.dir.display())
-                            })?;
-                            println!("Deleted bake: {}", b.name);
-                        }
-                    }
+        match Image::remove(name) {
+            Ok(removed) => {
+                println!("Untagged: {}", removed.name);
+                for bake in removed.bakes {
+                    println!("Deleted bake: {bake}");
                 }
             }
-            _ => missing.push(name.as_str()),
+            Err(supermachine::Error::ImageNotFound(_)) => missing.push(name.as_str()),
+            Err(e) => return Err(e.into()),
         }
     }
     if !missing.is_empty() {
@@ -711,26 +707,21 @@ fn run_rmi(names: &[String]) -> anyhow::Result<()> {
 }
 
 fn run_volume(cmd: VolumeCommand) -> anyhow::Result<()> {
-    use supermachine::volumes;
+    use supermachine::Volume;
     match cmd {
         VolumeCommand::Create { size, name } => {
-            let spec: volumes::VolumeSpec = format!("{name}:/x").parse()?;
-            let path = volumes::named_path(&name);
-            if path.exists() {
-                anyhow::bail!("volume {name} already exists");
-            }
-            volumes::prepare(&spec, u64::from(size) << 20)?;
+            Volume::create(&name, u64::from(size) << 20).map_err(config_message)?;
             println!("{name}");
         }
         VolumeCommand::Ls => {
             println!("{:<30} {:>10}", "VOLUME", "USED");
-            for (name, used) in volumes::list() {
-                println!("{name:<30} {:>10}", images::human_size(used));
+            for v in Volume::list() {
+                println!("{:<30} {:>10}", v.name, human_size(v.used));
             }
         }
         VolumeCommand::Rm { names } => {
             for n in names {
-                volumes::remove(&n)?;
+                Volume::remove(&n).map_err(config_message)?;
                 println!("{n}");
             }
         }
@@ -738,12 +729,20 @@ fn run_volume(cmd: VolumeCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A configuration error's own message, without the library's "invalid configuration: ".
+fn config_message(e: supermachine::Error) -> anyhow::Error {
+    match e {
+        supermachine::Error::Config(m) => anyhow::anyhow!(m),
+        e => e.into(),
+    }
+}
+
 fn run_prune() -> anyhow::Result<()> {
-    let store = images::store()?;
-    let (files, bytes) = store.prune()?;
+    let pruned = Image::prune()?;
     println!(
-        "Deleted {files} files, reclaimed {}",
-        images::human_size(bytes)
+        "Deleted {} files, reclaimed {}",
+        pruned.files,
+        human_size(pruned.bytes)
     );
     Ok(())
 }

@@ -67,6 +67,21 @@ pub enum Error {
     /// The VM has stopped: no more operations on it.
     #[error("the VM has stopped")]
     VmStopped,
+    /// No VM of this user has that name or id ([`crate::VmHandle::find`]).
+    #[error("no such VM: {0}")]
+    VmNotFound(String),
+    /// The operation needs the VM stopped first (removing it without force).
+    #[error("VM {0} is running")]
+    VmRunning(String),
+    /// The command to run in the guest does not exist (a shell's status 127).
+    #[error("{0}")]
+    CommandNotFound(String),
+    /// The command to run in the guest is not executable (a shell's status 126).
+    #[error("{0}")]
+    CommandNotExecutable(String),
+    /// A guest path to write is a directory.
+    #[error("in the guest: {0}")]
+    IsADirectory(String),
     /// The guest agent refused or failed the operation (a missing file, a bad path…).
     #[error("in the guest: {0}")]
     Guest(String),
@@ -148,6 +163,9 @@ impl From<RunError> for Error {
 impl From<AgentClientError> for Error {
     fn from(e: AgentClientError) -> Self {
         match e {
+            AgentClientError::Remote(r) if r.kind == agent_protocol::ErrorKind::IsDirectory => {
+                Error::IsADirectory(r.message)
+            }
             AgentClientError::Remote(r) => Error::Guest(r.message),
             AgentClientError::Unreachable { .. } => Error::VmStopped,
             AgentClientError::Protocol(agent_protocol::ProtocolError::Io(io)) => Error::Io(io),

@@ -10,9 +10,8 @@ use std::time::{Duration, Instant};
 
 use agent_protocol::ExecRequest;
 
-use crate::agent::{AgentClientError, ExecInput};
+use crate::agent::{Agent, AgentClientError, ExecInput};
 use crate::error::{Error, Result};
-use crate::machine::Vm;
 
 pub use agent_protocol::ExitStatus;
 
@@ -22,13 +21,14 @@ const SIGKILL: i32 = 9;
 enum Stdin {
     Bytes(Vec<u8>),
     Reader(Box<dyn Read + Send>),
+    Null,
 }
 
-/// A command to run in a [`Vm`], built up then run with [`ExecBuilder::output`] or
-/// [`ExecBuilder::spawn`]. It runs in the container (its root, user, working directory and
+/// A command to run in a VM ([`crate::Vm::exec_builder`], [`crate::VmHandle::exec_builder`]),
+/// built up then run with [`ExecBuilder::output`] or [`ExecBuilder::spawn`]. It runs in the container (its root, user, working directory and
 /// environment unless overridden).
 pub struct ExecBuilder<'vm> {
-    vm: &'vm Vm,
+    agent: &'vm Agent,
     request: ExecRequest,
     stdin: Option<Stdin>,
     staged: Vec<(String, Vec<u8>)>,
@@ -56,9 +56,9 @@ impl Output {
 }
 
 impl<'vm> ExecBuilder<'vm> {
-    pub(crate) fn new(vm: &'vm Vm) -> Self {
+    pub(crate) fn new(agent: &'vm Agent) -> Self {
         ExecBuilder {
-            vm,
+            agent,
             request: ExecRequest {
                 argv: Vec::new(),
                 env: Vec::new(),
@@ -109,6 +109,13 @@ impl<'vm> ExecBuilder<'vm> {
         self
     }
 
+    /// No stdin at all (`/dev/null`), also for [`ExecBuilder::spawn`] (whose stdin is
+    /// otherwise [`Child::stdin`]). On a terminal: no input, rather than an end of file.
+    pub fn stdin_null(mut self) -> Self {
+        self.stdin = Some(Stdin::Null);
+        self
+    }
+
     /// Stdin read from `reader` until its end.
     pub fn stdin_reader(mut self, reader: impl Read + Send + 'static) -> Self {
         self.stdin = Some(Stdin::Reader(Box::new(reader)));
@@ -118,6 +125,13 @@ impl<'vm> ExecBuilder<'vm> {
     /// Writes a file into the guest (mode 0644, atomically) before the command runs.
     pub fn stage_file(mut self, path: &str, content: impl Into<Vec<u8>>) -> Self {
         self.staged.push((path.into(), content.into()));
+        self
+    }
+
+    /// Runs the command on a terminal of `rows` × `cols` (its stdout and stderr are then the
+    /// terminal's one output stream, read from stdout; [`Child::resize`] changes its size).
+    pub fn tty(mut self, rows: u16, cols: u16) -> Self {
+        self.request.tty = Some((rows, cols));
         self
     }
 
@@ -133,16 +147,23 @@ impl<'vm> ExecBuilder<'vm> {
             return Err(Error::Config("exec: no command (argv is empty)".into()));
         }
         for (path, content) in &self.staged {
-            self.vm.write_file(path, content)?;
+            self.agent.write_file(path, 0o644, &mut &content[..])?;
         }
-        self.request.stdin = self.stdin.is_some() || open_stdin;
+        self.request.stdin = match self.stdin {
+            Some(Stdin::Null) => false,
+            Some(_) => true,
+            None => open_stdin,
+        };
         let what = format!("exec {:?}", self.request.argv[0]);
-        let session = self.vm.agent.spawn(self.request)?;
+        let session = self
+            .agent
+            .spawn(self.request)
+            .map_err(|e| spawn_error(e, &what))?;
         let input = session.input();
         match self.stdin {
             Some(Stdin::Bytes(b)) => session.stream_stdin(Box::new(io::Cursor::new(b))),
             Some(Stdin::Reader(r)) => session.stream_stdin(r),
-            None => {}
+            Some(Stdin::Null) | None => {}
         }
         let watchdog = self
             .timeout
@@ -216,6 +237,21 @@ struct Started {
     watchdog: Option<Watchdog>,
     what: String,
     started: Instant,
+}
+
+/// A command the guest could not start gets an error saying so (a shell's 127 and 126).
+fn spawn_error(e: AgentClientError, what: &str) -> Error {
+    use agent_protocol::ErrorKind;
+    match e {
+        AgentClientError::Remote(r) => match r.kind {
+            ErrorKind::NotFound => Error::CommandNotFound(format!("{what}: {}", r.message)),
+            ErrorKind::NotExecutable | ErrorKind::PermissionDenied => {
+                Error::CommandNotExecutable(format!("{what}: {}", r.message))
+            }
+            _ => AgentClientError::Remote(r).into(),
+        },
+        e => e.into(),
+    }
 }
 
 /// Kills a command that outlives its limit.
@@ -298,6 +334,17 @@ impl Child {
         Ok(self.input.signal(n)?)
     }
 
+    /// Resizes its terminal (started with [`ExecBuilder::tty`]; ignored otherwise).
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<()> {
+        Ok(self.input.resize(rows, cols)?)
+    }
+
+    /// A handle that signals and resizes it from another thread (e.g. a signal forwarder),
+    /// valid while the command runs.
+    pub fn controller(&self) -> ChildController {
+        ChildController(self.input.clone())
+    }
+
     /// Waits for it to exit. Output not read by then is discarded.
     pub fn wait(mut self) -> Result<ExitStatus> {
         drop(self.stdin.take());
@@ -337,6 +384,22 @@ impl Child {
         };
         finish(self.watchdog.take(), &self.what)?;
         Ok(status?)
+    }
+}
+
+/// Signals or resizes a [`Child`] from anywhere ([`Child::controller`]).
+#[derive(Clone)]
+pub struct ChildController(ExecInput);
+
+impl ChildController {
+    /// As [`Child::signal`].
+    pub fn signal(&self, n: i32) -> Result<()> {
+        Ok(self.0.signal(n)?)
+    }
+
+    /// As [`Child::resize`].
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<()> {
+        Ok(self.0.resize(rows, cols)?)
     }
 }
 

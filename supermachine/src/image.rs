@@ -66,10 +66,14 @@ impl Image {
     pub fn pull(reference: &str) -> Result<Image> {
         let store = crate::images::store()?;
         crate::images::pull(&store, reference, &Default::default())?;
-        Ok(Image {
+        Ok(Image::from_store(reference))
+    }
+
+    pub(crate) fn from_store(reference: &str) -> Image {
+        Image {
             reference: reference.into(),
             snapshot: None,
-        })
+        }
     }
 
     /// The image `reference` from the local store, pulled first if it is not there.
@@ -78,10 +82,7 @@ impl Image {
         if crate::images::find(&store, reference)?.is_none() {
             crate::images::pull(&store, reference, &Default::default())?;
         }
-        Ok(Image {
-            reference: reference.into(),
-            snapshot: None,
-        })
+        Ok(Image::from_store(reference))
     }
 
     /// A snapshot made by [`Image::bake`], `supermachine bake` or [`Vm::snapshot`]; checked now

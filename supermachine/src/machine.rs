@@ -407,7 +407,7 @@ impl Vm {
 
     /// A command to run in the VM; see [`ExecBuilder`].
     pub fn exec_builder(&self) -> ExecBuilder<'_> {
-        ExecBuilder::new(self)
+        ExecBuilder::new(&self.agent)
     }
 
     /// Creates or replaces the guest file `path` with `content` (mode 0644), atomically.

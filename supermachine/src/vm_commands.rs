@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use clap::Args;
-use supermachine::agent::{Agent, AgentClientError};
-use supermachine::vms::{Registry, VmDir, VmRecord, VmStatus};
+use supermachine::agent::Agent;
+use supermachine::vms::Registry;
+use supermachine::{ChildController, Error, VmHandle, VmStatus};
 
 /// Set on the background process of `run -d` to the VM id its parent reserved.
 pub const DETACHED_CHILD_ENV: &str = "SUPERMACHINE_DETACHED_CHILD";
@@ -166,12 +167,8 @@ pub fn detach(name: Option<&str>) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn age(created: u64) -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(created);
-    let s = now.saturating_sub(created);
+fn age(created: std::time::SystemTime) -> String {
+    let s = created.elapsed().map(|d| d.as_secs()).unwrap_or(0);
     match s {
         0..=119 => format!("{s}s"),
         120..=7199 => format!("{}m", s / 60),
@@ -181,33 +178,24 @@ fn age(created: u64) -> String {
 }
 
 pub fn ps(args: PsArgs) -> anyhow::Result<ExitCode> {
-    let registry = Registry::open()?;
-    let rows: Vec<(VmRecord, VmStatus)> = registry
-        .list()
-        .into_iter()
-        .map(|(_, r)| {
-            let st = r.status();
-            (r, st)
-        })
-        .filter(|(_, st)| args.all || *st == VmStatus::Running)
-        .collect();
+    let vms = VmHandle::list(args.all)?;
     if args.quiet {
-        for (r, _) in rows {
-            println!("{}", r.id);
+        for vm in vms {
+            println!("{}", vm.id);
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let table: Vec<[String; 6]> = rows
+    let table: Vec<[String; 6]> = vms
         .iter()
-        .map(|(r, st)| {
+        .map(|vm| {
             [
-                r.id.clone(),
-                r.name.clone(),
-                r.image.clone(),
-                st.to_string(),
-                r.ports.join(", "),
-                if *st == VmStatus::Running {
-                    age(r.created)
+                vm.id.clone(),
+                vm.name.clone(),
+                vm.image.clone(),
+                vm.status.to_string(),
+                vm.ports.join(", "),
+                if vm.status == VmStatus::Running {
+                    age(vm.created)
                 } else {
                     "-".into()
                 },
@@ -232,31 +220,22 @@ pub fn ps(args: PsArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn find(name: &str) -> anyhow::Result<(Registry, VmDir, VmRecord)> {
-    let registry = Registry::open()?;
-    let (dir, record) = registry.find(name)?;
-    Ok((registry, dir, record))
-}
-
-fn running(name: &str) -> anyhow::Result<(VmDir, VmRecord)> {
-    let (_, dir, record) = find(name)?;
-    match record.status() {
-        VmStatus::Running => Ok((dir, record)),
-        st => bail!("VM {} is not running ({st})", record.name),
+fn running(name: &str) -> anyhow::Result<VmHandle> {
+    let vm = VmHandle::find(name)?;
+    match vm.info().status {
+        VmStatus::Running => Ok(vm),
+        st => bail!("VM {} is not running ({st})", vm.name()),
     }
 }
 
 pub fn logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
-    let (_, dir, record) = find(&args.vm)?;
-    let open = |p: std::path::PathBuf| {
-        std::fs::File::open(&p).map_err(|_| {
-            anyhow!(
-                "VM {} runs in the foreground: its output goes to the terminal that started it",
-                record.name
-            )
-        })
+    let vm = VmHandle::find(&args.vm)?;
+    let Some((mut out, mut err)) = vm.logs() else {
+        bail!(
+            "VM {} runs in the foreground: its output goes to the terminal that started it",
+            vm.name()
+        );
     };
-    let (mut out, mut err) = (open(dir.stdout_log())?, open(dir.stderr_log())?);
     let mut buf = vec![0u8; 64 << 10];
     let mut drain = |f: &mut std::fs::File, to: &mut dyn Write| -> std::io::Result<bool> {
         let mut any = false;
@@ -271,8 +250,7 @@ pub fn logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
         }
     };
     loop {
-        let running = record.status() == VmStatus::Running
-            && dir.record().map(|r| r.exit_code.is_none()).unwrap_or(false);
+        let running = vm.is_running();
         let a = drain(&mut out, &mut std::io::stdout())?;
         let b = drain(&mut err, &mut std::io::stderr())?;
         if !args.follow || !running {
@@ -292,16 +270,6 @@ pub fn logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn host_env(entries: &[String]) -> Vec<String> {
-    entries
-        .iter()
-        .filter_map(|e| match e.split_once('=') {
-            Some(_) => Some(e.clone()),
-            None => std::env::var(e).ok().map(|v| format!("{e}={v}")),
-        })
-        .collect()
-}
-
 fn terminal_size() -> Option<(u16, u16)> {
     let mut ws = libc::winsize {
         ws_row: 0,
@@ -319,41 +287,72 @@ fn terminal_size() -> Option<(u16, u16)> {
 }
 
 pub fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
-    use agent_protocol::{ErrorKind, ExecRequest};
-    let (dir, _) = running(&args.vm)?;
-    let agent = Agent::new(dir.vsock());
-    let req = ExecRequest {
-        argv: args.command,
-        env: host_env(&args.env),
-        cwd: args.workdir,
-        user: args.user,
-        tty: args.tty.then(|| terminal_size().unwrap_or((24, 80))),
-        stdin: args.interactive,
-    };
-    let session = match agent.spawn(req) {
-        Ok(s) => s,
-        Err(AgentClientError::Remote(e)) => {
-            eprintln!("supermachine: {}", e.message);
-            return Ok(ExitCode::from(match e.kind {
-                ErrorKind::NotFound => 127,
-                ErrorKind::NotExecutable | ErrorKind::PermissionDenied => 126,
-                _ => 125,
-            }));
+    let vm = running(&args.vm)?;
+    let mut cmd = vm.exec_builder().argv(args.command);
+    for e in &args.env {
+        match e.split_once('=') {
+            Some((k, v)) => cmd = cmd.env(k, v),
+            // NAME alone passes the host's value; unset on the host, it is left out (Docker).
+            None => {
+                if let Ok(v) = std::env::var(e) {
+                    cmd = cmd.env(e, &v);
+                }
+            }
+        }
+    }
+    if let Some(dir) = &args.workdir {
+        cmd = cmd.cwd(dir);
+    }
+    if let Some(user) = &args.user {
+        cmd = cmd.user(user);
+    }
+    if args.tty {
+        let (rows, cols) = terminal_size().unwrap_or((24, 80));
+        cmd = cmd.tty(rows, cols);
+    }
+    if !args.interactive {
+        cmd = cmd.stdin_null();
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e @ Error::CommandNotFound(_)) => {
+            eprintln!("supermachine: {e}");
+            return Ok(ExitCode::from(127));
+        }
+        Err(e @ Error::CommandNotExecutable(_)) => {
+            eprintln!("supermachine: {e}");
+            return Ok(ExitCode::from(126));
         }
         Err(e) => return Err(e.into()),
     };
-    let input = session.input();
     let _raw = (args.tty && args.interactive).then(supermachine::run::RawTerminal::enable);
-    if args.interactive {
-        session.stream_stdin(Box::new(std::io::stdin()));
+    if let Some(mut stdin) = child.stdin.take() {
+        // Detached: it ends with our stdin (dropping `stdin` sends end of file).
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut std::io::stdin().lock(), &mut stdin);
+        });
     }
-    forward_signals(input, args.tty);
-    let status = session.wait(&mut std::io::stdout(), &mut std::io::stderr())?;
+    forward_signals(child.controller(), args.tty);
+    let copy = |from: Option<supermachine::ChildOutput>, err: bool| {
+        std::thread::spawn(move || {
+            if let Some(mut from) = from {
+                let _ = if err {
+                    std::io::copy(&mut from, &mut std::io::stderr())
+                } else {
+                    std::io::copy(&mut from, &mut std::io::stdout())
+                };
+            }
+        })
+    };
+    let out = copy(child.stdout.take(), false);
+    let err = copy(child.stderr.take(), true);
+    let status = child.wait()?;
+    let _ = (out.join(), err.join());
     Ok(ExitCode::from((status.code & 0xff) as u8))
 }
 
 /// SIGINT/SIGTERM/SIGHUP to us go to the exec'd process; with a terminal, SIGWINCH resizes it.
-fn forward_signals(input: supermachine::agent::ExecInput, tty: bool) {
+fn forward_signals(child: ChildController, tty: bool) {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGWINCH};
     let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP, SIGWINCH])
     else {
@@ -363,11 +362,11 @@ fn forward_signals(input: supermachine::agent::ExecInput, tty: bool) {
         for sig in signals.forever() {
             let sent = if sig == SIGWINCH {
                 match (tty, terminal_size()) {
-                    (true, Some((r, c))) => input.resize(r, c),
+                    (true, Some((r, c))) => child.resize(r, c),
                     _ => Ok(()),
                 }
             } else {
-                input.signal(sig)
+                child.signal(sig)
             };
             if sent.is_err() {
                 break;
@@ -396,16 +395,15 @@ pub fn cp(args: CpArgs) -> anyhow::Result<ExitCode> {
         (Some(_), Some(_)) => bail!("copying between two VMs is not supported"),
         (None, None) => bail!("one of SRC and DST must be VM:PATH"),
         (None, Some((vm, dst))) => {
-            let (dir, _) = running(vm)?;
+            let vm = running(vm)?;
             let meta = std::fs::metadata(&args.src).with_context(|| args.src.clone())?;
             if !meta.is_file() {
                 bail!("{}: only regular files can be copied today", args.src);
             }
             let mode = meta.permissions().mode() & 0o7777;
-            let agent = Agent::new(dir.vsock());
-            let send = |to: &str| -> Result<(), AgentClientError> {
-                let mut f = std::fs::File::open(&args.src).map_err(AgentClientError::from)?;
-                agent.write_file(to, mode, &mut f)
+            let send = |to: &str| -> supermachine::Result<()> {
+                let mut f = std::fs::File::open(&args.src)?;
+                vm.copy_in(to, mode, &mut f)
             };
             let target = if dst.ends_with('/') {
                 format!("{dst}{}", base_name(&args.src)?)
@@ -413,9 +411,8 @@ pub fn cp(args: CpArgs) -> anyhow::Result<ExitCode> {
                 dst.to_string()
             };
             match send(&target) {
-                Err(AgentClientError::Remote(e))
-                    if e.kind == agent_protocol::ErrorKind::IsDirectory =>
-                {
+                // A directory there: into it, as cp does.
+                Err(Error::IsADirectory(_)) => {
                     let inside =
                         format!("{}/{}", target.trim_end_matches('/'), base_name(&args.src)?);
                     send(&inside)?;
@@ -424,8 +421,7 @@ pub fn cp(args: CpArgs) -> anyhow::Result<ExitCode> {
             }
         }
         (Some((vm, src)), None) => {
-            let (dir, _) = running(vm)?;
-            let agent = Agent::new(dir.vsock());
+            let vm = running(vm)?;
             let mut dst = std::path::PathBuf::from(&args.dst);
             if dst.is_dir() {
                 dst.push(base_name(src)?);
@@ -443,7 +439,7 @@ pub fn cp(args: CpArgs) -> anyhow::Result<ExitCode> {
             let result = (|| -> anyhow::Result<()> {
                 let mut f =
                     std::fs::File::create(&tmp).with_context(|| tmp.display().to_string())?;
-                let info = agent.read_file(src, &mut f)?;
+                let info = vm.copy_out(src, &mut f)?;
                 f.set_permissions(std::fs::Permissions::from_mode(info.mode))?;
                 f.sync_all()?;
                 std::fs::rename(&tmp, &dst).with_context(|| dst.display().to_string())?;
@@ -456,67 +452,6 @@ pub fn cp(args: CpArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn signal(pid: u32, sig: i32) {
-    // SAFETY: kill has no memory-safety preconditions; the pid was checked to be the VM's.
-    unsafe { libc::kill(pid as libc::pid_t, sig) };
-}
-
-/// Waits until the VM's process is gone; false after `limit`.
-fn wait_gone(record: &VmRecord, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    while supermachine::vms::process_start(record.pid) == Some(record.pid_start) {
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    true
-}
-
-/// Stops a VM run by a program through the library: through its control socket (its process
-/// is the program's, never signalled); waits until its record is gone or has a status.
-fn stop_embedded(dir: &VmDir, grace: Duration) -> anyhow::Result<()> {
-    use supermachine::control::{call, ControlReply, ControlRequest};
-    let request = ControlRequest::Stop {
-        grace_ms: grace.as_millis() as u64,
-    };
-    match call(&dir.control(), &request, Duration::from_secs(10))? {
-        ControlReply::Stopping => {}
-        ControlReply::Error { message } => bail!("{message}"),
-        other => bail!("unexpected answer {other:?}"),
-    }
-    let deadline = Instant::now() + grace + Duration::from_secs(10);
-    while dir.record().is_ok_and(|r| r.exit_code.is_none()) {
-        if Instant::now() >= deadline {
-            bail!("the VM did not stop within {} s", (grace.as_secs() + 10));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
-}
-
-/// The stop signal with `grace` to exit; then a forced power-off; then SIGKILL of the VMM.
-/// A library VM is asked through its control socket instead.
-fn stop_vm(dir: &VmDir, record: &VmRecord, grace: Duration) -> anyhow::Result<()> {
-    if record.status() != VmStatus::Running {
-        return Ok(());
-    }
-    if record.embedded {
-        return stop_embedded(dir, grace);
-    }
-    signal(record.pid, libc::SIGTERM);
-    if wait_gone(record, grace) {
-        return Ok(());
-    }
-    // A second SIGTERM makes the VMM power the VM off at once.
-    signal(record.pid, libc::SIGTERM);
-    if !wait_gone(record, Duration::from_secs(5)) {
-        signal(record.pid, libc::SIGKILL);
-        wait_gone(record, Duration::from_secs(5));
-    }
-    Ok(())
 }
 
 /// Runs `f` on each named VM, printing the name on success (as Docker does) and the error
@@ -541,43 +476,26 @@ fn each_vm(names: &[String], mut f: impl FnMut(&str) -> anyhow::Result<()>) -> E
 
 pub fn stop(args: StopArgs) -> anyhow::Result<ExitCode> {
     Ok(each_vm(&args.vms, |name| {
-        let (_, dir, record) = find(name)?;
-        stop_vm(&dir, &record, Duration::from_secs(args.time))
+        Ok(VmHandle::find(name)?.stop(Duration::from_secs(args.time))?)
     }))
 }
 
 /// `snapshot VM DIR`: asks the VM's process to pause it, save it and resume (or stop) it.
 pub fn snapshot(args: SnapshotArgs) -> anyhow::Result<ExitCode> {
-    use supermachine::control::{call, ControlReply, ControlRequest};
-    let (dir, _) = running(&args.vm)?;
-    let target = if args.dir.is_absolute() {
-        args.dir
-    } else {
-        std::env::current_dir()?.join(args.dir)
-    };
-    let request = ControlRequest::Snapshot {
-        dir: target,
-        stop: args.stop,
-    };
-    match call(&dir.control(), &request, Duration::from_secs(600))? {
-        ControlReply::Snapshot { dir } => println!("{}", dir.display()),
-        ControlReply::Error { message } => bail!("{message}"),
-        ControlReply::Stopping => bail!("unexpected answer from the VM"),
-    }
+    let vm = running(&args.vm)?;
+    let dir = vm.snapshot(&args.dir, args.stop)?;
+    println!("{}", dir.display());
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn rm(args: RmArgs) -> anyhow::Result<ExitCode> {
     Ok(each_vm(&args.vms, |name| {
-        let (registry, dir, record) = find(name)?;
-        if record.status() == VmStatus::Running {
-            if !args.force {
-                bail!("VM {} is running: stop it first or use rm -f", record.name);
+        match VmHandle::find(name)?.remove(args.force) {
+            Err(Error::VmRunning(name)) => {
+                bail!("VM {name} is running: stop it first or use rm -f")
             }
-            stop_vm(&dir, &record, Duration::ZERO)?;
+            other => Ok(other?),
         }
-        registry.remove(&dir, &record.id, &record.name)?;
-        Ok(())
     }))
 }
 

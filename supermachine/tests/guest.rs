@@ -775,9 +775,24 @@ fn synced_writes_survive_a_killed_vmm() {
 
 #[test]
 fn run_with_a_terminal_passes_keys_and_window_size() {
+    let env = RunEnv::new("run-tty");
+    drive_terminal(&env, &["run", "-i", "-t", &env.image]);
+    // The same for a command run in a VM started in the background.
+    let (code, _, err) = env.sm(
+        &["run", "-d", "--name", "tty", &env.image, "sleep", "600"],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    drive_terminal(&env, &["exec", "-i", "-t", "tty"]);
+    let (code, _, err) = env.sm(&["rm", "-f", "tty"], None);
+    assert_eq!(code, 0, "{err}");
+}
+
+/// Runs `supermachine ARGS sh -c SCRIPT` on a pseudo-terminal: the script sees the terminal's
+/// size, a resize (with SIGWINCH), typed input, and its exit status becomes supermachine's.
+fn drive_terminal(env: &RunEnv, args: &[&str]) {
     use std::io::Write;
     use std::os::fd::{AsRawFd, FromRawFd};
-    let env = RunEnv::new("run-tty");
     let (mut master, mut slave) = (0, 0);
     let ws = libc::winsize {
         ws_row: 33,
@@ -804,11 +819,8 @@ fn run_with_a_terminal_passes_keys_and_window_size() {
         )
     };
     let mut child = Command::new(env!("CARGO_BIN_EXE_supermachine"))
+        .args(args)
         .args([
-            "run",
-            "-i",
-            "-t",
-            &env.image,
             "sh",
             "-c",
             // The trap is set before the size is printed: the host resizes on seeing it.
@@ -817,6 +829,7 @@ fn run_with_a_terminal_passes_keys_and_window_size() {
              stty size; read line; echo got-$line; exit 5",
         ])
         .env("SUPERMACHINE_HOME", env.dir.join("home"))
+        .env("SUPERMACHINE_RUNTIME_DIR", env.runtime_dir())
         .stdin(slave.try_clone().unwrap())
         .stdout(slave.try_clone().unwrap())
         .stderr(slave)
@@ -1960,6 +1973,57 @@ fn library_vm_runs_commands_moves_files_and_streams() {
     let (code, _, err) = env.sm(&["stop", "-t", "5", "embedded"], None);
     assert_eq!(code, 0, "{err}");
     assert_eq!(embedded.wait().unwrap(), 143);
+    // ...and so does a program, through a handle found by name: commands (on a terminal that
+    // can be resized; a missing or non-executable command is its own error), files, stop.
+    let embedded = image
+        .start(&VmConfig::new().memory_mib(128).name("handled"))
+        .unwrap();
+    let handle = supermachine::VmHandle::find("handled").unwrap();
+    assert_eq!(handle.id(), embedded.id());
+    assert!(supermachine::VmHandle::list(false)
+        .unwrap()
+        .iter()
+        .any(|i| i.name == "handled" && i.status == supermachine::VmStatus::Running));
+    let mut child = handle
+        .exec_builder()
+        .argv(["sh", "-c", "stty size; read _; stty size"])
+        .tty(30, 100)
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut tty = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    tty.read_line(&mut line).unwrap();
+    assert_eq!(line.trim_end(), "30 100");
+    child.resize(40, 120).unwrap();
+    stdin.write_all(b"\n").unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut tty, &mut rest).unwrap();
+    assert!(rest.contains("40 120"), "{rest:?}");
+    assert_eq!(child.wait().unwrap().code, 0);
+    let e = handle
+        .exec_builder()
+        .argv(["/no/such"])
+        .output()
+        .unwrap_err();
+    assert!(matches!(e, Error::CommandNotFound(_)), "{e:?}");
+    let e = handle
+        .exec_builder()
+        .argv(["/etc/passwd"])
+        .output()
+        .unwrap_err();
+    assert!(matches!(e, Error::CommandNotExecutable(_)), "{e:?}");
+    handle.write_file("/tmp/via-handle", b"handled").unwrap();
+    assert_eq!(embedded.read_file("/tmp/via-handle").unwrap(), b"handled");
+    let e = handle.write_file("/tmp", b"x").unwrap_err();
+    assert!(matches!(e, Error::IsADirectory(_)), "{e:?}");
+    let e = handle.clone().remove(false).unwrap_err();
+    assert!(matches!(e, Error::VmRunning(_)), "{e:?}");
+    handle.stop(Duration::from_secs(5)).unwrap();
+    assert!(!handle.is_running());
+    assert_eq!(embedded.wait().unwrap(), 143);
+    let e = supermachine::VmHandle::find("no-such-vm").unwrap_err();
+    assert!(matches!(e, Error::VmNotFound(_)), "{e:?}");
 
     // A missing image is its own error.
     let e = Image::open("oci:/nonexistent/layout:latest").unwrap_err();

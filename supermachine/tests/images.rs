@@ -416,3 +416,47 @@ fn cli_pull_images_rmi_prune() {
     assert!(err.contains("invalid image reference"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn cli_volume_create_ls_rm() {
+    let dir = scratch("cli-volume");
+    let sm = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_supermachine"))
+            .args(args)
+            .env("SUPERMACHINE_HOME", dir.join("home"))
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = sm(&["volume", "create", "--size", "64m", "data"]);
+    assert_eq!((code, out.trim()), (0, "data"), "{err}");
+    let (code, out, _) = sm(&["volume", "ls"]);
+    assert_eq!(code, 0);
+    assert!(out.lines().any(|l| l.starts_with("data ")), "{out}");
+    let (code, _, err) = sm(&["volume", "create", "data"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("volume data already exists"), "{err}");
+    // Paths are not names: nothing is made or removed outside the volumes.
+    let outside = dir.join("outside.ext4");
+    std::fs::write(&outside, b"keep").unwrap();
+    for cmd in ["create", "rm"] {
+        let (code, _, err) = sm(&["volume", cmd, &dir.join("outside").display().to_string()]);
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains("invalid volume name"), "{err}");
+        let (code, _, err) = sm(&["volume", cmd, "../../outside"]);
+        assert_eq!(code, 1, "{err}");
+    }
+    assert_eq!(std::fs::read(&outside).unwrap(), b"keep");
+    let (code, out, err) = sm(&["volume", "rm", "data"]);
+    assert_eq!((code, out.trim()), (0, "data"), "{err}");
+    let (_, out, _) = sm(&["volume", "ls"]);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    let (code, _, err) = sm(&["volume", "rm", "data"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("data"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
