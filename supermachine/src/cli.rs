@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use supermachine::boot::{boot, BootOptions};
 use supermachine::images::human_size;
 use supermachine::VmExit;
-use supermachine::{paths, Image};
+use supermachine::{paths, Attach, Image, VmConfig, VmHandle};
 
 /// Exit status when supermachine itself failed (as Docker's 125).
 const EXIT_SUPERMACHINE_FAILED: u8 = 125;
@@ -433,10 +433,9 @@ fn init_logging(debug: bool) {
         .try_init();
 }
 
-/// The library's options for `run` (and `bake`) from the command line.
-fn run_options(args: RunArgs) -> anyhow::Result<supermachine::run::RunOptions> {
-    use supermachine::run::{PullPolicy, RunOptions};
-    use supermachine::tls::TlsTermination;
+/// The image and the library's VM configuration for `run` (and `bake`) from the command line.
+fn vm_config(args: RunArgs) -> anyhow::Result<(Image, VmConfig)> {
+    use supermachine::{PullPolicy, TlsTermination, Workload};
     let mut env = Vec::new();
     for file in &args.env_file {
         let text = std::fs::read_to_string(file)
@@ -450,11 +449,6 @@ fn run_options(args: RunArgs) -> anyhow::Result<supermachine::run::RunOptions> {
     }
     env.extend(args.env);
     init_logging(args.debug);
-    let network = supermachine::network::NetworkOptions {
-        mode: args.network,
-        egress: args.egress,
-    };
-    network.validate()?;
     // Checked now, so a bad certificate or key fails the start, never the first connection.
     let tls = match (&args.tls_cert, &args.tls_key, args.tls_autogen) {
         (Some(cert), Some(key), _) => Some(TlsTermination::from_pem_files(cert, key)?),
@@ -464,86 +458,93 @@ fn run_options(args: RunArgs) -> anyhow::Result<supermachine::run::RunOptions> {
     .map(|t| t.with_alpn(&args.tls_alpn))
     .transpose()?;
     let mut command = args.command;
-    let mut image = args.image.unwrap_or_default();
-    let snapshot = match args.snapshot {
+    let image = match args.snapshot {
         Some(s) => {
             // With --snapshot the image is optional: a first word is then part of the command.
-            if !image.is_empty() {
-                command.insert(0, std::mem::take(&mut image));
+            if let Some(first) = args.image {
+                command.insert(0, first);
             }
-            Some(resolve_snapshot(&s)?)
+            Image::from_bake(&s).map_err(|_| {
+                anyhow::anyhow!("--snapshot {s}: no such snapshot directory or bake")
+            })?
         }
-        None => None,
+        None => Image::new(&args.image.unwrap_or_default()),
     };
-    Ok(RunOptions {
-        image,
-        pull: match args.pull {
+    let mut config = VmConfig::new()
+        .pull(match args.pull {
             PullPolicyArg::Missing => PullPolicy::Missing,
             PullPolicyArg::Always => PullPolicy::Always,
             PullPolicyArg::Never => PullPolicy::Never,
-        },
-        command,
-        entrypoint: args.entrypoint,
-        env,
-        workdir: args.workdir,
-        user: args.user,
-        hostname: args.hostname.or(args.name.clone()),
-        memory_mib: args.memory,
-        vcpus: args.cpus,
-        interactive: args.interactive,
-        tty: args.tty,
-        debug: args.debug,
-        volumes: args.volume,
-        volume_size: u64::from(args.volume_size) << 20,
-        // Undocumented on the command line: for tests of a guest that never comes up.
-        come_up_limit: std::env::var("SUPERMACHINE_COME_UP_SECS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .map(std::time::Duration::from_secs),
-        name: args.name,
-        reserved_id: None,
-        keep_record: false,
-        publish: args.publish,
-        publish_all: args.publish_all,
-        tls,
-        stop_timeout: Some(std::time::Duration::from_secs(args.stop_timeout)),
-        bake: None,
-        snapshot,
-        no_restore: args.no_restore,
-        idle: false,
-        forward_signals: true,
-        stop_handle: None,
-        network,
-    })
-}
-
-/// `--snapshot`: a directory, or the name of a bake in the cache.
-fn resolve_snapshot(given: &str) -> anyhow::Result<PathBuf> {
-    let path = PathBuf::from(given);
-    if path.is_dir() {
-        return Ok(path);
-    }
-    if !given.contains('/') {
-        let store = supermachine::images::store()?;
-        let named = supermachine::run::bake_cache_dir(&store).join(given);
-        if named.is_dir() {
-            return Ok(named);
+        })
+        .workload(if command.is_empty() {
+            Workload::ImageCommand
+        } else {
+            Workload::Command(command)
+        })
+        .memory_mib(args.memory)
+        .vcpus(args.cpus)
+        .volume_size(u64::from(args.volume_size) << 20)
+        .stop_timeout(std::time::Duration::from_secs(args.stop_timeout))
+        .publish_all(args.publish_all)
+        .debug(args.debug)
+        .boot_always(args.no_restore)
+        .network(args.network)
+        .egress(args.egress);
+    for entry in &env {
+        match entry.split_once('=') {
+            Some((name, value)) => config = config.env(name, value),
+            // NAME alone passes the host's value; unset on the host, it is left out (Docker).
+            None => {
+                if let Ok(value) = std::env::var(entry) {
+                    config = config.env(entry, &value);
+                }
+            }
         }
     }
-    anyhow::bail!("--snapshot {given}: no such snapshot directory or bake")
+    if let Some(e) = &args.entrypoint {
+        config = config.entrypoint(e);
+    }
+    if let Some(w) = &args.workdir {
+        config = config.workdir(w);
+    }
+    if let Some(u) = &args.user {
+        config = config.user(u);
+    }
+    if let Some(h) = &args.hostname {
+        config = config.hostname(h);
+    }
+    if let Some(n) = &args.name {
+        config = config.name(n);
+    }
+    for p in args.publish {
+        config = config.publish(p);
+    }
+    for v in args.volume {
+        config = config.volume(v);
+    }
+    if let Some(tls) = tls {
+        config = config.tls(tls);
+    }
+    // Undocumented on the command line: for tests of a guest that never comes up.
+    if let Some(secs) = std::env::var("SUPERMACHINE_COME_UP_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        config = config.start_timeout(std::time::Duration::from_secs(secs));
+    }
+    Ok((image, config))
 }
 
 fn run_bake(args: BakeArgs) -> anyhow::Result<ExitCode> {
-    use supermachine::run::{BakeOptions, ReadyCheck};
+    use supermachine::{BakeOptions, ReadyCheck};
     let detached = args.run.detach || args.run.interactive || args.run.tty;
     if detached {
         anyhow::bail!("bake runs in the foreground without a terminal: drop -d, -i and -t");
     }
-    let debug = args.run.debug;
-    let mut opts = run_options(args.run)?;
-    if opts.snapshot.is_some() {
+    if args.run.snapshot.is_some() {
         anyhow::bail!("bake boots the image: --snapshot does not apply");
     }
+    let (image, config) = vm_config(args.run)?;
     let ready = if let Some(p) = args.ready_port {
         ReadyCheck::Port(p)
     } else if let Some(c) = args.ready_cmd {
@@ -557,72 +558,53 @@ fn run_bake(args: BakeArgs) -> anyhow::Result<ExitCode> {
     } else {
         ReadyCheck::Default
     };
-    let dir = match (args.output, args.bake_name) {
-        (Some(dir), _) => Some(dir),
+    let mut opts = BakeOptions::new()
+        .config(config)
+        .ready(ready)
+        .ready_limit(std::time::Duration::from_secs(args.ready_timeout));
+    match (args.output, args.bake_name) {
+        (Some(dir), _) => opts = opts.dir(dir),
         (None, Some(name)) => {
             if name.is_empty() || name.contains('/') || name.starts_with('.') {
                 anyhow::bail!("--as {name:?}: a bake name is one path component");
             }
-            let store = supermachine::images::store()?;
-            Some(supermachine::run::bake_cache_dir(&store).join(name))
+            opts = opts.name(&name);
         }
-        (None, None) => None,
-    };
-    opts.bake = Some(BakeOptions {
-        dir,
-        ready,
-        ready_limit: Some(std::time::Duration::from_secs(args.ready_timeout)),
-    });
+        (None, None) => {}
+    }
     let started = std::time::Instant::now();
     // The workload's output goes to stderr with --debug, and nowhere otherwise.
-    let output = || -> Box<dyn std::io::Write + Send> {
-        if debug {
-            Box::new(std::io::stderr())
-        } else {
-            Box::new(std::io::sink())
-        }
-    };
-    let dir = supermachine::run::bake(&opts, output(), output())?;
+    let baked = image.bake(&opts)?;
     eprintln!(
         "supermachine: baked {} in {:.2} s",
-        opts.image,
+        image.reference(),
         started.elapsed().as_secs_f64()
     );
-    println!("{}", dir.display());
+    if let Some(dir) = baked.snapshot_dir() {
+        println!("{}", dir.display());
+    }
     Ok(ExitCode::SUCCESS)
 }
 
 fn run_run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    use supermachine::run::run;
-    let rm = args.rm;
-    let detach = args.detach;
-    let opts = run_options(args)?;
-    let mut opts = opts;
+    let (rm, detach) = (args.rm, args.detach);
+    let (interactive, tty) = (args.interactive, args.tty);
+    let name = args.name.clone();
+    let (image, mut config) = vm_config(args)?;
+    let mut attach = Attach::inherit().forward_signals(true);
     if let Ok(id) = std::env::var(crate::vm_commands::DETACHED_CHILD_ENV) {
         // We are the background process of `run -d`: the parent reserved our entry.
-        opts.reserved_id = Some(id);
-        opts.keep_record = !rm;
-        opts.interactive = false;
-        opts.tty = false;
+        let reserved = VmHandle::find_reserved(&id)?;
+        config = config.reserved(&reserved).keep_after_exit(!rm);
     } else if detach {
-        return crate::vm_commands::detach(opts.name.as_deref());
+        return crate::vm_commands::detach(name.as_deref());
+    } else {
+        if interactive {
+            attach = attach.interactive();
+        }
+        attach = attach.tty(tty);
     }
-    let stdin: Option<Box<dyn std::io::Read + Send>> = if opts.interactive {
-        Some(Box::new(std::io::stdin()))
-    } else {
-        None
-    };
-    let _raw = if opts.tty && opts.interactive {
-        Some(supermachine::run::RawTerminal::enable())
-    } else {
-        None
-    };
-    let status = run(
-        &opts,
-        Box::new(std::io::stdout()),
-        Box::new(std::io::stderr()),
-        stdin,
-    )?;
+    let status = image.run(&config, attach)?;
     Ok(ExitCode::from((status & 0xff) as u8))
 }
 

@@ -97,6 +97,50 @@ impl VmHandle {
         })
     }
 
+    /// Reserves a VM entry (a fresh id, and `name` if given) for a VM another process of this
+    /// program will run with [`crate::VmConfig::reserved`]: found by name or id at once, and
+    /// the name is taken before that process starts. [`VmHandle::remove`] gives it back if
+    /// the VM never starts.
+    pub fn reserve(name: Option<&str>) -> Result<VmHandle> {
+        let registry = Registry::open().map_err(registry_error)?;
+        let (id, name, dir) = registry.create(name).map_err(registry_error)?;
+        Ok(VmHandle::of_reservation(registry, id, name, dir))
+    }
+
+    /// The entry [`VmHandle::reserve`] made, by its id (in the process that runs the VM).
+    pub fn find_reserved(id: &str) -> Result<VmHandle> {
+        let registry = Registry::open().map_err(registry_error)?;
+        let (id, name, dir) = registry.reserved(id).map_err(registry_error)?;
+        Ok(VmHandle::of_reservation(registry, id, name, dir))
+    }
+
+    fn of_reservation(registry: Registry, id: String, name: String, dir: VmDir) -> VmHandle {
+        let record = dir.record().unwrap_or_else(|_| VmRecord {
+            id,
+            name,
+            image: String::new(),
+            created: 0,
+            pid: 0,
+            pid_start: 0,
+            ports: Vec::new(),
+            detached: false,
+            auto_remove: false,
+            exit_code: None,
+            embedded: false,
+        });
+        VmHandle {
+            agent: Agent::new(dir.vsock()),
+            registry,
+            dir,
+            record,
+        }
+    }
+
+    /// Whether the VM's guest agent answers (it is up and takes commands).
+    pub fn is_ready(&self) -> bool {
+        self.agent.ping().is_ok()
+    }
+
     /// Its id.
     pub fn id(&self) -> &str {
         &self.record.id
@@ -168,6 +212,12 @@ impl VmHandle {
             mode: info.mode,
             size: info.size,
         })
+    }
+
+    /// Where a VM started in the background keeps the workload's stdout and stderr: the
+    /// program that starts it ([`VmHandle::reserve`]) sends the output there.
+    pub fn log_paths(&self) -> (PathBuf, PathBuf) {
+        (self.dir.stdout_log(), self.dir.stderr_log())
     }
 
     /// The workload's stdout and stderr log files, for a VM started in the background

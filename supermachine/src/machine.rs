@@ -56,6 +56,10 @@ pub struct VmConfig {
     pub(crate) start_timeout: Duration,
     pub(crate) boot_always: bool,
     pub(crate) network: crate::network::NetworkOptions,
+    pub(crate) publish_all: bool,
+    pub(crate) debug: bool,
+    pub(crate) reserved_id: Option<String>,
+    pub(crate) keep_after_exit: bool,
 }
 
 impl Default for VmConfig {
@@ -79,6 +83,10 @@ impl Default for VmConfig {
             start_timeout: crate::run::COME_UP_LIMIT,
             boot_always: false,
             network: crate::network::NetworkOptions::default(),
+            publish_all: false,
+            debug: false,
+            reserved_id: None,
+            keep_after_exit: false,
         }
     }
 }
@@ -211,6 +219,33 @@ impl VmConfig {
         self
     }
 
+    /// Publishes every port the image exposes on a free host port (`-P`).
+    pub fn publish_all(mut self, yes: bool) -> Self {
+        self.publish_all = yes;
+        self
+    }
+
+    /// Shows the guest kernel's log with the workload's stderr (`--debug`); a bake then
+    /// shows the workload's output on this process's stderr.
+    pub fn debug(mut self, yes: bool) -> Self {
+        self.debug = yes;
+        self
+    }
+
+    /// Runs as the VM `reserved` holds ([`crate::VmHandle::reserve`]): how a program starts
+    /// a VM in another process of its own and finds it by name or id at once (`run -d`).
+    pub fn reserved(mut self, reserved: &crate::VmHandle) -> Self {
+        self.reserved_id = Some(reserved.id().into());
+        self
+    }
+
+    /// Keeps the VM's record (in `ps -a`, with its exit status, and its name taken) after it
+    /// ends, until removed ([`crate::VmHandle::remove`]); default: removed when it ends.
+    pub fn keep_after_exit(mut self, yes: bool) -> Self {
+        self.keep_after_exit = yes;
+        self
+    }
+
     /// Boot even when the bake cache holds a bake of this image and configuration (by
     /// default [`crate::Image::start`] restores it; `supermachine run --no-restore`).
     pub fn boot_always(mut self, yes: bool) -> Self {
@@ -220,6 +255,9 @@ impl VmConfig {
 
     /// The `run` options for `image` (a snapshot directory when restoring).
     pub(crate) fn run_options(&self, image: &str, snapshot: Option<&Path>) -> Result<RunOptions> {
+        self.network
+            .validate()
+            .map_err(|e| Error::Config(e.to_string()))?;
         let (command, idle) = match &self.workload {
             Workload::Idle => (Vec::new(), true),
             Workload::ImageCommand => (Vec::new(), false),
@@ -247,6 +285,10 @@ impl VmConfig {
             no_restore: self.boot_always,
             idle,
             network: self.network.clone(),
+            publish_all: self.publish_all,
+            debug: self.debug,
+            reserved_id: self.reserved_id.clone(),
+            keep_record: self.keep_after_exit,
             ..Default::default()
         })
     }

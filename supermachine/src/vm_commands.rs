@@ -9,8 +9,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use clap::Args;
-use supermachine::agent::Agent;
-use supermachine::vms::Registry;
 use supermachine::{ChildController, Error, VmHandle, VmStatus};
 
 /// Set on the background process of `run -d` to the VM id its parent reserved.
@@ -105,11 +103,12 @@ pub struct RmArgs {
 /// `run -d`: starts this same command line again as a background process (its own session,
 /// output to the VM's log files) and returns once the VM's agent answers.
 pub fn detach(name: Option<&str>) -> anyhow::Result<ExitCode> {
-    let registry = Registry::open()?;
-    let (id, name, dir) = registry.create(name)?;
+    let reserved = VmHandle::reserve(name)?;
+    let id = reserved.id().to_string();
     let spawned = (|| -> std::io::Result<std::process::Child> {
-        let stdout = std::fs::File::create(dir.stdout_log())?;
-        let stderr = std::fs::File::create(dir.stderr_log())?;
+        let (stdout_log, stderr_log) = reserved.log_paths();
+        let stdout = std::fs::File::create(stdout_log)?;
+        let stderr = std::fs::File::create(stderr_log)?;
         let mut cmd = std::process::Command::new(std::env::current_exe()?);
         cmd.args(std::env::args_os().skip(1))
             .env(DETACHED_CHILD_ENV, &id)
@@ -129,38 +128,36 @@ pub fn detach(name: Option<&str>) -> anyhow::Result<ExitCode> {
     let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
-            let _ = registry.remove(&dir, &id, &name);
+            let _ = reserved.remove(true);
             bail!("cannot start the VM process: {e}");
         }
     };
-    let agent = Agent::new(dir.vsock());
     let started = Instant::now();
     loop {
         if let Some(status) = child.try_wait()? {
             // It ended before we saw it up: a failure to start, or a workload that was quick.
-            if let Ok(record) = dir.record() {
-                if record.exit_code.is_some_and(|c| c != 125) {
+            if let VmStatus::Exited(code) = reserved.info().status {
+                if code != 125 {
                     println!("{id}");
                     return Ok(ExitCode::SUCCESS);
                 }
             }
-            let log = std::fs::read_to_string(dir.stderr_log()).unwrap_or_default();
-            eprint!("{log}");
-            if dir.path().exists() {
-                let _ = registry.remove(&dir, &id, &name);
+            if let Some((_, mut log)) = reserved.logs() {
+                let _ = std::io::copy(&mut log, &mut std::io::stderr());
             }
+            let _ = reserved.remove(true);
             return Ok(ExitCode::from(
                 status.code().unwrap_or(125).clamp(1, 255) as u8
             ));
         }
-        if agent.ping().is_ok() {
+        if reserved.is_ready() {
             println!("{id}");
             return Ok(ExitCode::SUCCESS);
         }
         if started.elapsed() > DETACH_LIMIT {
             let _ = child.kill();
             let _ = child.wait();
-            let _ = registry.remove(&dir, &id, &name);
+            let _ = reserved.remove(true);
             bail!("the VM did not come up within {} s", DETACH_LIMIT.as_secs());
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -325,7 +322,7 @@ pub fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
         }
         Err(e) => return Err(e.into()),
     };
-    let _raw = (args.tty && args.interactive).then(supermachine::run::RawTerminal::enable);
+    let _raw = (args.tty && args.interactive).then(supermachine::RawTerminal::enable);
     if let Some(mut stdin) = child.stdin.take() {
         // Detached: it ends with our stdin (dropping `stdin` sends end of file).
         std::thread::spawn(move || {
