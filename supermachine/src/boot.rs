@@ -407,7 +407,9 @@ pub fn restore_loaded(
         dir: opts.dir.clone(),
         why,
     };
+    crate::timings::mark("restore_started");
     let hypervisor = open_hypervisor()?;
+    crate::timings::mark("hypervisor_opened");
     let control = opts.control.clone().unwrap_or_default();
     let mut builder =
         VmBuilder::from_memory(hypervisor.as_ref(), loaded.memory, state.vcpus.len() as u8)?;

@@ -52,8 +52,17 @@
 //! exhausted…). VMs run on threads of the calling process; they show in `supermachine ps`.
 //! Runnable examples: `examples/sandbox.rs`, `examples/pool.rs`, `examples/server.rs`.
 //!
+//! ## Foreground runs, other processes' VMs, the store
+//!
+//! [`Image::run`] runs a workload in the foreground as `docker run` does ([`Attach`] says where
+//! its stdin, stdout and stderr go). [`VmHandle`] finds any VM of this user by name or id,
+//! whichever process runs it, and execs in it, copies files, snapshots, stops or removes it.
+//! [`Image::list`], [`Image::remove`], [`Image::prune`] and [`Volume`] manage what is stored.
+//! The `supermachine` CLI is built on exactly these calls (its `boot` command on [`boot()`]).
+//! With the `tokio` feature, `supermachine::tokio` wraps the blocking calls for async code.
+//!
 //! The modules below the API ([`run`], [`boot`], [`snapshot`], [`images`], [`ports`],
-//! [`tls`]…) are what the CLI is built on; they are public for tools that need more control.
+//! [`tls`]…) are the machinery under it; they are public for tools that need more control.
 #![deny(missing_docs)]
 
 pub mod agent;
@@ -74,6 +83,10 @@ pub mod run;
 pub mod snapshot;
 pub mod timings;
 pub mod tls;
+/// Async wrappers for tokio programs.
+#[cfg(feature = "tokio")]
+#[path = "asynchronous.rs"]
+pub mod tokio;
 pub mod vms;
 pub mod volumes;
 

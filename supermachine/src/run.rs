@@ -1322,6 +1322,7 @@ fn run_registered(
         })
         .map_err(|e| RunError::Publish(std::io::Error::other(format!("control socket: {e}"))))?;
     }
+    crate::timings::mark("control_served");
     let outcome = match start {
         Start::Restore {
             dir: snapshot_dir,

@@ -2115,6 +2115,96 @@ fn library_pool_gives_fresh_vms_and_leaks_none() {
     }
 }
 
+#[test]
+fn tokio_wrappers_drive_vms_and_a_pool_without_stalling_the_executor() {
+    use std::sync::{Arc, Mutex};
+    use supermachine::tokio::{Exec, Pool, Vm};
+    use supermachine::VmConfig;
+    let env = RunEnv::new("library-tokio");
+    let _in_process = env.in_process();
+    // One executor thread: a call that blocked it would hold every other task up.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let image = supermachine::tokio::open(&env.image).await.unwrap();
+        let vm = Arc::new(
+            Vm::start(&image, &VmConfig::new().memory_mib(128))
+                .await
+                .unwrap(),
+        );
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let slow = {
+            let (vm, order) = (vm.clone(), order.clone());
+            tokio::spawn(async move {
+                let out = vm.exec(Exec::new(["sleep", "5"])).await.unwrap();
+                assert!(out.success(), "{out:?}");
+                order.lock().unwrap().push("slow");
+            })
+        };
+        let quick = {
+            let (vm, order) = (vm.clone(), order.clone());
+            tokio::spawn(async move {
+                vm.write_file("/tmp/a", "async").await.unwrap();
+                let out = vm
+                    .exec(Exec::new(["sh", "-c", "cat /tmp/a; echo -n $X"]).env("X", "!"))
+                    .await
+                    .unwrap();
+                assert_eq!(out.stdout, b"async!");
+                assert_eq!(vm.read_file("/tmp/a").await.unwrap(), b"async");
+                order.lock().unwrap().push("quick");
+            })
+        };
+        quick.await.unwrap();
+        slow.await.unwrap();
+        assert_eq!(*order.lock().unwrap(), ["quick", "slow"]);
+        let e = vm
+            .exec(Exec::new(["sleep", "600"]).timeout(Duration::from_secs(2)))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, supermachine::Error::Timeout { .. }), "{e:?}");
+        let vm = Arc::try_unwrap(vm).unwrap();
+        assert_eq!(vm.stop().await.unwrap(), 143);
+
+        // A pool of 2 serving 4 concurrent tasks, each on a fresh VM.
+        let pool = Pool::build(
+            image
+                .pool()
+                .config(VmConfig::new().memory_mib(128))
+                .min(1)
+                .max(2),
+        )
+        .await
+        .unwrap();
+        let tasks: Vec<_> = (0..4)
+            .map(|t| {
+                let pool = pool.clone();
+                tokio::spawn(async move {
+                    let vm = pool.acquire().await.unwrap();
+                    assert!(vm.read_file("/tmp/owner").await.is_err(), "{t}: leaked");
+                    vm.write_file("/tmp/owner", "x").await.unwrap();
+                    let out = vm.exec(Exec::new(["true"])).await.unwrap();
+                    assert!(out.success());
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let stats = pool.blocking().settle(HANG_LIMIT);
+        assert_eq!((stats.acquired, stats.in_use), (4, 0), "{stats:?}");
+    });
+    drop(rt);
+    let deadline = Instant::now() + HANG_LIMIT;
+    while env.registered_vms() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "VMs left after the pool was dropped"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Runs `cargo run --example NAME -- IMAGE` (built by `cargo xtask test`); its stdout.
 fn run_example(env: &RunEnv, name: &str) -> String {
     let exe = std::env::current_exe()
