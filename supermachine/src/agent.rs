@@ -268,6 +268,7 @@ impl Agent {
     /// A byte stream to `127.0.0.1:port` inside the guest.
     pub fn connect(&self, port: u16) -> Result<UnixStream, AgentClientError> {
         let mut s = self.request(Operation::Connect { port })?;
+        crate::timings::mark("agent_dialled");
         match expect_end(read_frame(&mut s)?, "reply")? {
             Frame::Done => Ok(s),
             f => Err(AgentClientError::Unexpected(frame_name(&f))),
