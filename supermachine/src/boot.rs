@@ -8,7 +8,7 @@ use devices::legacy::{ExitStatusPort, I8042ResetLine, SerialConsole};
 use guest_init::InitConfig;
 use vmm_core::arch::x86_64::layout::{COM1_IRQ, COM1_PORT, EXIT_STATUS_PORT, I8042_COMMAND_PORT};
 use vmm_core::builder::InitramfsPart;
-use vmm_core::{Hypervisor, VmBuilder, VmControl, VmExit, VmResources};
+use vmm_core::{GuestMemory, Hypervisor, VmBuilder, VmControl, VmExit, VmResources};
 
 /// The kernel parameters every guest gets: console on COM1, reset through the i8042 on reboot
 /// or panic, no port-0x80 delays.
@@ -395,25 +395,53 @@ pub fn restore(opts: RestoreOptions) -> Result<BootOutcome, BootError> {
     restore_loaded(opts, loaded)
 }
 
+/// The first step of a restore: the hypervisor's VM over the snapshot's memory. It needs
+/// nothing else, so a caller can make it on another thread while it sets up the rest (ports,
+/// sockets) and hand it to [`restore_prepared`].
+pub struct RestoreVm {
+    builder: VmBuilder,
+    /// When the restore began (for the restore-call timing).
+    started: std::time::Instant,
+}
+
+/// Makes the VM of a restore of a snapshot loaded with [`crate::snapshot::load`] (see
+/// [`RestoreVm`]): `memory` and the vCPU count are the snapshot's.
+pub fn create_restore_vm(memory: &GuestMemory, vcpus: u8) -> Result<RestoreVm, BootError> {
+    let started = std::time::Instant::now();
+    crate::timings::mark("restore_started");
+    let hypervisor = open_hypervisor()?;
+    crate::timings::mark("hypervisor_opened");
+    let builder = VmBuilder::from_memory(hypervisor.as_ref(), memory.clone(), vcpus)?;
+    crate::timings::mark("restore_vm_created");
+    Ok(RestoreVm { builder, started })
+}
+
 /// [`restore`] of a snapshot already read with [`crate::snapshot::load`].
 pub fn restore_loaded(
     opts: RestoreOptions,
     loaded: crate::snapshot::LoadedSnapshot,
 ) -> Result<BootOutcome, BootError> {
+    let vm = create_restore_vm(&loaded.memory, loaded.state.vcpus.len() as u8)?;
+    restore_prepared(opts, loaded, vm)
+}
+
+/// [`restore_loaded`] with its VM made already ([`create_restore_vm`] of the same `loaded`).
+pub fn restore_prepared(
+    opts: RestoreOptions,
+    loaded: crate::snapshot::LoadedSnapshot,
+    vm: RestoreVm,
+) -> Result<BootOutcome, BootError> {
     use crate::snapshot::DeviceKind;
-    let started = std::time::Instant::now();
+    let RestoreVm {
+        mut builder,
+        started,
+    } = vm;
     let state = loaded.state;
     let incompatible = |why: String| crate::snapshot::SnapshotError::Incompatible {
         dir: opts.dir.clone(),
         why,
     };
-    crate::timings::mark("restore_started");
-    let hypervisor = open_hypervisor()?;
-    crate::timings::mark("hypervisor_opened");
     let control = opts.control.clone().unwrap_or_default();
-    let mut builder =
-        VmBuilder::from_memory(hypervisor.as_ref(), loaded.memory, state.vcpus.len() as u8)?;
-    crate::timings::mark("restore_vm_created");
     let serial =
         SerialConsole::restore(builder.irq_trigger(COM1_IRQ)?, opts.console, &state.serial)
             .map_err(incompatible)?;

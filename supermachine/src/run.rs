@@ -1096,6 +1096,18 @@ fn run_registered(
     crate::timings::mark("registered");
     let start = plan(opts)?;
     crate::timings::mark("planned");
+    // A restore's VM is made on another thread meanwhile: nothing below needs it until the
+    // restore itself.
+    let restore_vm = match &start {
+        Start::Restore { loaded, .. } if opts.bake.is_none() => {
+            let (memory, vcpus) = (loaded.memory.clone(), loaded.state.vcpus.len() as u8);
+            std::thread::Builder::new()
+                .name("restore-vm".into())
+                .spawn(move || crate::boot::create_restore_vm(&memory, vcpus))
+                .ok()
+        }
+        _ => None,
+    };
     if opts.bake.is_some() {
         if !opts.volumes.is_empty() {
             return Err(RunError::Bake(
@@ -1422,7 +1434,14 @@ fn run_registered(
                         crate::timings::mark("caught_up");
                     });
                 });
-            crate::boot::restore_loaded(
+            let vm = match restore_vm.map(|t| t.join()) {
+                Some(Ok(made)) => made?,
+                // The thread could not start or panicked: make it here.
+                _ => {
+                    crate::boot::create_restore_vm(&loaded.memory, loaded.state.vcpus.len() as u8)?
+                }
+            };
+            crate::boot::restore_prepared(
                 crate::boot::RestoreOptions {
                     dir: snapshot_dir,
                     kernel: None,
@@ -1436,6 +1455,7 @@ fn run_registered(
                     on_started: Some(on_started),
                 },
                 *loaded,
+                vm,
             )?
         }
         Start::Boot {
