@@ -336,14 +336,19 @@ struct BootArgs {
     command: Vec<String>,
 }
 
-/// `supermachine run …` parsed with the `run` subcommand's parser alone: building clap's whole
-/// command tree costs more than the rest of a restore's host-side start under emulation. `None`
-/// for anything else, and for anything the full parser should answer (errors, `--help`), so
-/// messages stay the same.
+/// `supermachine run …` without clap's whole command tree: the common restore command lines
+/// by hand ([`parse_common_run`]), else the `run` subcommand's parser alone. Under emulation
+/// clap costs more than the rest of a restore's host-side start. `None` for anything else, and
+/// for anything the full parser should answer (errors, `--help`), so messages stay the same.
 fn parse_run_fast(args: &[std::ffi::OsString]) -> Option<Cli> {
     use clap::{Args as _, FromArgMatches};
     if args.get(1).map(|a| a.as_os_str()) != Some(std::ffi::OsStr::new("run")) {
         return None;
+    }
+    if let Some(run) = parse_common_run(&args[2..]) {
+        return Some(Cli {
+            command: Command::Run(run),
+        });
     }
     let parser = RunArgs::augment_args(clap::Command::new("run").no_binary_name(true));
     let matches = parser.try_get_matches_from(&args[2..]).ok()?;
@@ -351,6 +356,87 @@ fn parse_run_fast(args: &[std::ffi::OsString]) -> Option<Cli> {
     Some(Cli {
         command: Command::Run(run),
     })
+}
+
+/// `run`'s arguments when they are only `-d`, `--rm`, `-i`, `-t`, `-p`, `-e`, `-m`, `--cpus`,
+/// `--name` (values as separate words or `--long=VALUE`) before the image, then the command:
+/// what restores of a baked server look like. Anything else, or a value clap would refuse,
+/// is `None` (clap parses it). Defaults are clap's: a test compares both parsers.
+fn parse_common_run(args: &[std::ffi::OsString]) -> Option<RunArgs> {
+    let words: Vec<&str> = args.iter().map(|a| a.to_str()).collect::<Option<_>>()?;
+    let mut run = RunArgs {
+        interactive: false,
+        tty: false,
+        env: Vec::new(),
+        env_file: Vec::new(),
+        entrypoint: None,
+        workdir: None,
+        user: None,
+        hostname: None,
+        memory: parse_memory("512m").ok()?,
+        cpus: parse_cpus("1").ok()?,
+        name: None,
+        rm: false,
+        detach: false,
+        publish: Vec::new(),
+        publish_all: false,
+        tls_cert: None,
+        tls_key: None,
+        tls_autogen: false,
+        tls_alpn: vec!["http/1.1".into()],
+        stop_timeout: 10,
+        network: "user".parse().ok()?,
+        egress: "allow-all".parse().ok()?,
+        volume: Vec::new(),
+        volume_size: parse_memory("1g").ok()?,
+        pull: PullPolicyArg::Missing,
+        debug: false,
+        snapshot: None,
+        no_restore: false,
+        image: None,
+        command: Vec::new(),
+    };
+    let mut rest = words.iter();
+    while let Some(&word) = rest.next() {
+        if !word.starts_with('-') {
+            run.image = Some(word.to_string());
+            run.command = rest.map(|w| w.to_string()).collect();
+            // A flag right after the image (clap may take it as its own) or a `--` (clap
+            // drops it): clap's rules, not ours.
+            if run.command.first().is_some_and(|w| w.starts_with('-'))
+                || run.command.iter().any(|w| w == "--")
+            {
+                return None;
+            }
+            return Some(run);
+        }
+        let (flag, inline) = match word.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f, Some(v)),
+            _ => (word, None),
+        };
+        match flag {
+            "-d" | "--detach" if inline.is_none() => run.detach = true,
+            "--rm" if inline.is_none() => run.rm = true,
+            "-i" | "--interactive" if inline.is_none() => run.interactive = true,
+            "-t" | "--tty" if inline.is_none() => run.tty = true,
+            "-p" | "--publish" | "-e" | "--env" | "-m" | "--memory" | "--cpus" | "--name" => {
+                let value = match inline {
+                    Some(v) => v,
+                    None => rest.next()?,
+                };
+                match flag {
+                    "-p" | "--publish" => run.publish.push(value.parse().ok()?),
+                    "-e" | "--env" => run.env.push(value.to_string()),
+                    "-m" | "--memory" => run.memory = parse_memory(value).ok()?,
+                    "--cpus" => run.cpus = parse_cpus(value).ok()?,
+                    _ => run.name = Some(value.to_string()),
+                }
+            }
+            _ => return None,
+        }
+    }
+    // No image: clap says what is missing.
+    None
 }
 
 pub fn main() -> ExitCode {
@@ -803,6 +889,88 @@ fn boot_exit_code(exit: VmExit) -> ExitCode {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    /// `run ARGS` through clap's full parser.
+    fn clap_run(words: &[&str]) -> Option<RunArgs> {
+        let argv = std::iter::once("supermachine")
+            .chain(std::iter::once("run"))
+            .chain(words.iter().copied());
+        match Cli::try_parse_from(argv).ok()?.command {
+            Command::Run(run) => Some(run),
+            _ => None,
+        }
+    }
+
+    fn common_run(words: &[&str]) -> Option<RunArgs> {
+        let args: Vec<std::ffi::OsString> = words.iter().map(Into::into).collect();
+        parse_common_run(&args)
+    }
+
+    #[test]
+    fn the_common_run_parser_agrees_with_clap() {
+        for words in [
+            &["busybox"][..],
+            &[
+                "-p",
+                "127.0.0.1:8080:80",
+                "busybox",
+                "sh",
+                "-c",
+                "httpd -f -p 80",
+            ],
+            &[
+                "-d", "--rm", "--name", "web", "-p", "80", "-p", "8443:443", "img",
+            ],
+            &[
+                "-m", "128m", "--cpus", "1.5", "-e", "A=1", "--env=B", "img", "x", "--rm",
+            ],
+            &[
+                "--memory=1g",
+                "--publish=9000:90",
+                "--name=a.b",
+                "-i",
+                "-t",
+                "img",
+                "cat",
+            ],
+            &[
+                "--detach",
+                "--interactive",
+                "--tty",
+                "img",
+                "sh",
+                "-c",
+                "-p",
+            ],
+        ] {
+            let ours = common_run(words).unwrap_or_else(|| panic!("{words:?}: not taken"));
+            let clap = clap_run(words).unwrap_or_else(|| panic!("{words:?}: clap refused"));
+            assert_eq!(format!("{ours:?}"), format!("{clap:?}"), "{words:?}");
+        }
+    }
+
+    #[test]
+    fn the_common_run_parser_leaves_everything_else_to_clap() {
+        for words in [
+            &[][..],
+            &["-p"],
+            &["-p", "notaport", "img"],
+            &["-m", "lots", "img"],
+            &["--cpus", "0", "img"],
+            &["-it", "img"],
+            &["-p80", "img"],
+            &["--network", "none", "img"],
+            &["--snapshot", "dir"],
+            &["--help"],
+            &["-d=1", "img"],
+            &["--", "img"],
+            &["img", "--", "-p"],
+            &["img", "-p", "80"],
+            &["img", "sh", "--", "x"],
+        ] {
+            assert!(common_run(words).is_none(), "{words:?} was taken");
+        }
+    }
 
     #[test]
     fn cli_definition_is_consistent() {
