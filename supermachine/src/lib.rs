@@ -61,7 +61,7 @@
 //! The `supermachine` CLI is built on exactly these calls (its `boot` command on [`boot()`]).
 //! With the `tokio` feature, `supermachine::tokio` wraps the blocking calls for async code.
 //!
-//! The modules below the API ([`run`], [`boot`], [`snapshot`], [`images`], [`ports`],
+//! The modules below the API ([`run`], [`boot`](mod@boot), [`snapshot`], [`images`], [`ports`],
 //! [`tls`]…) are the machinery under it; they are public for tools that need more control.
 #![deny(missing_docs)]
 
