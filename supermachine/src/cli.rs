@@ -519,6 +519,18 @@ fn init_logging(debug: bool) {
         .try_init();
 }
 
+/// `-e` entries as (name, value): `NAME=VALUE`, or `NAME` alone for the host's value (left out
+/// when the host has none, as Docker does).
+pub fn env_pairs(entries: &[String]) -> Vec<(String, String)> {
+    entries
+        .iter()
+        .filter_map(|e| match e.split_once('=') {
+            Some((name, value)) => Some((name.to_string(), value.to_string())),
+            None => std::env::var(e).ok().map(|value| (e.clone(), value)),
+        })
+        .collect()
+}
+
 /// The image and the library's VM configuration for `run` (and `bake`) from the command line.
 fn vm_config(args: RunArgs) -> anyhow::Result<(Image, VmConfig)> {
     use supermachine::{PullPolicy, TlsTermination, Workload};
@@ -576,16 +588,8 @@ fn vm_config(args: RunArgs) -> anyhow::Result<(Image, VmConfig)> {
         .boot_always(args.no_restore)
         .network(args.network)
         .egress(args.egress);
-    for entry in &env {
-        match entry.split_once('=') {
-            Some((name, value)) => config = config.env(name, value),
-            // NAME alone passes the host's value; unset on the host, it is left out (Docker).
-            None => {
-                if let Ok(value) = std::env::var(entry) {
-                    config = config.env(entry, &value);
-                }
-            }
-        }
+    for (name, value) in env_pairs(&env) {
+        config = config.env(&name, &value);
     }
     if let Some(e) = &args.entrypoint {
         config = config.entrypoint(e);

@@ -286,16 +286,8 @@ fn terminal_size() -> Option<(u16, u16)> {
 pub fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
     let vm = running(&args.vm)?;
     let mut cmd = vm.exec_builder().argv(args.command);
-    for e in &args.env {
-        match e.split_once('=') {
-            Some((k, v)) => cmd = cmd.env(k, v),
-            // NAME alone passes the host's value; unset on the host, it is left out (Docker).
-            None => {
-                if let Ok(v) = std::env::var(e) {
-                    cmd = cmd.env(e, &v);
-                }
-            }
-        }
+    for (name, value) in crate::cli::env_pairs(&args.env) {
+        cmd = cmd.env(&name, &value);
     }
     if let Some(dir) = &args.workdir {
         cmd = cmd.cwd(dir);

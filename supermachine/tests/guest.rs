@@ -1766,6 +1766,15 @@ impl RunEnv {
     fn registered_vms(&self) -> usize {
         supermachine::vms::Registry::open().unwrap().list().len()
     }
+
+    /// Waits until the registry holds no VM (threads of dropped VMs may take a moment).
+    fn wait_until_no_vms(&self, what: &str) {
+        let deadline = Instant::now() + HANG_LIMIT;
+        while self.registered_vms() > 0 {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 /// This process's open descriptors, as `fd -> target`.
@@ -2105,14 +2114,7 @@ fn library_pool_gives_fresh_vms_and_leaks_none() {
     assert_eq!(env.registered_vms(), stats.live(), "{stats:?}");
 
     drop(pool);
-    let deadline = Instant::now() + HANG_LIMIT;
-    while env.registered_vms() > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "VMs left after the pool was dropped"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    env.wait_until_no_vms("VMs left after the pool was dropped");
 }
 
 #[test]
@@ -2195,14 +2197,7 @@ fn tokio_wrappers_drive_vms_and_a_pool_without_stalling_the_executor() {
         assert_eq!((stats.acquired, stats.in_use), (4, 0), "{stats:?}");
     });
     drop(rt);
-    let deadline = Instant::now() + HANG_LIMIT;
-    while env.registered_vms() > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "VMs left after the pool was dropped"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    env.wait_until_no_vms("VMs left after the pool was dropped");
 }
 
 /// Runs `cargo run --example NAME -- IMAGE` (built by `cargo xtask test`); its stdout.
