@@ -399,7 +399,7 @@ pub fn run(which: Which) -> Result<()> {
             if !here {
                 let supermachine = build_release()?;
                 crate::bench_restore::bench(&supermachine, runs, &sizes)?;
-                crate::tests::busybox_image()?;
+                crate::images::busybox()?;
             }
             let args = [
                 "restore".to_string(),
@@ -422,7 +422,7 @@ pub fn run(which: Which) -> Result<()> {
                 mib.to_string(),
             ];
             if !here {
-                crate::tests::busybox_image()?;
+                crate::images::busybox()?;
             }
             match guest_bench_host(here, &args)? {
                 Some(sm) => crate::bench_agent::bench_exec(&sm, calls, mib),
@@ -438,7 +438,7 @@ pub fn run(which: Which) -> Result<()> {
                 cold.to_string(),
             ];
             if !here {
-                crate::tests::busybox_image()?;
+                crate::images::busybox()?;
                 build_pool_bench()?;
             }
             match guest_bench_host(here, &args)? {
@@ -449,7 +449,7 @@ pub fn run(which: Which) -> Result<()> {
         Which::Http { seconds, here } => {
             let args = ["http".to_string(), "--seconds".into(), seconds.to_string()];
             if !here {
-                crate::tests::busybox_image()?;
+                crate::images::busybox()?;
             }
             match guest_bench_host(here, &args)? {
                 Some(sm) => crate::bench_agent::bench_http(&sm, seconds),
@@ -836,7 +836,7 @@ fn bench_fs(runs: usize, mib: u64, seconds: u64, here: bool) -> Result<()> {
 fn bench_run(runs: usize, here: bool) -> Result<()> {
     let args = ["run".to_string(), "--runs".into(), runs.to_string()];
     if !here {
-        crate::tests::busybox_image()?;
+        crate::images::busybox()?;
     }
     let Some(supermachine) = guest_bench_host(here, &args)? else {
         return Ok(());

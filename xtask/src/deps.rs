@@ -24,6 +24,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("skopeo", "/usr/bin/skopeo"),
     ("apache2-utils", "/usr/bin/htpasswd"),
     ("wrk", "/usr/bin/wrk"),
+    ("redis-server", "/usr/bin/redis-server"),
+    ("redis-tools", "/usr/bin/redis-benchmark"),
     ("curl", "/usr/bin/curl"),
     ("openssl", "/usr/bin/openssl"),
     // The TAP test's namespace set-up (`ip tuntap`) and the DNS tests' private /etc/hosts.

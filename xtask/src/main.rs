@@ -5,7 +5,7 @@
 //! - `boot [ARGS]`: build what is missing and boot a guest (`supermachine boot ARGS`), in the
 //!   emulated KVM host when this machine's KVM cannot boot Linux
 //! - `run [FLAGS] -- CMD`: the same for `supermachine run` on the busybox image
-//! - `image`: build the busybox OCI image from Debian's busybox-static
+//! - `image [busybox|redis]`: build a test OCI image from Debian's packages
 //! - `testhost -- CMD`: run CMD in the emulated KVM host
 //! - `test`: unit tests, local-KVM tests, guest-booting integration tests, cross-target checks
 //! - `fuzz`: run the device fuzz targets for a fixed time
@@ -19,6 +19,7 @@ mod bench_pull;
 mod bench_restore;
 mod deps;
 mod fuzz;
+mod images;
 mod initramfs;
 mod kernel;
 mod probe;
@@ -55,8 +56,13 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Build the busybox OCI image (from Debian's busybox-static) at target/images/busybox
-    Image,
+    /// Build a test image as an OCI layout at target/images/NAME: `busybox` (Debian's
+    /// busybox-static) or `redis` (busybox plus Debian's redis-server and redis-benchmark)
+    Image {
+        /// Which image
+        #[arg(default_value = "busybox", value_parser = ["busybox", "redis"])]
+        name: String,
+    },
     /// Set up everything and boot a guest: `cargo xtask boot -- /bin/sh -c 'nproc; exit 3'`
     Boot {
         /// Arguments for `supermachine boot`
@@ -121,7 +127,11 @@ fn main() -> ExitCode {
         Cmd::Deps => deps::ensure().map(|_| 0),
         Cmd::Kernel => kernel::build().map(|_| 0),
         Cmd::Initramfs => initramfs::build().map(|_| 0),
-        Cmd::Image => tests::busybox_image().map(|p| {
+        Cmd::Image { name } => match name.as_str() {
+            "redis" => images::redis(),
+            _ => images::busybox(),
+        }
+        .map(|p| {
             println!("oci:{}:latest", p.display());
             0
         }),

@@ -22,6 +22,7 @@ use crate::util::{cache_dir, nproc, output, run, step, write_atomic};
 // problem" and sizes its XSAVE buffers too small, which corrupts memory (seen as random triple
 // faults under load). Without XSAVE in the emulated CPU, guests use FXSAVE and all is consistent.
 // Real hardware does not have this defect; the VMM passes KVM's CPUID through unchanged.
+const CPU: &str = "max,xsave=off";
 const START_MARKER: &str = "supermachine-testhost-start";
 const EXIT_MARKER: &str = "supermachine-testhost-exit=";
 /// Modules the L1 initramfs loads, with their dependencies first.
@@ -330,7 +331,10 @@ pub fn run_command_lines(command: &[String], opts: &Options) -> Result<(i32, Vec
     let _ = std::fs::remove_file(&monitor);
     let loglevel = std::env::var("SUPERMACHINE_TESTHOST_LOGLEVEL").unwrap_or_else(|_| "1".into());
     let mut qemu = Command::new("qemu-system-x86_64");
-    qemu.args(["-accel", "tcg,thread=multi", "-cpu", "max,xsave=off"])
+    let cpu = std::env::var("SUPERMACHINE_TESTHOST_CPU").unwrap_or_else(|_| CPU.into());
+    let accel =
+        std::env::var("SUPERMACHINE_TESTHOST_ACCEL").unwrap_or_else(|_| "tcg,thread=multi".into());
+    qemu.args(["-accel", &accel, "-cpu", &cpu])
         .arg("-monitor")
         .arg(format!("unix:{},server=on,wait=off", monitor.display()))
         .args(["-smp", &opts.cpus.to_string(), "-m", &opts.memory_mib.to_string()])

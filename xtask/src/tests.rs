@@ -9,20 +9,6 @@ use anyhow::{bail, Context, Result};
 use crate::util::{cargo, output, run, status, step, target_dir};
 use crate::{deps, initramfs, kernel, probe, testhost};
 
-/// The busybox image as an OCI layout (target/images/busybox, tag `latest`).
-pub fn busybox_image() -> Result<PathBuf> {
-    let dir = crate::util::target_dir().join("images/busybox");
-    let layer = oci_bake::layout::busybox_layer(std::path::Path::new("/bin/busybox"))
-        .context("cannot read /bin/busybox (apt-get install busybox-static)")?;
-    oci_bake::layout::write_layout(
-        &dir,
-        "latest",
-        &[layer],
-        &oci_bake::layout::busybox_config(),
-    )?;
-    Ok(dir)
-}
-
 /// Kernel, initramfs and the tools they need.
 pub fn prepare_guest() -> Result<()> {
     deps::ensure()?;
@@ -149,7 +135,7 @@ pub fn run_image(_parsed: &[String]) -> Result<i32> {
         .collect();
     let args = &args[..];
     prepare_guest()?;
-    let image = busybox_image()?;
+    let image = crate::images::busybox()?;
     let supermachine = build_supermachine(true)?;
     let (flags, command) = match args.iter().position(|a| a == "--") {
         Some(i) => (&args[..i], &args[i + 1..]),
