@@ -331,6 +331,11 @@ struct BootArgs {
     /// Restore this snapshot instead of booting (its console on stdin/stdout)
     #[arg(long, value_name = "DIR", conflicts_with_all = ["snapshot_to", "initramfs", "no_initramfs", "disk", "command"])]
     restore: Option<PathBuf>,
+    /// A virtio-vsock device (guest CID 3) whose host side is this Unix socket, as
+    /// Firecracker's: connect and send "CONNECT PORT\n" to reach guest port PORT; guest
+    /// connections to host port P go to SOCKET_P
+    #[arg(long, value_name = "SOCKET")]
+    vsock: Option<PathBuf>,
     /// The command to run in the guest [default: /bin/sh]
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -829,7 +834,7 @@ fn run_boot(args: BootArgs) -> anyhow::Result<ExitCode> {
             console_input: Some(Box::new(std::io::stdin())),
             control: None,
             consoles: Vec::new(),
-            vsock: None,
+            vsock: args.vsock,
             net: None,
             on_started: None,
         })?;
@@ -856,7 +861,7 @@ fn run_boot(args: BootArgs) -> anyhow::Result<ExitCode> {
         container: None,
         consoles: Vec::new(),
         control: None,
-        vsock: None,
+        vsock: args.vsock,
         net: supermachine::network::NetworkOptions {
             mode: args.network,
             egress: args.egress,
