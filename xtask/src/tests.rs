@@ -105,13 +105,76 @@ pub fn run_all(force_local: bool) -> Result<()> {
         // One guest at a time, each test in its own process with a time limit: the emulated
         // host is slow, a nested KVM under TCG is the least tested part of the chain (see
         // testhost.rs on XSAVE), and one stuck test must fail, not hang CI.
-        run_guest_tests_in_testhost(&guest_tests)? as i32
+        run_guest_tests_in_testhost(&guest_tests, &GUEST_SUITE)? as i32
     };
     if code != 0 {
         bail!("guest integration tests failed (exit status {code})");
     }
+
+    step("restore loop: 200 restores with serial and vsock input from the first millisecond");
+    let restore_tests = test_binary("restores")?;
+    let code = if local {
+        let mut c = Command::new(&restore_tests);
+        c.envs(env.iter().map(|(k, v)| (k, v)));
+        status(&mut c)?.code().unwrap_or(1)
+    } else {
+        run_guest_tests_in_testhost(&restore_tests, &RESTORE_SUITE)? as i32
+    };
+    if code != 0 {
+        bail!("restore tests failed (exit status {code})");
+    }
+
+    step("load tests: servers behind published ports, 20 clients for a minute each");
+    let redis = crate::images::redis()?;
+    std::env::set_var("SUPERMACHINE_TEST_REDIS_IMAGE", &redis);
+    let load_tests = test_binary("load")?;
+    let code = if local {
+        let mut c = Command::new(&load_tests);
+        c.envs(env.iter().map(|(k, v)| (k, v)))
+            .env("SUPERMACHINE_TEST_REDIS_IMAGE", &redis)
+            .arg("--test-threads=1");
+        status(&mut c)?.code().unwrap_or(1)
+    } else {
+        run_guest_tests_in_testhost(&load_tests, &LOAD_SUITE)? as i32
+    };
+    if code != 0 {
+        bail!("load tests failed (exit status {code})");
+    }
     Ok(())
 }
+
+/// How a suite of guest tests runs in the emulated host.
+struct Suite {
+    /// Seconds one test may take.
+    per_test: u64,
+    /// Emulated CPUs (None: as many as this machine has).
+    cpus: Option<usize>,
+}
+
+const GUEST_SUITE: Suite = Suite {
+    per_test: 240,
+    cpus: None,
+};
+
+/// 200 restores in one test take minutes in the emulated host; one emulated CPU for the same
+/// reason as [`LOAD_SUITE`] (with two, the emulated machine's kernel died in this loop once).
+const RESTORE_SUITE: Suite = Suite {
+    per_test: 1500,
+    cpus: Some(1),
+};
+
+/// The load tests run on one emulated CPU. With two, a nested guest under sustained device
+/// traffic dies within a minute whenever the VMM's device threads run on the other emulated
+/// CPU at the same time as its vCPU (a Redis server behind `-p`: 5 of 6 runs triple-faulted;
+/// with the vCPU pinned to one CPU and the device threads to the other: 2 of 2; the emulated
+/// machine's own kernel also died twice, with "stack guard page was hit" in a vCPU thread).
+/// With every VMM thread on one emulated CPU the same load passed 3 of 3, and a pure vsock echo
+/// load (20 connections, 60 s) passed on two. A userspace VMM cannot corrupt its host's kernel:
+/// the fault is in the emulation (issue 25 has the traces).
+const LOAD_SUITE: Suite = Suite {
+    per_test: 900,
+    cpus: Some(1),
+};
 
 /// `cargo xtask boot ARGS`: everything a fresh machine needs, then `supermachine boot ARGS`.
 pub fn boot(args: &[String]) -> Result<i32> {
@@ -300,8 +363,8 @@ fn list_tests(binary: &std::path::Path) -> Result<Vec<String>> {
 /// stops responding (nested KVM under TCG sometimes does), it is restarted for the tests not
 /// run yet; the test that was running when it stopped is retried once. Returns the number of
 /// failed tests.
-fn run_guest_tests_in_testhost(binary: &std::path::Path) -> Result<usize> {
-    const PER_TEST: u64 = 240;
+fn run_guest_tests_in_testhost(binary: &std::path::Path, suite: &Suite) -> Result<usize> {
+    let per_test = suite.per_test;
     let mut remaining = list_tests(binary)?;
     let mut failed: Vec<String> = Vec::new();
     let mut wedged_in: std::collections::HashMap<String, u32> = Default::default();
@@ -310,7 +373,7 @@ fn run_guest_tests_in_testhost(binary: &std::path::Path) -> Result<usize> {
             std::env::current_exe()?.to_string_lossy().into_owned(),
             "isolated-tests".into(),
             "--timeout".into(),
-            PER_TEST.to_string(),
+            per_test.to_string(),
             binary.to_string_lossy().into_owned(),
         ];
         command.extend(remaining.iter().cloned());
@@ -319,7 +382,8 @@ fn run_guest_tests_in_testhost(binary: &std::path::Path) -> Result<usize> {
             &testhost::Options {
                 cwd: crate::util::workspace_root().join("supermachine"),
                 // Longer than a test may take, so only a stuck machine trips it.
-                silence_limit: Some(Duration::from_secs(PER_TEST + 60)),
+                silence_limit: Some(Duration::from_secs(per_test + 60)),
+                cpus: suite.cpus.unwrap_or_else(crate::util::nproc),
                 ..Default::default()
             },
         )?;

@@ -120,7 +120,10 @@ fn vsock_echo(port: u32) -> ! {
             && libc::listen(fd, 128) == 0
     };
     if !bound {
-        fail(format!("vsock port {port}: {}", std::io::Error::last_os_error()));
+        fail(format!(
+            "vsock port {port}: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     println!("VSOCK-ECHO-READY {port}");
     loop {
