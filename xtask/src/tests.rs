@@ -159,7 +159,7 @@ const GUEST_SUITE: Suite = Suite {
 /// 200 restores in one test take minutes in the emulated host; one emulated CPU for the same
 /// reason as [`LOAD_SUITE`] (with two, the emulated machine's kernel died in this loop once).
 const RESTORE_SUITE: Suite = Suite {
-    per_test: 1500,
+    per_test: 1200,
     cpus: Some(1),
 };
 
