@@ -9,7 +9,7 @@ use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use agent_protocol::{
     read_frame, write_frame, AgentError, ErrorKind, ExecRequest, ExitStatus, FileInfo, Frame,
@@ -310,21 +310,14 @@ fn connect(mut conn: Conn, port: u16) {
     if write_frame(&mut conn, &Frame::Done).is_err() {
         return;
     }
-    let (Ok(tcp_in), Ok(conn_out), Ok(conn_ctl)) =
-        (tcp.try_clone(), conn.try_clone(), conn.try_clone())
-    else {
-        return;
+    // From here on the bytes are the relay thread's (one epoll loop for every connection).
+    static RELAY: OnceLock<io::Result<stream_relay::Relay>> = OnceLock::new();
+    let added = match RELAY.get_or_init(|| stream_relay::Relay::new("relay")) {
+        Ok(relay) => relay.add(conn.0.into(), tcp.into()),
+        Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
     };
-    let upstream = std::thread::Builder::new()
-        .name("connect-up".into())
-        .spawn(move || {
-            copy_then_shutdown(conn, &tcp, || {
-                let _ = tcp.shutdown(Shutdown::Write);
-            })
-        });
-    copy_then_shutdown(&tcp_in, conn_out, || conn_ctl.shutdown(Shutdown::Write));
-    if let Ok(upstream) = upstream {
-        let _ = upstream.join();
+    if let Err(e) = added {
+        eprintln!("supermachine agent: guest port {port}: {e}");
     }
 }
 

@@ -177,20 +177,21 @@ struct InFlight {
     freed: std::sync::Condvar,
 }
 
-struct Permit<'a>(&'a InFlight);
+/// One connection's place among [`MAX_IN_FLIGHT`], given back on drop.
+struct Permit(std::sync::Arc<InFlight>);
 
 impl InFlight {
-    fn acquire(&self) -> Permit<'_> {
+    fn acquire(self: &std::sync::Arc<Self>) -> Permit {
         let mut n = self.count.lock().unwrap_or_else(|e| e.into_inner());
         while *n >= MAX_IN_FLIGHT {
             n = self.freed.wait(n).unwrap_or_else(|e| e.into_inner());
         }
         *n += 1;
-        Permit(self)
+        Permit(self.clone())
     }
 }
 
-impl Drop for Permit<'_> {
+impl Drop for Permit {
     fn drop(&mut self) {
         let mut n = self.0.count.lock().unwrap_or_else(|e| e.into_inner());
         *n -= 1;
@@ -246,9 +247,10 @@ impl Drop for Forwarding {
 }
 
 impl PublishedPort {
-    /// Forwards every connection to the guest port through `agent`, each on its own thread,
-    /// until the returned [`Forwarding`] is dropped; connections wait for `gate` first.
-    /// With `tls`, the host terminates TLS and forwards the plaintext.
+    /// Forwards every connection to the guest port through `agent` until the returned
+    /// [`Forwarding`] is dropped; connections wait for `gate` first. Each connection is set up
+    /// on its own thread, then its bytes move on one relay thread per port (see
+    /// `stream_relay`). With `tls`, the host terminates TLS and forwards the plaintext.
     pub fn forward(
         self,
         agent: Agent,
@@ -258,6 +260,10 @@ impl PublishedPort {
         let guest_port = self.mapping.guest_port;
         let in_flight = std::sync::Arc::new(InFlight::default());
         let closed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // Without a relay (no epoll) connections are spliced by two threads each.
+        let relay = stream_relay::Relay::new(&format!("relay-{}", self.local.port()))
+            .ok()
+            .map(std::sync::Arc::new);
         let forwarding = Forwarding {
             listener: self.listener.try_clone().ok(),
             closed: closed.clone(),
@@ -277,13 +283,14 @@ impl PublishedPort {
                     };
                     let (agent, gate) = (agent.clone(), gate.clone());
                     let in_flight = in_flight.clone();
+                    let relay = relay.clone();
                     let tls = tls.as_ref().map(|t| t.server_config().clone());
                     std::thread::spawn(move || {
                         crate::timings::mark("connection_accepted");
                         let _ = tcp.set_nodelay(true);
                         // A burst of clients waits here rather than overflowing a small
                         // server's accept backlog inside the guest.
-                        let _permit = in_flight.acquire();
+                        let permit = in_flight.acquire();
                         let guest = || {
                             // Early clients wait for the agent instead of being refused.
                             if !gate.wait(AGENT_WAIT) {
@@ -306,9 +313,19 @@ impl PublishedPort {
                                     eprintln!("supermachine: guest port {guest_port}: {e}");
                                 }
                             }
-                            None => match guest() {
-                                Ok(guest) => crate::agent::splice(guest, tcp),
-                                Err(e) => eprintln!("supermachine: guest port {guest_port}: {e}"),
+                            None => match (guest(), relay) {
+                                (Ok(guest), Some(relay)) => {
+                                    // The permit goes with the pair: freed when it ends.
+                                    if let Err(e) =
+                                        relay.add_guarded(guest.into(), tcp.into(), permit)
+                                    {
+                                        eprintln!("supermachine: guest port {guest_port}: {e}");
+                                    }
+                                }
+                                (Ok(guest), None) => crate::agent::splice(guest, tcp),
+                                (Err(e), _) => {
+                                    eprintln!("supermachine: guest port {guest_port}: {e}")
+                                }
                             },
                         }
                     });

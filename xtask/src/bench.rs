@@ -104,6 +104,19 @@ pub enum Which {
         #[arg(long)]
         here: bool,
     },
+    /// Redis requests/s through a published port against the same server reached inside its
+    /// guest, at 1 and 20 connections (one emulated CPU in the test host)
+    Redis {
+        /// Runs per path and connection count (the median is reported)
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Requests per redis-benchmark test
+        #[arg(long, default_value_t = 2000)]
+        requests: usize,
+        /// Run here even if this machine's KVM fails the probe (used inside the test host)
+        #[arg(long)]
+        here: bool,
+    },
     /// The library's warm pool: acquire → exec true → release cycles with 1 and 4 users, next
     /// to the same cycle with a cold boot
     Pool {
@@ -456,6 +469,27 @@ pub fn run(which: Which) -> Result<()> {
                 None => Ok(()),
             }
         }
+        Which::Redis {
+            runs,
+            requests,
+            here,
+        } => {
+            let args = [
+                "redis".to_string(),
+                "--runs".into(),
+                runs.to_string(),
+                "--requests".into(),
+                requests.to_string(),
+            ];
+            if !here {
+                crate::images::redis()?;
+            }
+            // One emulated CPU: with two the emulation breaks nested guests under this load.
+            match guest_bench_host_on(here, &args, Some(1))? {
+                Some(sm) => crate::bench_redis::bench(&sm, runs, requests),
+                None => Ok(()),
+            }
+        }
         Which::Pull {
             runs,
             layers,
@@ -535,6 +569,15 @@ fn bench_toy(runs: usize) -> Result<()> {
 /// machine's KVM cannot boot Linux, re-runs `cargo xtask bench ARGS --here` in the emulated host
 /// and returns `None`.
 fn guest_bench_host(here: bool, args: &[String]) -> Result<Option<PathBuf>> {
+    guest_bench_host_on(here, args, None)
+}
+
+/// As [`guest_bench_host`], with `cpus` emulated CPUs (default: as many as this machine has).
+fn guest_bench_host_on(
+    here: bool,
+    args: &[String],
+    cpus: Option<usize>,
+) -> Result<Option<PathBuf>> {
     // Inside the test host (`--here`) everything was built by the outer run.
     if here {
         return Ok(Some(target_dir().join("release").join("supermachine")));
@@ -550,7 +593,11 @@ fn guest_bench_host(here: bool, args: &[String]) -> Result<Option<PathBuf>> {
     ];
     command.extend(args.iter().cloned());
     command.push("--here".into());
-    let code = crate::testhost::run_command(&command, &crate::testhost::Options::default())?;
+    let mut options = crate::testhost::Options::default();
+    if let Some(cpus) = cpus {
+        options.cpus = cpus;
+    }
+    let code = crate::testhost::run_command(&command, &options)?;
     if code != 0 {
         bail!("benchmark in the emulated host failed (status {code})");
     }

@@ -16,22 +16,33 @@ use anyhow::{bail, Context, Result};
 use crate::util::{step, target_dir};
 
 /// A detached VM for the benchmark, removed on drop.
-struct BenchVm {
+pub(crate) struct BenchVm {
     supermachine: PathBuf,
     env: Vec<(String, PathBuf)>,
-    id: String,
+    pub(crate) id: String,
     runtime: PathBuf,
 }
 
 impl BenchVm {
     fn start(supermachine: &Path, name: &str, run_args: &[&str]) -> Result<BenchVm> {
+        Self::start_image(supermachine, "busybox", name, run_args)
+    }
+
+    /// `run -d --name NAME RUN_ARGS` of the OCI layout `target/images/IMAGE`, whose reference
+    /// takes the place of the `--` in `run_args`.
+    pub(crate) fn start_image(
+        supermachine: &Path,
+        image: &str,
+        name: &str,
+        run_args: &[&str],
+    ) -> Result<BenchVm> {
         let base = PathBuf::from("/run").join(format!("sm-bench-{name}-{}", std::process::id()));
         let runtime = base.join("rt");
         let env = vec![
             ("SUPERMACHINE_HOME".to_string(), base.join("home")),
             ("SUPERMACHINE_RUNTIME_DIR".to_string(), runtime.clone()),
         ];
-        let layout = target_dir().join("images/busybox");
+        let layout = target_dir().join("images").join(image);
         let image = format!("oci:{}:latest", layout.display());
         let mut args = vec!["run", "-d", "--name", name];
         args.extend_from_slice(run_args);
@@ -63,7 +74,7 @@ impl BenchVm {
         self.runtime.join("vms").join(&self.id).join("vsock.sock")
     }
 
-    fn cli(&self, args: &[&str]) -> Command {
+    pub(crate) fn cli(&self, args: &[&str]) -> Command {
         let mut c = Command::new(&self.supermachine);
         c.args(args).envs(self.env.iter().map(|(k, v)| (k, v)));
         c

@@ -16,6 +16,7 @@ mod bench;
 mod bench_agent;
 mod bench_net;
 mod bench_pull;
+mod bench_redis;
 mod bench_restore;
 mod deps;
 mod fuzz;
