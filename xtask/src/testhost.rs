@@ -203,11 +203,23 @@ ip link set lo up
 for n in $(ls /sys/class/net); do [ "$n" = lo ] && continue; ip link set "$n" up; ip addr add 10.0.2.15/24 dev "$n"; ip route add default via 10.0.2.2; break; done
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=1048576,cache=loose hostroot /host || { echo "testhost: 9p mount failed"; poweroff -f; }
 for d in proc sys dev; do mount --bind /$d /host/$d; done
+cmd=$(sed -n 's/.*sm_cmd=\([^ ]*\).*/\1/p' /proc/cmdline)
+# Fresh /run and /tmp (sockets do not work on 9p), except the paths the command needs from
+# them (a checkout under /tmp), carried over by bind mounts: the `.keep` file lists them.
+n=0
+while IFS= read -r p; do
+  [ -d "/host$p" ] || continue
+  n=$((n+1)); mkdir -p "/keep/$n"; mount --bind "/host$p" "/keep/$n"
+done < "/host${cmd%.sh}.keep"
 mount -t tmpfs tmpfs /host/run 2>/dev/null
 mount -t tmpfs tmpfs /host/tmp 2>/dev/null
+n=0
+while IFS= read -r p; do
+  [ -d "/keep/$((n+1))" ] || continue
+  n=$((n+1)); mkdir -p "/host$p"; mount --move "/keep/$n" "/host$p"
+done < "/host${cmd%.sh}.keep"
 mkdir -p /host/dev/pts; mount -t devpts -o newinstance,ptmxmode=0666 devpts /host/dev/pts 2>/dev/null; ln -sf pts/ptmx /host/dev/ptmx 2>/dev/null
 [ -c /dev/kvm ] || echo "testhost: no /dev/kvm in the emulated machine (kvm_amd did not load)"
-cmd=$(sed -n 's/.*sm_cmd=\([^ ]*\).*/\1/p' /proc/cmdline)
 echo supermachine-testhost-start
 sh=/bin/bash; [ -x /host/bin/bash ] || sh=/bin/sh
 chroot /host $sh "$cmd" < /dev/null; rc=$?
@@ -260,6 +272,38 @@ fn ensure_initrd(pkg: &Path) -> Result<PathBuf> {
     w.file("init", 0o755, L1_INIT.as_bytes())?;
     write_atomic(&initrd, &w.finish()?)?;
     Ok(initrd)
+}
+
+/// The directories among `paths` (or holding them) that lie under `/tmp` or `/run`, which
+/// the emulated host covers with fresh tmpfs mounts: they are carried over. Outermost first,
+/// none inside another.
+fn kept_paths(paths: &[PathBuf]) -> Vec<PathBuf> {
+    let mut kept: Vec<PathBuf> = Vec::new();
+    for path in paths {
+        let dir = if path.is_dir() {
+            path.clone()
+        } else {
+            match path.parent() {
+                Some(p) => p.to_path_buf(),
+                None => continue,
+            }
+        };
+        let dir = dir.canonicalize().unwrap_or(dir);
+        let under_tmpfs = ["/tmp", "/run"]
+            .iter()
+            .any(|t| dir.starts_with(t) && dir != Path::new(t));
+        // Paths with a newline cannot be listed one per line; they stay uncovered.
+        if !under_tmpfs || dir.to_string_lossy().contains('\n') {
+            continue;
+        }
+        if kept.iter().any(|k| dir.starts_with(k)) {
+            continue;
+        }
+        kept.retain(|k| !k.starts_with(&dir));
+        kept.push(dir);
+    }
+    kept.sort_by_key(|p| p.components().count());
+    kept
 }
 
 fn shell_quote(s: &str) -> String {
@@ -325,6 +369,16 @@ pub fn run_command_lines(command: &[String], opts: &Options) -> Result<(i32, Vec
     );
     text.push('\n');
     write_atomic(&script, text.as_bytes())?;
+    let keep: String = kept_paths(&[
+        opts.cwd.clone(),
+        crate::util::workspace_root(),
+        crate::util::target_dir(),
+        xtask.clone(),
+    ])
+    .iter()
+    .map(|p| format!("{}\n", p.display()))
+    .collect();
+    write_atomic(&script.with_extension("keep"), keep.as_bytes())?;
 
     // A monitor socket, so that a machine that stopped responding can be asked where its CPUs are.
     let monitor = scripts.join(format!("monitor-{}.sock", std::process::id()));
@@ -437,6 +491,7 @@ pub fn run_command_lines(command: &[String], opts: &Options) -> Result<(i32, Vec
     }
     let _ = child.wait();
     let _ = std::fs::remove_file(&script);
+    let _ = std::fs::remove_file(script.with_extension("keep"));
     let _ = std::fs::remove_file(&monitor);
     if wedged.load(std::sync::atomic::Ordering::SeqCst) {
         eprintln!(
@@ -547,5 +602,31 @@ pub fn hold_kvm() -> Result<()> {
             }
         }
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_under_the_fresh_tmpfs_mounts_are_kept_outermost_only() {
+        let base = std::env::temp_dir().join(format!("testhost-keep-{}", std::process::id()));
+        let inner = base.join("checkout/supermachine");
+        std::fs::create_dir_all(&inner).unwrap();
+        let base = base.canonicalize().unwrap();
+        let kept = kept_paths(&[
+            inner.clone(),
+            base.join("checkout"),
+            PathBuf::from("/usr/bin"),
+            PathBuf::from("/tmp"),
+        ]);
+        std::fs::remove_dir_all(&base).unwrap();
+        if base.starts_with("/tmp") {
+            assert_eq!(kept, vec![base.join("checkout")]);
+        } else {
+            // TMPDIR elsewhere: nothing of ours is under /tmp.
+            assert!(kept.is_empty());
+        }
     }
 }
