@@ -159,14 +159,17 @@ struct RunArgs {
     /// Seconds the workload has to exit after its stop signal before the VM is powered off
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     stop_timeout: u64,
-    /// The guest's network: user (rootless NAT; 10.0.2.2 is the host's loopback), none (only
-    /// lo), or tap:IFACE (an existing TAP device)
+    /// The guest's network: user (rootless NAT; 10.0.2.2 stands for the host's loopback, closed
+    /// unless --egress opens it), none (only lo), or tap:IFACE (an existing TAP device)
     #[arg(long, alias = "net", value_name = "MODE", default_value = "user")]
     network: supermachine::network::NetworkMode,
-    /// Where the guest may connect (--network user): allow-all, deny-private, none,
-    /// allow:CIDR[:PORT],... or deny:CIDR[:PORT],... (IPv6 in brackets)
-    #[arg(long, value_name = "POLICY", default_value = "allow-all")]
-    egress: supermachine::network::EgressPolicy,
+    /// Where the guest may connect (--network user). public (the default): the internet only,
+    /// never the host's loopback, private networks or cloud metadata; allow-host:PORT,...:
+    /// public plus those ports of the host's loopback (10.0.2.2); allow-all: everything,
+    /// the host included; none: no network; allow:CIDR[:PORT],... or deny:CIDR[:PORT],...
+    /// (IPv6 in brackets)
+    #[arg(long, value_name = "POLICY")]
+    egress: Option<supermachine::network::EgressPolicy>,
     /// Volume: DIR:PATH shares an existing host directory (virtio-fs); FILE:PATH or NAME:PATH
     /// is a block volume (created ext4 when missing); ":ro" for read-only
     #[arg(short, long, value_name = "SRC:DST[:ro]")]
@@ -319,9 +322,10 @@ struct BootArgs {
     /// NAT; 10.0.2.2 is the host's loopback, 10.0.2.3 answers DNS) or tap:IFACE
     #[arg(long, value_name = "MODE", default_value = "none")]
     network: supermachine::network::NetworkMode,
-    /// Where the guest may connect with --network user (as for `run`)
-    #[arg(long, value_name = "POLICY", default_value = "allow-all")]
-    egress: supermachine::network::EgressPolicy,
+    /// Where the guest may connect with --network user (as for `run`; the default is public:
+    /// the internet only, not the host's loopback)
+    #[arg(long, value_name = "POLICY")]
+    egress: Option<supermachine::network::EgressPolicy>,
     /// Snapshot the VM into this directory once it prints --snapshot-when (then stop it)
     #[arg(long, value_name = "DIR", requires = "snapshot_when")]
     snapshot_to: Option<PathBuf>,
@@ -363,6 +367,29 @@ fn parse_run_fast(args: &[std::ffi::OsString]) -> Option<Cli> {
     })
 }
 
+/// The policy `--egress` asks for (the default when not given). With a TAP device only
+/// `allow-all` and `none` mean something: the TAP's traffic is the host firewall's to filter,
+/// so any other policy given there is refused rather than silently ignored.
+fn egress_for(
+    network: &supermachine::network::NetworkMode,
+    egress: Option<supermachine::network::EgressPolicy>,
+) -> anyhow::Result<supermachine::network::EgressPolicy> {
+    use supermachine::network::{EgressPolicy, NetworkMode};
+    match egress {
+        Some(policy)
+            if matches!(network, NetworkMode::Tap(_))
+                && !matches!(policy, EgressPolicy::AllowAll | EgressPolicy::None) =>
+        {
+            anyhow::bail!(
+                "--egress {policy} applies to --network user; a TAP device's traffic is for \
+                 the host's firewall to filter"
+            )
+        }
+        Some(policy) => Ok(policy),
+        None => Ok(EgressPolicy::default()),
+    }
+}
+
 /// `run`'s arguments when they are only `-d`, `--rm`, `-i`, `-t`, `-p`, `-e`, `-m`, `--cpus`,
 /// `--name` (values as separate words or `--long=VALUE`) before the image, then the command:
 /// what restores of a baked server look like. Anything else, or a value clap would refuse,
@@ -391,7 +418,7 @@ fn parse_common_run(args: &[std::ffi::OsString]) -> Option<RunArgs> {
         tls_alpn: vec!["http/1.1".into()],
         stop_timeout: 10,
         network: "user".parse().ok()?,
-        egress: "allow-all".parse().ok()?,
+        egress: None,
         volume: Vec::new(),
         volume_size: parse_memory("1g").ok()?,
         pull: PullPolicyArg::Missing,
@@ -591,8 +618,8 @@ fn vm_config(args: RunArgs) -> anyhow::Result<(Image, VmConfig)> {
         .publish_all(args.publish_all)
         .debug(args.debug)
         .boot_always(args.no_restore)
-        .network(args.network)
-        .egress(args.egress);
+        .egress(egress_for(&args.network, args.egress)?)
+        .network(args.network);
     for (name, value) in env_pairs(&env) {
         config = config.env(&name, &value);
     }
@@ -863,8 +890,8 @@ fn run_boot(args: BootArgs) -> anyhow::Result<ExitCode> {
         control: None,
         vsock: args.vsock,
         net: supermachine::network::NetworkOptions {
+            egress: egress_for(&args.network, args.egress)?,
             mode: args.network,
-            egress: args.egress,
         }
         .backend()?,
         shares: args.share,

@@ -192,7 +192,8 @@ impl VmConfig {
         self
     }
 
-    /// Where the guest may connect (default: anywhere). [`EgressPolicy::None`] removes the
+    /// Where the guest may connect (default: the public internet only, not the host's loopback,
+    /// private networks or cloud metadata). [`EgressPolicy::None`] removes the
     /// network device.
     ///
     /// [`EgressPolicy::None`]: crate::network::EgressPolicy::None

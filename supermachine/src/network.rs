@@ -59,7 +59,8 @@ impl fmt::Display for NetworkMode {
 pub struct NetworkOptions {
     /// The host side.
     pub mode: NetworkMode,
-    /// Where the guest may connect (user mode only).
+    /// Where the guest may connect (user mode only). The default is the public internet
+    /// only: the host's loopback, private networks and cloud metadata stay out of reach.
     pub egress: EgressPolicy,
 }
 
@@ -82,7 +83,7 @@ impl NetworkOptions {
     pub fn none() -> Self {
         NetworkOptions {
             mode: NetworkMode::None,
-            egress: EgressPolicy::AllowAll,
+            egress: EgressPolicy::default(),
         }
     }
 
@@ -91,10 +92,15 @@ impl NetworkOptions {
         self.mode != NetworkMode::None && self.egress.has_network()
     }
 
-    /// Refuses combinations that cannot work, before anything starts.
+    /// Refuses combinations that cannot work, before anything starts. A TAP device takes
+    /// the default policy (its traffic is the host firewall's to filter), `allow-all` and
+    /// `none`; any other policy would be silently ignored, so it is refused.
     pub fn validate(&self) -> Result<(), NetworkError> {
         if matches!(self.mode, NetworkMode::Tap(_))
-            && !matches!(self.egress, EgressPolicy::AllowAll | EgressPolicy::None)
+            && !matches!(
+                self.egress,
+                EgressPolicy::Public | EgressPolicy::AllowAll | EgressPolicy::None
+            )
         {
             return Err(NetworkError::Invalid(
                 "--egress applies to --network user; a TAP device's traffic is for the host's firewall to filter".into(),
@@ -160,12 +166,17 @@ mod tests {
         assert!(NetworkOptions::default().has_device());
         let tap = NetworkOptions {
             mode: NetworkMode::Tap("tap0".into()),
-            egress: "deny-private".parse().unwrap(),
+            egress: "allow:10.0.0.0/8".parse().unwrap(),
         };
         assert!(tap
             .validate()
             .unwrap_err()
             .to_string()
             .contains("--network user"));
+        let tap_default = NetworkOptions {
+            mode: NetworkMode::Tap("tap0".into()),
+            ..Default::default()
+        };
+        assert!(tap_default.validate().is_ok());
     }
 }

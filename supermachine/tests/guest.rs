@@ -2444,10 +2444,12 @@ fn user_network_reaches_the_host_loopback_over_tcp_udp_and_dns() {
          wget -q -O - http://sm-host.test:{p}/small",
         p = http.port
     );
+    // The host's loopback is closed by default: this test opens all of it (TFTP answers
+    // from a fresh port).
     let (code, out, err) = run_with_hosts(
         &env,
         "127.0.0.1 localhost\n127.0.0.1 sm-host.test\n",
-        &[&env.image, "sh", "-c", &script],
+        &["--egress", "allow-all", &env.image, "sh", "-c", &script],
     );
     let out = String::from_utf8_lossy(&out);
     assert_eq!(code, 0, "{out}\n{err}");
@@ -2480,12 +2482,9 @@ fn egress_policy_decides_each_flow_and_none_leaves_only_lo() {
         get(other.port)
     );
     let hosts = "127.0.0.1 localhost\n192.168.77.1 sm-private.test\n";
-    // deny-private: the host's loopback and private answers are out of reach.
-    let (_, out, err) = run_with_hosts(
-        &env,
-        hosts,
-        &["--egress", "deny-private", &env.image, "sh", "-c", &script],
-    );
+    // The default (public internet only): the host's loopback and private answers are out
+    // of reach.
+    let (_, out, err) = run_with_hosts(&env, hosts, &[&env.image, "sh", "-c", &script]);
     let out = String::from_utf8_lossy(&out);
     assert!(
         out.contains(&format!("refused {}", open.port)),
@@ -2502,6 +2501,21 @@ fn egress_policy_decides_each_flow_and_none_leaves_only_lo() {
         "a private address was answered: {out}"
     );
     assert_eq!((open.accepted(), other.accepted()), (0, 0));
+    // allow-host opens exactly the listed port of the host's loopback; private names stay
+    // unanswered.
+    let allow_host = format!("allow-host:{}", open.port);
+    let (_, out, err) = run_with_hosts(
+        &env,
+        hosts,
+        &["--egress", &allow_host, &env.image, "sh", "-c", &script],
+    );
+    let out = String::from_utf8_lossy(&out);
+    assert_eq!(
+        out,
+        format!("hello from the host\nrefused {}\n0\n", other.port),
+        "{err}"
+    );
+    assert_eq!((open.accepted(), other.accepted()), (1, 0));
     // An allow-list admits exactly the listed port.
     let allow = format!("allow:127.0.0.1/32:{}", open.port);
     let (_, out, err) = run_with_hosts(
@@ -2515,9 +2529,13 @@ fn egress_policy_decides_each_flow_and_none_leaves_only_lo() {
         out.contains(&format!("refused {}", other.port)),
         "{out}\n{err}"
     );
-    assert_eq!((open.accepted(), other.accepted()), (1, 0));
+    assert_eq!((open.accepted(), other.accepted()), (2, 0));
     // With allow-all both answer, and the private name resolves.
-    let (_, out, err) = run_with_hosts(&env, hosts, &[&env.image, "sh", "-c", &script]);
+    let (_, out, err) = run_with_hosts(
+        &env,
+        hosts,
+        &["--egress", "allow-all", &env.image, "sh", "-c", &script],
+    );
     let out = String::from_utf8_lossy(&out);
     assert_eq!(
         out, "hello from the host\nhello from the host\n1\n",
@@ -2589,7 +2607,19 @@ fn a_guest_flooding_the_nat_hits_the_flow_limit_and_the_host_keeps_serving() {
          wget -q -O - http://10.0.2.2:{p}/small || echo no-answer",
         p = http.port
     );
-    let (code, out, err) = env.run(&["--memory", "1g", &env.image, "sh", "-c", &script], None);
+    let (code, out, err) = env.run(
+        &[
+            "--memory",
+            "1g",
+            "--egress",
+            "allow-all",
+            &env.image,
+            "sh",
+            "-c",
+            &script,
+        ],
+        None,
+    );
     let out = String::from_utf8_lossy(&out);
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(

@@ -32,7 +32,8 @@ use vmm_sys_util::timerfd::TimerFd;
 use crate::dns;
 use crate::policy::EgressPolicy;
 
-/// The gateway's address; flows to it reach the host's loopback (when the policy allows).
+/// The gateway's address; flows to it reach the host's loopback when the policy allows
+/// (`allow-host:PORT,...` or `allow-all`; the default policy does not).
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
 /// The DNS server's address (UDP port 53).
 pub const DNS: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 3);
@@ -79,7 +80,7 @@ pub struct UserNetConfig {
 impl Default for UserNetConfig {
     fn default() -> Self {
         UserNetConfig {
-            policy: EgressPolicy::AllowAll,
+            policy: EgressPolicy::default(),
             // Each flow is a host descriptor: both together stay under the usual soft limit
             // of 1024 descriptors.
             max_tcp_flows: 512,

@@ -6,8 +6,11 @@
 //!
 //! # Syntax (`--egress POLICY`)
 //! ```text
-//! allow-all                 everything (the default)
-//! deny-private              everything except the ranges listed at is_private()
+//! public                    the public internet only: everything except the ranges
+//!                           listed at is_private() (the default; `deny-private` is the
+//!                           same policy under its older name)
+//! allow-host:PORT,...       public, plus these ports of the host's loopback (the gateway)
+//! allow-all                 everything, the host's loopback included
 //! none                      no network at all
 //! allow:RULE,RULE,...       only flows matching some rule
 //! deny:RULE,RULE,...        every flow except those matching some rule
@@ -24,6 +27,11 @@
 //! Whitespace around rules is ignored. A CIDR with host bits set (`10.0.0.1/8`) is an error,
 //! because it usually means a typo.
 //!
+//! # Never reachable
+//! Whatever the policy, `0.0.0.0/8` and the limited broadcast `255.255.255.255` are refused
+//! as destinations (and `::` for IPv6): a host socket connected to `0.0.0.0` reaches the
+//! host's own loopback, so allowing it would let `deny:127.0.0.0/8` be walked around.
+//!
 //! # Matching
 //! Addresses are passed through [`normalise`] both when rules are built and when flows are
 //! checked, so `::ffff:10.0.0.1` is 10.0.0.1 everywhere. A rule written as an IPv4-mapped IPv6
@@ -39,12 +47,16 @@ use std::str::FromStr;
 /// Where a guest's network may reach.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum EgressPolicy {
-    /// Every destination.
+    /// The public internet only: every destination except private, loopback, link-local
+    /// (cloud metadata), CGNAT, multicast and reserved ones (see [`is_private`]). The
+    /// default, since a guest runs code nobody trusts.
     #[default]
+    Public,
+    /// [`EgressPolicy::Public`], plus these TCP/UDP ports of the host's loopback (what the
+    /// guest reaches at the gateway).
+    PublicAndHost(Vec<u16>),
+    /// Every destination, the host's loopback and private networks included.
     AllowAll,
-    /// Every destination except private, loopback, link-local, multicast and reserved ones
-    /// (see [`is_private`]).
-    DenyPrivate,
     /// Only destinations matching one of the rules. An empty list allows nothing.
     Allow(Vec<Rule>),
     /// Every destination except those matching one of the rules.
@@ -77,7 +89,7 @@ pub struct IpNet {
 pub enum PolicyError {
     /// The policy is none of the known words.
     #[error(
-        "unknown egress policy `{0}`: expected allow-all, deny-private, none, \
+        "unknown egress policy `{0}`: expected public, allow-host:PORT,..., allow-all, none, \
          allow:RULE,... or deny:RULE,..."
     )]
     UnknownPolicy(String),
@@ -170,7 +182,7 @@ const fn v6net(first: u16, prefix: u8) -> IpNet {
     }
 }
 
-/// What `deny-private` denies.
+/// What the `public` policy denies.
 ///
 /// IPv4-compatible (`::a.b.c.d`), 6to4 (`2002::/16`) and NAT64 (`64:ff9b::/96`) forms are not
 /// special-cased: only IPv4-mapped addresses are, through [`normalise`]. A host with a 6to4
@@ -197,13 +209,22 @@ const PRIVATE: &[IpNet] = &[
     v6net(0xff00, 8), // multicast
 ];
 
-/// Whether `ip` (after [`normalise`]) is in a range `deny-private` denies:
+/// Whether `ip` (after [`normalise`]) is in a range the `public` policy denies:
 ///
 /// - IPv4: 0.0.0.0/8, 10.0.0.0/8, 100.64.0.0/10, 127.0.0.0/8, 169.254.0.0/16,
 ///   172.16.0.0/12, 192.0.0.0/24, 192.168.0.0/16, 198.18.0.0/15, 224.0.0.0/4, 240.0.0.0/4.
 /// - IPv6: ::/128, ::1/128, fc00::/7, fe80::/10, ff00::/8.
 pub fn is_private(ip: IpAddr) -> bool {
     PRIVATE.iter().any(|net| net.contains(ip))
+}
+
+/// Destinations no policy allows (after [`normalise`]): `0.0.0.0/8` (a host socket sent
+/// there reaches the host itself), the limited broadcast, and `::`.
+pub fn never_reachable(ip: IpAddr) -> bool {
+    match normalise(ip) {
+        IpAddr::V4(v4) => v4.octets()[0] == 0 || v4 == Ipv4Addr::BROADCAST,
+        IpAddr::V6(v6) => v6.is_unspecified(),
+    }
 }
 
 fn mask_v4(prefix: u8) -> u32 {
@@ -479,11 +500,13 @@ impl FromStr for EgressPolicy {
         let s = s.trim();
         match s {
             "allow-all" => return Ok(EgressPolicy::AllowAll),
-            "deny-private" => return Ok(EgressPolicy::DenyPrivate),
+            "public" | "deny-private" => return Ok(EgressPolicy::Public),
             "none" => return Ok(EgressPolicy::None),
             _ => {}
         }
-        if let Some(list) = s.strip_prefix("allow:") {
+        if let Some(list) = s.strip_prefix("allow-host:") {
+            parse_ports(list).map(EgressPolicy::PublicAndHost)
+        } else if let Some(list) = s.strip_prefix("allow:") {
             parse_list("allow", list).map(EgressPolicy::Allow)
         } else if let Some(list) = s.strip_prefix("deny:") {
             parse_list("deny", list).map(EgressPolicy::Deny)
@@ -491,6 +514,19 @@ impl FromStr for EgressPolicy {
             Err(PolicyError::UnknownPolicy(s.to_owned()))
         }
     }
+}
+
+fn parse_ports(list: &str) -> Result<Vec<u16>, PolicyError> {
+    if list.trim().is_empty() {
+        return Err(PolicyError::EmptyList("allow-host"));
+    }
+    let whole = format!("allow-host:{list}");
+    list.split(',')
+        .map(|port| match port.trim() {
+            "" => Err(PolicyError::EmptyRule(whole.clone())),
+            port => parse_port(&whole, port),
+        })
+        .collect()
 }
 
 fn write_list(f: &mut fmt::Formatter<'_>, kind: &str, rules: &[Rule]) -> fmt::Result {
@@ -510,7 +546,17 @@ impl fmt::Display for EgressPolicy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             EgressPolicy::AllowAll => f.write_str("allow-all"),
-            EgressPolicy::DenyPrivate => f.write_str("deny-private"),
+            EgressPolicy::Public => f.write_str("public"),
+            EgressPolicy::PublicAndHost(ports) => {
+                f.write_str("allow-host:")?;
+                for (i, port) in ports.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(",")?;
+                    }
+                    write!(f, "{port}")?;
+                }
+                Ok(())
+            }
             EgressPolicy::None => f.write_str("none"),
             EgressPolicy::Allow(rules) => write_list(f, "allow", rules),
             EgressPolicy::Deny(rules) => write_list(f, "deny", rules),
@@ -519,13 +565,20 @@ impl fmt::Display for EgressPolicy {
 }
 
 impl EgressPolicy {
-    /// Whether a new TCP or UDP flow to `dst` may be made.
+    /// Whether a new TCP or UDP flow to `dst` may be made. `dst` is the host-side
+    /// destination: the gateway already turned into the host's loopback.
     pub fn allows(&self, dst: SocketAddr) -> bool {
         let ip = normalise(dst.ip());
         let port = dst.port();
+        if never_reachable(ip) {
+            return false;
+        }
         match self {
             EgressPolicy::AllowAll => true,
-            EgressPolicy::DenyPrivate => !is_private(ip),
+            EgressPolicy::Public => !is_private(ip),
+            EgressPolicy::PublicAndHost(ports) => {
+                !is_private(ip) || (ip.is_loopback() && ports.contains(&port))
+            }
             EgressPolicy::Allow(rules) => rules.iter().any(|r| r.matches(ip, port)),
             EgressPolicy::Deny(rules) => !rules.iter().any(|r| r.matches(ip, port)),
             EgressPolicy::None => false,
@@ -537,9 +590,15 @@ impl EgressPolicy {
     /// stay reachable.
     pub fn allows_address(&self, ip: IpAddr) -> bool {
         let ip = normalise(ip);
+        if never_reachable(ip) {
+            return false;
+        }
         match self {
             EgressPolicy::AllowAll => true,
-            EgressPolicy::DenyPrivate => !is_private(ip),
+            EgressPolicy::Public => !is_private(ip),
+            EgressPolicy::PublicAndHost(ports) => {
+                !is_private(ip) || (ip.is_loopback() && !ports.is_empty())
+            }
             EgressPolicy::Allow(rules) => rules.iter().any(|r| r.net.contains(ip)),
             EgressPolicy::Deny(rules) => {
                 !rules.iter().any(|r| r.port.is_none() && r.net.contains(ip))
@@ -584,9 +643,81 @@ mod tests {
     #[test]
     fn parses_words() {
         assert_eq!("allow-all".parse(), Ok(EgressPolicy::AllowAll));
-        assert_eq!("deny-private".parse(), Ok(EgressPolicy::DenyPrivate));
+        assert_eq!("public".parse(), Ok(EgressPolicy::Public));
+        assert_eq!("deny-private".parse(), Ok(EgressPolicy::Public));
         assert_eq!(" none ".parse(), Ok(EgressPolicy::None));
-        assert_eq!(EgressPolicy::default(), EgressPolicy::AllowAll);
+        assert_eq!(
+            "allow-host: 6379 ,8080".parse(),
+            Ok(EgressPolicy::PublicAndHost(vec![6379, 8080]))
+        );
+        assert!(err("allow-host:").contains("at least one"));
+        assert!(err("allow-host:80,").contains("stray comma"));
+        assert!(err("allow-host:0").contains("bad port `0`"));
+        assert!(err("allow-host:http").contains("bad port `http`"));
+    }
+
+    #[test]
+    fn the_default_is_the_public_internet_only() {
+        let default = EgressPolicy::default();
+        assert_eq!(default, EgressPolicy::Public);
+        for closed in [
+            "127.0.0.1:6379",     // the host's loopback (the gateway)
+            "169.254.169.254:80", // cloud metadata
+            "10.1.2.3:22",
+            "192.168.1.1:80",
+            "172.16.0.1:80",
+            "100.64.0.1:80", // CGNAT
+            "224.0.0.251:5353",
+            "255.255.255.255:67",
+            "0.0.0.0:80",
+            "[::1]:80",
+            "[fd00:ec2::254]:80",
+        ] {
+            assert!(!default.allows(sock(closed)), "{closed}");
+            assert!(!default.allows_address(sock(closed).ip()), "{closed}");
+        }
+        assert!(default.allows(sock("93.184.216.34:443")));
+        assert!(default.allows(sock("[2606:4700::1111]:443")));
+    }
+
+    #[test]
+    fn allow_host_opens_only_the_named_loopback_ports() {
+        let p: EgressPolicy = "allow-host:6379".parse().unwrap();
+        assert!(p.allows(sock("127.0.0.1:6379")));
+        assert!(!p.allows(sock("127.0.0.1:6380")));
+        assert!(!p.allows(sock("169.254.169.254:6379")));
+        assert!(!p.allows(sock("10.0.0.1:6379")));
+        assert!(!p.allows(sock("0.0.0.0:6379")));
+        assert!(p.allows(sock("8.8.8.8:53")));
+        assert!(p.allows_address(ip("127.0.0.1")));
+        assert!(!p.allows_address(ip("10.0.0.1")));
+    }
+
+    #[test]
+    fn zero_network_and_broadcast_are_refused_under_every_policy() {
+        // Linux connects a socket sent to 0.0.0.0 to the host's loopback: a deny of
+        // 127.0.0.0/8 must not be walked around that way.
+        let policies = [
+            "allow-all",
+            "deny:127.0.0.0/8",
+            "allow:0.0.0.0/0",
+            "allow:0.0.0.0/8",
+            "public",
+            "allow-host:80",
+        ];
+        for p in policies {
+            let p: EgressPolicy = p.parse().unwrap();
+            for dst in [
+                "0.0.0.0:80",
+                "0.1.2.3:80",
+                "[::ffff:0.0.0.0]:80",
+                "255.255.255.255:67",
+                "[::]:80",
+            ] {
+                assert!(!p.allows(sock(dst)), "{p} allowed {dst}");
+                assert!(!p.allows_address(sock(dst).ip()), "{p} answered {dst}");
+            }
+        }
     }
 
     #[test]
@@ -774,7 +905,8 @@ mod tests {
     fn display_round_trips() {
         for s in [
             "allow-all",
-            "deny-private",
+            "public",
+            "allow-host:6379,8080",
             "none",
             "allow:10.0.0.0/8",
             "allow:10.0.0.0/8,1.2.3.4/32:443,[2001:db8::]/32,[::1]/128:22",
@@ -809,7 +941,7 @@ mod tests {
         // IPv4-compatible is not mapped.
         assert_eq!(normalise(ip("::10.0.0.1")), ip("::10.0.0.1"));
 
-        let p = EgressPolicy::DenyPrivate;
+        let p = EgressPolicy::Public;
         for s in [
             "::ffff:127.0.0.1",
             "::ffff:169.254.169.254",
@@ -883,12 +1015,12 @@ mod tests {
             assert!(!EgressPolicy::Allow(vec![]).allows(dst));
             assert!(EgressPolicy::Deny(vec![]).allows(dst));
         }
-        assert!(!EgressPolicy::DenyPrivate.allows(sock("127.0.0.1:1")));
-        assert!(EgressPolicy::DenyPrivate.allows(sock("8.8.8.8:53")));
+        assert!(!EgressPolicy::Public.allows(sock("127.0.0.1:1")));
+        assert!(EgressPolicy::Public.allows(sock("8.8.8.8:53")));
         assert!(!EgressPolicy::None.has_network());
         assert!(EgressPolicy::AllowAll.has_network());
         assert!(EgressPolicy::Allow(vec![]).has_network());
-        assert!(EgressPolicy::DenyPrivate.has_network());
+        assert!(EgressPolicy::Public.has_network());
     }
 
     #[test]

@@ -203,12 +203,24 @@ fn denied_and_refused_flows_are_reset_at_once() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let port = listener.local_addr().unwrap().port();
-    // deny-private: the host's loopback (the gateway) is out of reach.
-    let mut g = Guest::new("deny-private".parse().unwrap());
+    // The default (public internet only): the host's loopback (the gateway) is out of reach.
+    let mut g = Guest::new(UserNetConfig::default().policy);
     let h = g.connect(GATEWAY, port);
     g.until("the reset", |g| g.tcp(h).state() == tcp::State::Closed);
     assert!(listener.accept().is_err(), "the host saw a denied flow");
     assert_eq!(g.nat.stats().denied, 1);
+    // allow-host opens the named loopback port, and only that one.
+    let mut g = Guest::new(format!("allow-host:{port}").parse().unwrap());
+    let h = g.connect(GATEWAY, port.wrapping_add(1).max(1));
+    g.until("the reset", |g| g.tcp(h).state() == tcp::State::Closed);
+    let h = g.connect(GATEWAY, port);
+    g.until("the connection", |g| {
+        g.tcp(h).state() == tcp::State::Established
+    });
+    g.tcp(h).abort();
+    listener.set_nonblocking(false).unwrap();
+    drop(listener.accept().unwrap());
+    listener.set_nonblocking(true).unwrap();
     // An allow-list with another port: denied too; the listed port goes through.
     let mut g = Guest::new(format!("allow:127.0.0.1:{port}").parse().unwrap());
     let h = g.connect(GATEWAY, port.wrapping_add(1).max(1));
@@ -275,7 +287,7 @@ fn dns_answers_from_the_host_resolver_with_loopback_as_the_gateway() {
         "localhost is the gateway"
     );
     // deny-private: the loopback answer is withheld.
-    let mut g = Guest::new(EgressPolicy::DenyPrivate);
+    let mut g = Guest::new(EgressPolicy::Public);
     let h = udp_socket(&mut g, 5353);
     g.sockets
         .get_mut::<udp::Socket>(h)
@@ -336,7 +348,7 @@ fn udp_round_trips_from_any_host_port_and_denied_udp_is_unreachable() {
     assert_eq!(g.nat.stats().udp_opened, 1);
     // Denied: an ICMP unreachable comes back (smoltcp drops it, but the frame is there).
     let mut nat = UserNet::new(UserNetConfig {
-        policy: EgressPolicy::DenyPrivate,
+        policy: EgressPolicy::Public,
         ..Default::default()
     })
     .unwrap();
@@ -379,6 +391,7 @@ fn flow_limits_refuse_new_flows_and_free_up_as_flows_close() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let nat = UserNet::new(UserNetConfig {
+        policy: EgressPolicy::AllowAll,
         max_tcp_flows: 3,
         ..Default::default()
     })

@@ -70,8 +70,17 @@ pub fn bench(supermachine: &Path, runs: usize, mib: u64, connects: usize) -> Res
             step(&format!("net: {} run {run}/{runs}", names[k]));
             let mut cmd = if k == 0 {
                 let mut c = Command::new(supermachine);
-                c.args(["boot", "--quiet", "--memory", "512", "--network", "user"])
-                    .args(["--", "/bin/sh", "-c", &script]);
+                c.args([
+                    "boot",
+                    "--quiet",
+                    "--memory",
+                    "512",
+                    "--network",
+                    "user",
+                    "--egress",
+                    "allow-all",
+                ])
+                .args(["--", "/bin/sh", "-c", &script]);
                 c
             } else {
                 let mut c = qemu_linux(&kernel, &initrd, 512);
