@@ -16,4 +16,6 @@ pub mod legacy;
 #[cfg(test)]
 mod test_support;
 #[cfg(target_os = "linux")]
+pub mod unix_peer;
+#[cfg(target_os = "linux")]
 pub mod virtio;

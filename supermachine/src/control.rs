@@ -113,13 +113,23 @@ impl Drop for Server {
 }
 
 /// Serves requests on `socket` from a background thread, one at a time, with `handle`, until
-/// the returned [`Server`] is dropped.
+/// the returned [`Server`] is dropped. The socket is 0600 and answers only processes of the
+/// user running this one (`SO_PEERCRED`); others are closed without a reply.
 pub fn serve(
     socket: &Path,
     handle: impl Fn(ControlRequest) -> ControlReply + Send + 'static,
 ) -> std::io::Result<Server> {
+    serve_only(socket, devices::unix_peer::own_uid(), handle)
+}
+
+fn serve_only(
+    socket: &Path,
+    owner_uid: u32,
+    handle: impl Fn(ControlRequest) -> ControlReply + Send + 'static,
+) -> std::io::Result<Server> {
     let _ = std::fs::remove_file(socket);
     let listener = UnixListener::bind(socket)?;
+    devices::unix_peer::make_private(socket)?;
     let closed = Arc::new(AtomicBool::new(false));
     let accepting = listener.try_clone()?;
     let stop = closed.clone();
@@ -135,6 +145,10 @@ pub fn serve(
                     std::thread::sleep(Duration::from_millis(10));
                     continue;
                 };
+                if !devices::unix_peer::peer_is(&conn, owner_uid) {
+                    tracing::warn!("control socket: refused a connection from another user");
+                    continue;
+                }
                 let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
                 let mut line = String::new();
                 let Ok(reader) = conn.try_clone() else {
@@ -204,8 +218,19 @@ mod tests {
         let mut answer = String::new();
         BufReader::new(s).read_line(&mut answer).unwrap();
         assert!(answer.contains("bad request"), "{answer}");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
         // Dropping the server stops it.
         drop(server);
+        // Served for another user (standing in for us being a stranger): no answer at all.
+        let other = devices::unix_peer::own_uid().wrapping_add(1);
+        let stop = ControlRequest::Stop { grace_ms: 1 };
+        let _server = serve_only(&socket, other, |_| ControlReply::Stopping).unwrap();
+        assert!(matches!(
+            call(&socket, &stop, Duration::from_secs(5)),
+            Err(ControlError::Io { .. } | ControlError::Protocol(_))
+        ));
         assert!(call(&socket, &req, Duration::from_secs(5)).is_err());
         std::fs::remove_dir_all(&dir).ok();
     }

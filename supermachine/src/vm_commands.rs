@@ -107,8 +107,18 @@ pub fn detach(name: Option<&str>) -> anyhow::Result<ExitCode> {
     let id = reserved.id().to_string();
     let spawned = (|| -> std::io::Result<std::process::Child> {
         let (stdout_log, stderr_log) = reserved.log_paths();
-        let stdout = std::fs::File::create(stdout_log)?;
-        let stderr = std::fs::File::create(stderr_log)?;
+        // The logs hold what the workload prints: the user's alone.
+        let private = |path| {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(path)
+        };
+        let stdout = private(stdout_log)?;
+        let stderr = private(stderr_log)?;
         let mut cmd = std::process::Command::new(std::env::current_exe()?);
         cmd.args(std::env::args_os().skip(1))
             .env(DETACHED_CHILD_ENV, &id)

@@ -31,6 +31,19 @@ pub enum VmRegistryError {
     /// An id prefix that matches several VMs.
     #[error("{0:?} matches more than one VM; give more of the id")]
     Ambiguous(String),
+    /// A directory of the registry that another user could have made or could change: it is
+    /// not used, since whoever controls it can read the VMs' logs and stand in for their
+    /// sockets.
+    #[error(
+        "{path}: {why}; refusing to use it as the VM registry (remove it, or set \
+         XDG_RUNTIME_DIR to a private directory)"
+    )]
+    UnsafeDirectory {
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
     /// The runtime directory could not be read or written.
     #[error("{path}: {source}")]
     Io {
@@ -120,8 +133,9 @@ impl VmRecord {
     }
 }
 
-/// The per-user runtime directory: `$XDG_RUNTIME_DIR/supermachine`, else
-/// `/tmp/supermachine-UID` (created 0700).
+/// The per-user runtime directory: `$SUPERMACHINE_RUNTIME_DIR`, else
+/// `$XDG_RUNTIME_DIR/supermachine`, else `/tmp/supermachine-UID` (created 0700; an existing
+/// one is used only if it is a real directory of this user's that nobody else can enter).
 pub fn runtime_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("SUPERMACHINE_RUNTIME_DIR") {
         return PathBuf::from(dir);
@@ -187,13 +201,55 @@ impl VmDir {
         let bytes = serde_json::to_vec_pretty(record).unwrap_or_default();
         (|| {
             use std::io::Write;
-            let mut f = std::fs::File::create(&tmp)?;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
             f.write_all(&bytes)?;
             f.sync_all()?;
             std::fs::rename(&tmp, &p)
         })()
         .map_err(io(&p))
     }
+}
+
+/// Creates `path` (one level, mode 0700) unless it exists, then checks that it is a private
+/// directory of `uid`'s: not a symbolic link, owned by `uid`, no permission bits for group or
+/// others.
+fn private_dir(path: &Path, uid: u32) -> Result<(), VmRegistryError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    match std::fs::DirBuilder::new().mode(0o700).create(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io(path)(e)),
+    }
+    let unsafe_dir = |why: String| VmRegistryError::UnsafeDirectory {
+        path: path.to_path_buf(),
+        why,
+    };
+    let meta = std::fs::symlink_metadata(path).map_err(io(path))?;
+    if meta.file_type().is_symlink() {
+        return Err(unsafe_dir("it is a symbolic link".into()));
+    }
+    if !meta.is_dir() {
+        return Err(unsafe_dir("it is not a directory".into()));
+    }
+    if meta.uid() != uid {
+        return Err(unsafe_dir(format!(
+            "it belongs to uid {}, not to you (uid {uid})",
+            meta.uid()
+        )));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(unsafe_dir(format!(
+            "its mode {mode:04o} lets other users in (it must be 0700)"
+        )));
+    }
+    Ok(())
 }
 
 fn valid_name(name: &str) -> bool {
@@ -218,15 +274,18 @@ impl Registry {
         Registry::at(runtime_dir())
     }
 
-    /// The registry at `root` (created, private to the user).
+    /// The registry at `root` (created, private to the user). An existing `root` (and its
+    /// `vms` and `names`) must be a directory, not a symbolic link, owned by this user and
+    /// closed to everyone else (no group or other permission bits): anything else is
+    /// [`VmRegistryError::UnsafeDirectory`].
     pub fn at(root: PathBuf) -> Result<Registry, VmRegistryError> {
-        use std::os::unix::fs::DirBuilderExt;
+        // SAFETY: geteuid has no preconditions.
+        let uid = unsafe { libc::geteuid() };
+        if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(io(parent))?;
+        }
         for d in [root.clone(), root.join("vms"), root.join("names")] {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&d)
-                .map_err(io(&d))?;
+            private_dir(&d, uid)?;
         }
         Ok(Registry { root })
     }
@@ -239,6 +298,7 @@ impl Registry {
 
     /// Reserves a new VM: a fresh id and directory, and `name` (or one made from the id).
     pub fn create(&self, name: Option<&str>) -> Result<(String, String, VmDir), VmRegistryError> {
+        use std::os::unix::fs::DirBuilderExt;
         if let Some(n) = name {
             if !valid_name(n) {
                 return Err(VmRegistryError::BadName(n.into()));
@@ -247,7 +307,7 @@ impl Registry {
         let (id, dir) = loop {
             let id = random_hex(12);
             let dir = self.vm_dir(&id);
-            match std::fs::create_dir(&dir.path) {
+            match std::fs::DirBuilder::new().mode(0o700).create(&dir.path) {
                 Ok(()) => break (id, dir),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(io(&dir.path)(e)),
@@ -407,6 +467,79 @@ mod tests {
         r.exit_code = Some(3);
         assert_eq!(r.status(), VmStatus::Exited(3));
         std::fs::remove_dir_all(root).unwrap();
+    }
+
+    fn mode(path: &Path) -> u32 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::symlink_metadata(path).unwrap().mode() & 0o7777
+    }
+
+    #[test]
+    fn vm_directories_and_records_are_private() {
+        let (reg, root) = registry("private");
+        let (id, _, dir) = reg.create(Some("p")).unwrap();
+        dir.save(&record(&id, "p", 1, 0)).unwrap();
+        for d in [
+            root.clone(),
+            root.join("vms"),
+            root.join("names"),
+            dir.path.clone(),
+        ] {
+            assert_eq!(mode(&d), 0o700, "{}", d.display());
+        }
+        assert_eq!(mode(&dir.record_path()), 0o600);
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn a_registry_another_user_could_enter_or_swap_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let base = std::env::temp_dir().join(format!("sm-vms-unsafe-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base).unwrap();
+        let why = |root: &Path| match Registry::at(root.to_path_buf()) {
+            Err(VmRegistryError::UnsafeDirectory { path, why }) => {
+                assert_eq!(path, root);
+                why
+            }
+            other => panic!("{}: {other:?}", root.display()),
+        };
+        // Pre-created world-writable (as another user would leave it in /tmp).
+        let open = base.join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(why(&open).contains("mode 0777"));
+        // Group-readable is as bad: logs are readable.
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o750)).unwrap();
+        assert!(why(&open).contains("mode 0750"));
+        // A symbolic link to a private directory: whoever made the link can repoint it.
+        let real = base.join("real");
+        Registry::at(real.clone()).unwrap();
+        let link = base.join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        assert!(why(&link).contains("symbolic link"));
+        // A plain file.
+        let file = base.join("file");
+        std::fs::write(&file, b"").unwrap();
+        assert!(why(&file).contains("not a directory"));
+        // Someone else's (the owner as another uid sees it).
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        let other = me.wrapping_add(1);
+        let err = private_dir(&real, other).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("belongs to uid {me}, not to you (uid {other})")),
+            "{err}"
+        );
+        // A swapped subdirectory is caught too.
+        std::fs::set_permissions(real.join("vms"), std::fs::Permissions::from_mode(0o777)).unwrap();
+        match Registry::at(real.clone()) {
+            Err(VmRegistryError::UnsafeDirectory { path, .. }) => {
+                assert_eq!(path, real.join("vms"))
+            }
+            other => panic!("{other:?}"),
+        }
+        std::fs::remove_dir_all(base).unwrap();
     }
 
     #[test]

@@ -62,6 +62,8 @@ pub(super) struct Muxer {
     listener_paused_until: Option<Instant>,
     /// Whether the listener is in the epoll's interest set.
     listener_on: bool,
+    /// The only user whose processes may connect (the VMM's own).
+    owner_uid: u32,
     handshakes: HashMap<RawFd, Handshake>,
     conns: HashMap<ConnKey, Connection>,
     by_fd: HashMap<RawFd, ConnKey>,
@@ -119,6 +121,7 @@ impl Muxer {
             }
         }
         let listener = UnixListener::bind(uds_path).map_err(bind_err)?;
+        crate::unix_peer::make_private(uds_path).map_err(bind_err)?;
         listener.set_nonblocking(true).map_err(bind_err)?;
         let epoll = Epoll::new().map_err(VsockError::EventSource)?;
         let timer = TimerFd::new().map_err(|e| VsockError::EventSource(e.into()))?;
@@ -146,6 +149,7 @@ impl Muxer {
             wake_at: None,
             listener_paused_until: None,
             listener_on: true,
+            owner_uid: crate::unix_peer::own_uid(),
             handshakes: HashMap::new(),
             conns: HashMap::new(),
             by_fd: HashMap::new(),
@@ -338,6 +342,12 @@ impl Muxer {
 
     // ---- Host side ------------------------------------------------------------------------
 
+    /// Serves only connections from `uid`'s processes (tests stand in another user so).
+    #[cfg(test)]
+    pub fn serve_only(&mut self, uid: u32) {
+        self.owner_uid = uid;
+    }
+
     /// Room for another host connection: beyond it, connections wait in the listener's
     /// backlog (the host's connect blocks) instead of being refused.
     fn can_accept(&self) -> bool {
@@ -371,7 +381,11 @@ impl Muxer {
         while self.can_accept() {
             match self.listener.accept() {
                 Ok((stream, _)) => {
-                    if stream.set_nonblocking(true).is_err() {
+                    // Another user's process (the socket file leaked out of its private
+                    // directory): closed before it can reach the guest.
+                    if !crate::unix_peer::peer_is(&stream, self.owner_uid)
+                        || stream.set_nonblocking(true).is_err()
+                    {
                         continue; // dropped: the host sees the connection closed
                     }
                     let fd = stream.as_raw_fd();

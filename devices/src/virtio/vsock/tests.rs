@@ -302,6 +302,38 @@ fn a_stale_socket_file_is_replaced() {
 }
 
 #[test]
+fn the_socket_is_private_and_serves_only_the_vmms_user() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut g = guest();
+    let mode = std::fs::metadata(&g.uds).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    // Another user's process (stood in for by serving a uid that is not ours): closed, and
+    // its CONNECT never reaches the guest.
+    g.dev
+        .muxer()
+        .serve_only(crate::unix_peer::own_uid().wrapping_add(1));
+    let mut stranger = UnixStream::connect(&g.uds).unwrap();
+    stranger.write_all(b"CONNECT 1234\n").unwrap();
+    stranger
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    g.post_rx(2);
+    g.pump();
+    let mut buf = [0u8; 16];
+    // Closed with its line unread: EOF or a reset, never "OK".
+    match stranger.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("a stranger got {other:?}: {:?}", &buf),
+    }
+    g.pump();
+    assert!(g.recv().is_empty(), "the guest heard of a stranger");
+    // The VMM's own user goes through.
+    g.dev.muxer().serve_only(crate::unix_peer::own_uid());
+    let (_host, _) = g.connect_from_host(1234);
+}
+
+#[test]
 fn host_to_guest_handshake_then_data_both_ways_with_credit() {
     let mut g = guest();
     let (host, local) = g.connect_from_host(1234);
