@@ -381,10 +381,13 @@ pub fn splice(a: UnixStream, b: std::net::TcpStream) {
         return;
     };
     let (mut a_write, mut b_write) = (a, b);
-    let up = std::thread::spawn(move || {
+    // Out of threads: the connection is dropped (both ends see it closed), nothing panics.
+    let Ok(up) = std::thread::Builder::new().spawn(move || {
         let _ = io::copy(&mut b_read, &mut a_write);
         let _ = a_write.shutdown(Shutdown::Write);
-    });
+    }) else {
+        return;
+    };
     let _ = io::copy(&mut a_read, &mut b_write);
     let _ = b_write.shutdown(Shutdown::Write);
     let _ = up.join();

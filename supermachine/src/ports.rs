@@ -281,16 +281,19 @@ impl PublishedPort {
                         std::thread::sleep(Duration::from_millis(10));
                         continue;
                     };
+                    // At most MAX_IN_FLIGHT connections are set up or open at once: the next
+                    // ones wait in the listener's backlog, so clients holding connections
+                    // cannot make this process start threads without bound.
+                    let permit = in_flight.acquire();
                     let (agent, gate) = (agent.clone(), gate.clone());
-                    let in_flight = in_flight.clone();
                     let relay = relay.clone();
                     let tls = tls.as_ref().map(|t| t.server_config().clone());
-                    std::thread::spawn(move || {
+                    let setup =
+                        std::thread::Builder::new().name(format!("conn-{}", self.local.port()));
+                    // A failed spawn (out of threads or memory) drops this connection only.
+                    let _ = setup.spawn(move || {
                         crate::timings::mark("connection_accepted");
                         let _ = tcp.set_nodelay(true);
-                        // A burst of clients waits here rather than overflowing a small
-                        // server's accept backlog inside the guest.
-                        let permit = in_flight.acquire();
                         let guest = || {
                             // Early clients wait for the agent instead of being refused.
                             if !gate.wait(AGENT_WAIT) {
@@ -312,6 +315,7 @@ impl PublishedPort {
                                 {
                                     eprintln!("supermachine: guest port {guest_port}: {e}");
                                 }
+                                drop(permit);
                             }
                             None => match (guest(), relay) {
                                 (Ok(guest), Some(relay)) => {
@@ -322,7 +326,10 @@ impl PublishedPort {
                                         eprintln!("supermachine: guest port {guest_port}: {e}");
                                     }
                                 }
-                                (Ok(guest), None) => crate::agent::splice(guest, tcp),
+                                (Ok(guest), None) => {
+                                    crate::agent::splice(guest, tcp);
+                                    drop(permit);
+                                }
                                 (Err(e), _) => {
                                     eprintln!("supermachine: guest port {guest_port}: {e}")
                                 }
@@ -413,6 +420,41 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Threads of this process whose name is `name`.
+    fn threads_named(name: &str) -> usize {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .flatten()
+            .filter(|t| {
+                std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name)
+            })
+            .count()
+    }
+
+    #[test]
+    fn clients_holding_connections_cannot_make_threads_without_bound() {
+        let published = bind(m("127.0.0.1", 0, 80)).unwrap();
+        let addr = published.local;
+        // The guest never comes up: every connection waits for it.
+        let _forwarding =
+            published.forward(Agent::new("/nonexistent/vsock"), AgentGate::default(), None);
+        let held: Vec<_> = (0..MAX_IN_FLIGHT * 3)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        let name = format!("conn-{}", addr.port());
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while threads_named(&name) < MAX_IN_FLIGHT && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            threads_named(&name),
+            MAX_IN_FLIGHT,
+            "{} clients",
+            held.len()
+        );
     }
 
     #[test]
