@@ -190,8 +190,13 @@ pub enum BootError {
     NoSnapshot(VmExit),
 }
 
-/// Opens this platform's hypervisor.
+/// Opens this platform's hypervisor. The first call also raises this process's open-files
+/// limit (see [`raise_open_files_limit`]).
 pub fn open_hypervisor() -> Result<Box<dyn Hypervisor>, BootError> {
+    static RAISED: std::sync::Once = std::sync::Once::new();
+    RAISED.call_once(|| {
+        raise_open_files_limit();
+    });
     #[cfg(target_os = "linux")]
     {
         Ok(Box::new(vmm_kvm::KvmHypervisor::new()?))
@@ -202,6 +207,33 @@ pub fn open_hypervisor() -> Result<Box<dyn Hypervisor>, BootError> {
             vmm_core::HypervisorError::Unavailable("no backend for this OS yet".into()),
         ))
     }
+}
+
+/// Raises the soft limit on open descriptors to the hard limit and returns the new soft
+/// limit. A VM's NAT may hold hundreds of host sockets (512 TCP + 128 UDP flows), so with the
+/// usual soft limit of 1024 two busy guests in one process would starve each other's (and the
+/// process's own) accepts and restores.
+pub fn raise_open_files_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the rlimit we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return 0;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: setrlimit reads the rlimit we pass; raising the soft limit up to the hard
+        // one needs no privilege.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit = raised;
+        }
+    }
+    limit.rlim_cur as u64
 }
 
 fn now_seconds() -> Option<i64> {
@@ -739,4 +771,36 @@ fn forward_input(
                 }
             }
         });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nofile() -> libc::rlimit {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes into the rlimit we pass.
+        assert_eq!(
+            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
+            0
+        );
+        limit
+    }
+
+    #[test]
+    fn the_open_files_limit_is_raised_to_the_hard_limit() {
+        let before = nofile();
+        // Just below what it is (other tests run meanwhile): the raise must undo it.
+        let lowered = libc::rlimit {
+            rlim_cur: before.rlim_cur.min(before.rlim_max) - 1,
+            rlim_max: before.rlim_max,
+        };
+        // SAFETY: setrlimit reads the rlimit we pass.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lowered) }, 0);
+        assert_eq!(raise_open_files_limit(), before.rlim_max);
+        assert_eq!(nofile().rlim_cur, before.rlim_max);
+    }
 }
