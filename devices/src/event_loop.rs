@@ -94,7 +94,7 @@ impl EventLoop {
     /// An empty loop.
     pub fn new() -> Result<Self, EventLoopError> {
         let mut manager = EventManager::<Subscriber>::new().map_err(os)?;
-        let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(os)?);
+        let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(os)?);
         let stopped = Arc::new(AtomicBool::new(false));
         manager.add_subscriber(Box::new(StopSubscriber {
             evt: stop.clone(),

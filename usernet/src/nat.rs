@@ -267,7 +267,8 @@ impl UserNet {
     pub fn new(config: UserNetConfig) -> Result<Self, UserNetError> {
         let epoll = Epoll::new().map_err(UserNetError::EventSource)?;
         let timer = TimerFd::new().map_err(|e| UserNetError::EventSource(e.into()))?;
-        let lookups_done = EventFd::new(EFD_NONBLOCK).map_err(UserNetError::EventSource)?;
+        let lookups_done =
+            EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(UserNetError::EventSource)?;
         let mut frames = Frames {
             inbound: VecDeque::new(),
             outbound: VecDeque::new(),

@@ -141,8 +141,8 @@ impl IrqTrigger for KvmIrq {
 
 impl Vm for KvmVm {
     fn irq_trigger(&self, gsi: u32) -> Result<Arc<dyn IrqTrigger>, HypervisorError> {
-        let evt =
-            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| HypervisorError::call("eventfd", e))?;
+        let evt = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+            .map_err(|e| HypervisorError::call("eventfd", e))?;
         self.fd
             .register_irqfd(&evt, gsi)
             .map_err(err("KVM_IRQFD"))?;

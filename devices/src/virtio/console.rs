@@ -11,7 +11,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::Bytes;
+use vm_memory::{Address, Bytes};
 use vmm_core::GuestMemory;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -20,6 +20,8 @@ use crate::virtio::{device_type, features, ActivateError, Interrupt, VirtioDevic
 const RECEIVE_QUEUE: usize = 0;
 const TRANSMIT_QUEUE: usize = 1;
 const QUEUE_SIZE: u16 = 256;
+/// The most guest output copied at once.
+const TRANSMIT_CHUNK: usize = 64 << 10;
 /// Host input buffered for the guest before [`ConsoleInput::push`] starts refusing.
 pub const MAX_PENDING_INPUT: usize = 4 << 20;
 
@@ -60,6 +62,8 @@ pub struct Console {
     out: Box<dyn Write + Send>,
     input: ConsoleInput,
     active: Option<Active>,
+    /// Guest output passes through here on its way to `out`.
+    scratch: Box<[u8]>,
 }
 
 impl Console {
@@ -69,9 +73,10 @@ impl Console {
             out,
             input: ConsoleInput {
                 pending: Arc::new(Mutex::new(VecDeque::new())),
-                ready: Arc::new(EventFd::new(libc::EFD_NONBLOCK)?),
+                ready: Arc::new(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?),
             },
             active: None,
+            scratch: vec![0u8; TRANSMIT_CHUNK].into_boxed_slice(),
         })
     }
 
@@ -139,10 +144,21 @@ impl Console {
                 let head = chain.head_index();
                 let mem = chain.memory();
                 for desc in chain.clone().readable() {
-                    // A buffer outside guest memory is skipped: the guest only hurts its output.
-                    let mut buf = vec![0u8; desc.len() as usize];
-                    if mem.read_slice(&mut buf, desc.addr()).is_ok() {
-                        let _ = self.out.write_all(&buf);
+                    // In pieces through one buffer: the guest's length (up to 4 GiB) never
+                    // sizes a host allocation. From the first piece outside guest memory on,
+                    // the buffer is skipped: the guest only hurts its own output.
+                    let len = u64::from(desc.len());
+                    let mut done = 0u64;
+                    while done < len {
+                        let n = (len - done).min(TRANSMIT_CHUNK as u64) as usize;
+                        let Some(at) = desc.addr().checked_add(done) else {
+                            break;
+                        };
+                        if mem.read_slice(&mut self.scratch[..n], at).is_err() {
+                            break;
+                        }
+                        let _ = self.out.write_all(&self.scratch[..n]);
+                        done += n as u64;
                     }
                 }
                 if q.add_used(&a.mem, head, 0).is_err() {
@@ -291,5 +307,43 @@ mod tests {
         // Two bytes wait for more guest buffers.
         assert_eq!(input.pending(), 2);
         assert!(count.0.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    }
+
+    #[test]
+    fn long_and_oversized_output_buffers_pass_in_pieces() {
+        let mem = memory();
+        let tx = MockSplitQueue::create(&mem, GuestAddress(0x8000), 16);
+        // 200 KiB spanning several pieces, then a buffer claiming 4 GiB that runs off the
+        // end of guest memory after its first bytes.
+        let long: Vec<u8> = (0..200 << 10).map(|i: u32| (i % 251) as u8).collect();
+        mem.write_slice(&long, GuestAddress(BUF_BASE)).unwrap();
+        let tail = MEM_SIZE as u64 - 10;
+        mem.write_slice(b"0123456789", GuestAddress(tail)).unwrap();
+        tx.add_desc_chains(
+            &[
+                desc(BUF_BASE, long.len() as u32, F_NEXT, 1),
+                desc(tail, u32::MAX, 0, 0),
+            ],
+            0,
+        )
+        .unwrap();
+        let sink = Sink::default();
+        let mut c = Console::new(Box::new(sink.clone())).unwrap();
+        let rx = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        let (irq, _) = interrupt();
+        c.activate(
+            mem.clone(),
+            vec![rx.create_queue().unwrap(), tx.create_queue().unwrap()],
+            irq,
+        )
+        .unwrap();
+        c.process_queue(TRANSMIT_QUEUE);
+        let out = sink.0.lock().unwrap();
+        assert_eq!(
+            out.len(),
+            long.len(),
+            "a buffer running off guest memory is skipped from that piece on"
+        );
+        assert_eq!(&out[..], &long[..]);
     }
 }

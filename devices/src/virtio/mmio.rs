@@ -174,7 +174,10 @@ impl MmioTransport {
         let mut queue_events = Vec::new();
         for &max in device.queue_max_sizes() {
             queues.push(Queue::new(max).map_err(|_| TransportError::QueueSize(max))?);
-            queue_events.push(EventFd::new(libc::EFD_NONBLOCK).map_err(TransportError::EventFd)?);
+            queue_events.push(
+                EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+                    .map_err(TransportError::EventFd)?,
+            );
         }
         Ok(MmioTransport {
             device,
