@@ -213,7 +213,7 @@ pub fn open_hypervisor() -> Result<Box<dyn Hypervisor>, BootError> {
 /// limit. A VM's NAT may hold hundreds of host sockets (512 TCP + 128 UDP flows), so with the
 /// usual soft limit of 1024 two busy guests in one process would starve each other's (and the
 /// process's own) accepts and restores.
-pub fn raise_open_files_limit() -> u64 {
+pub fn raise_open_files_limit() -> libc::rlim_t {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -233,7 +233,7 @@ pub fn raise_open_files_limit() -> u64 {
             limit = raised;
         }
     }
-    limit.rlim_cur as u64
+    limit.rlim_cur
 }
 
 fn now_seconds() -> Option<i64> {
