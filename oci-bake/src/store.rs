@@ -122,9 +122,23 @@ impl Store {
             .join(".local/share/supermachine")
     }
 
-    /// Opens (creating) the store at `root`.
+    /// Opens (creating) the store at `root`. The store is private to its user (0700): bakes
+    /// under it hold guest memory, and guest memory holds secrets. A store of this user's
+    /// made more open by an older version is closed again.
     pub fn open(root: impl Into<PathBuf>) -> Result<Store, StoreError> {
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
         let root = root.into();
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&root)
+            .map_err(io_err("cannot create", &root))?;
+        let meta = fs::metadata(&root).map_err(io_err("cannot read", &root))?;
+        // SAFETY: geteuid has no preconditions.
+        if meta.uid() == unsafe { libc::geteuid() } && meta.mode() & 0o077 != 0 {
+            fs::set_permissions(&root, fs::Permissions::from_mode(0o700))
+                .map_err(io_err("cannot make private", &root))?;
+        }
         for dir in ["blobs/sha256", "images", "rootfs", "tmp"] {
             let p = root.join(dir);
             fs::create_dir_all(&p).map_err(io_err("cannot create", &p))?;

@@ -17,6 +17,7 @@
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use bincode::Options as _;
@@ -213,16 +214,39 @@ fn read_state_bytes(dir: &Path) -> Result<(PathBuf, Vec<u8>), SnapshotError> {
 pub fn open_memory(dir: &Path, regions: &[MemoryRegion]) -> Result<File, SnapshotError> {
     let path = dir.join(MEMORY_FILE);
     let f = File::open(&path).map_err(io_err(&path))?;
+    check_memory_len(&f, dir, regions)?;
+    Ok(f)
+}
+
+/// Checks that the open memory file `f` of snapshot `dir` (still) holds every region. Check
+/// again after mapping it: a file cut short under a mapping makes the pages past its end
+/// fault with SIGBUS when touched, so a shrink in between must be an error first.
+pub fn check_memory_len(
+    f: &File,
+    dir: &Path,
+    regions: &[MemoryRegion],
+) -> Result<(), SnapshotError> {
+    let path = dir.join(MEMORY_FILE);
     let len = f.metadata().map_err(io_err(&path))?.len();
     let needed = regions
         .iter()
-        .map(|r| r.file_offset + r.len)
+        .map(|r| r.file_offset.saturating_add(r.len))
         .max()
         .unwrap_or(0);
     if len < needed {
         return Err(SnapshotError::TruncatedMemory { path, len, needed });
     }
-    Ok(f)
+    Ok(())
+}
+
+/// Creates (truncating) a file only its owner can read or write.
+fn private_file(path: &Path) -> io::Result<File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
 }
 
 /// Writes one region's bytes at its offset, leaving all-zero pages as holes.
@@ -261,9 +285,13 @@ impl SnapshotWriter {
         std::fs::create_dir_all(&parent).map_err(io_err(&parent))?;
         let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir(&tmp).map_err(io_err(&tmp))?;
+        // Guest memory holds the guest's secrets: the user's alone.
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&tmp)
+            .map_err(io_err(&tmp))?;
         let mpath = tmp.join(MEMORY_FILE);
-        let memory = File::create(&mpath).map_err(io_err(&mpath))?;
+        let memory = private_file(&mpath).map_err(io_err(&mpath))?;
         Ok(SnapshotWriter {
             target: dir.to_path_buf(),
             tmp,
@@ -296,7 +324,7 @@ impl SnapshotWriter {
             .map_err(io_err(&mpath))?;
         let spath = self.tmp.join(STATE_FILE);
         (|| {
-            let mut f = File::create(&spath)?;
+            let mut f = private_file(&spath)?;
             f.write_all(&encode_state(state))?;
             f.sync_all()
         })()
@@ -466,6 +494,19 @@ mod tests {
         drop(w);
         assert_eq!(read_state::<u32>(&dir).unwrap(), 42);
         assert_eq!(std::fs::read_dir(&base).unwrap().count(), 1);
+        std::fs::remove_dir_all(base).unwrap();
+    }
+
+    #[test]
+    fn a_snapshot_is_private_to_its_user() {
+        use std::os::unix::fs::PermissionsExt;
+        let base = scratch("private");
+        let dir = base.join("snap");
+        write_example(&dir);
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join(MEMORY_FILE)), 0o600);
+        assert_eq!(mode(&dir.join(STATE_FILE)), 0o600);
         std::fs::remove_dir_all(base).unwrap();
     }
 }

@@ -417,6 +417,49 @@ pub struct RestoreOptions {
     pub net: Option<Box<dyn devices::virtio::net::NetBackend>>,
     /// Called with the restored VM's snapshotter before it runs.
     pub on_started: Option<Box<dyn FnOnce(crate::snapshot::Snapshotter) + Send>>,
+    /// The disk files the snapshot may open.
+    pub disks: RestoreDisks,
+}
+
+/// The disk files a restore may open. A snapshot's state names its disks by path, and a
+/// crafted state must not get the VMM to open any file its user can (read-write, at that):
+/// each disk must be one given for this restore, or a file in one of the read-only
+/// directories (the image store's root filesystems), attached read-only.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreDisks {
+    /// Disks given for this restore (`boot --disk`); a snapshot's disk may be attached at most
+    /// as writable as given here.
+    pub given: Vec<DiskSpec>,
+    /// Directories whose files may be attached read-only.
+    pub read_only_dirs: Vec<PathBuf>,
+}
+
+impl RestoreDisks {
+    /// Why the disk `path` (attached `read_only` or not) may not be opened, if it may not.
+    pub fn refuses(&self, path: &std::path::Path, read_only: bool) -> Option<String> {
+        let Ok(real) = path.canonicalize() else {
+            return Some(format!("its disk {} does not exist", path.display()));
+        };
+        let given = self
+            .given
+            .iter()
+            .any(|d| d.path.canonicalize().is_ok_and(|p| p == real) && (read_only || !d.read_only));
+        let in_read_only_dir = read_only
+            && self
+                .read_only_dirs
+                .iter()
+                .filter_map(|d| d.canonicalize().ok())
+                .any(|d| real.parent() == Some(d.as_path()));
+        (!given && !in_read_only_dir).then(|| {
+            format!(
+                "it names the disk {}{}, which this restore was not given (restore it with that \
+                 disk given, e.g. `boot --restore DIR --disk {}`)",
+                path.display(),
+                if read_only { " (read-only)" } else { "" },
+                path.display()
+            )
+        })
+    }
 }
 
 /// Restores a snapshot and runs the VM to the end. Guest memory is mapped from the snapshot's
@@ -494,6 +537,9 @@ pub fn restore_prepared(
                 read_only,
                 sectors,
             } => {
+                if let Some(why) = opts.disks.refuses(path, *read_only) {
+                    return Err(incompatible(why).into());
+                }
                 let block = devices::virtio::block::Block::open(path, *read_only)?;
                 if block.sectors() != *sectors {
                     return Err(incompatible(format!(
@@ -802,5 +848,57 @@ mod tests {
         assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lowered) }, 0);
         assert_eq!(raise_open_files_limit(), before.rlim_max);
         assert_eq!(nofile().rlim_cur, before.rlim_max);
+    }
+
+    #[test]
+    fn a_restore_opens_only_given_disks_and_read_only_store_files() {
+        let base = std::env::temp_dir().join(format!("sm-restore-disks-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let store = base.join("rootfs");
+        std::fs::create_dir_all(store.join("nested")).unwrap();
+        for f in [
+            "rootfs/a.squashfs",
+            "rootfs/nested/b.squashfs",
+            "given.img",
+            "other.img",
+        ] {
+            std::fs::write(base.join(f), b"").unwrap();
+        }
+        std::os::unix::fs::symlink(base.join("other.img"), store.join("link.squashfs")).unwrap();
+        let allowed = RestoreDisks {
+            given: vec![DiskSpec {
+                path: base.join("given.img"),
+                read_only: false,
+            }],
+            read_only_dirs: vec![store.clone()],
+        };
+        let ok = |p: &str, ro: bool| allowed.refuses(&base.join(p), ro).is_none();
+        assert!(ok("rootfs/a.squashfs", true));
+        assert!(!ok("rootfs/a.squashfs", false), "a store file writable");
+        assert!(!ok("rootfs/nested/b.squashfs", true), "below the directory");
+        assert!(
+            !ok("rootfs/link.squashfs", true),
+            "a link out of the directory"
+        );
+        assert!(!ok("rootfs/../other.img", true));
+        assert!(ok("given.img", false));
+        assert!(ok("given.img", true));
+        assert!(!ok("other.img", true));
+        assert!(allowed
+            .refuses(std::path::Path::new("/etc/passwd"), false)
+            .is_some());
+        assert!(allowed.refuses(&base.join("missing.img"), true).is_some());
+        // Given read-only: never attached writable.
+        let read_only = RestoreDisks {
+            given: vec![DiskSpec {
+                path: base.join("given.img"),
+                read_only: true,
+            }],
+            read_only_dirs: Vec::new(),
+        };
+        assert!(read_only.refuses(&base.join("given.img"), true).is_none());
+        let why = read_only.refuses(&base.join("given.img"), false).unwrap();
+        assert!(why.contains("given.img") && why.contains("--disk"), "{why}");
+        std::fs::remove_dir_all(base).unwrap();
     }
 }

@@ -864,6 +864,10 @@ fn run_boot(args: BootArgs) -> anyhow::Result<ExitCode> {
             vsock: args.vsock,
             net: None,
             on_started: None,
+            disks: supermachine::boot::RestoreDisks {
+                given: args.disk,
+                read_only_dirs: Vec::new(),
+            },
         })?;
         return Ok(boot_exit_code(outcome.exit));
     }

@@ -1453,6 +1453,11 @@ fn run_registered(
                     vsock: Some(restoring),
                     net: opts.network.backend()?,
                     on_started: Some(on_started),
+                    // A bake's only disk is its image's root filesystem, from the store.
+                    disks: crate::boot::RestoreDisks {
+                        given: Vec::new(),
+                        read_only_dirs: vec![images::store()?.root().join("rootfs")],
+                    },
                 },
                 *loaded,
                 vm,

@@ -352,6 +352,8 @@ pub fn load(
         .collect();
     let memory = vmm_core::memory::guest_memory_from_file(&file, &regions)
         .map_err(|e| SnapshotError::Memory(format!("{}: {e}", dir.display())))?;
+    // Cut short between the check and the mapping: refused here rather than SIGBUS later.
+    snapshot::check_memory_len(&file, dir, &state.memory)?;
     Ok(LoadedSnapshot { state, memory })
 }
 

@@ -295,6 +295,52 @@ fn disks_read_only_ext4_and_a_writable_disk_that_keeps_every_byte() {
 }
 
 #[test]
+fn a_restore_reopens_only_the_disks_it_is_given() {
+    // A snapshot's state names its disks: a restore must not open them on the state's word.
+    let dir = scratch("restore-disks");
+    let disk = dir.join("disk.img");
+    let mut bytes = b"disk-content\n".to_vec();
+    bytes.resize(1 << 20, 0);
+    std::fs::write(&disk, &bytes).unwrap();
+    let snapshot = dir.join("snap");
+    let disk_arg = disk.to_str().unwrap();
+    let taken = guest(&[
+        "boot",
+        "--quiet",
+        "--disk",
+        disk_arg,
+        "--snapshot-to",
+        snapshot.to_str().unwrap(),
+        "--snapshot-when",
+        "SNAP-NOW",
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo SNAP-NOW; sleep 1; head -n 1 /dev/vda; exit 7",
+    ]);
+    assert_eq!(taken.code, 0, "{}", taken.stderr);
+    let restore = |extra: &[&str]| {
+        let mut args = vec!["boot", "--quiet", "--restore", snapshot.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        guest(&args)
+    };
+    // Not given: refused before the disk is opened.
+    let run = restore(&[]);
+    assert_eq!(run.code, 125, "{}\n{}", run.stdout, run.stderr);
+    assert!(run.stderr.contains("names the disk"), "{}", run.stderr);
+    // Given read-only, while the snapshot has it writable: refused too.
+    let ro = format!("{disk_arg}:ro");
+    let run = restore(&["--disk", &ro]);
+    assert_eq!(run.code, 125, "{}", run.stderr);
+    assert!(run.stderr.contains("names the disk"), "{}", run.stderr);
+    // Given as it was: the guest carries on and reads it.
+    let run = restore(&["--disk", disk_arg]);
+    assert_eq!(run.code, 7, "{}\n{}", run.stdout, run.stderr);
+    assert!(run.stdout.contains("disk-content"), "{}", run.stdout);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
 fn bad_disk_arguments_are_clear_errors() {
     let run = supermachine(&["boot", "--disk", "/nonexistent/disk.img", "--", "true"]);
     assert_eq!(run.code, 125);
