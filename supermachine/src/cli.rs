@@ -332,8 +332,9 @@ struct BootArgs {
     /// The serial-console text that triggers --snapshot-to
     #[arg(long, value_name = "TEXT", requires = "snapshot_to")]
     snapshot_when: Option<String>,
-    /// Restore this snapshot instead of booting (its console on stdin/stdout)
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["snapshot_to", "initramfs", "no_initramfs", "disk", "command"])]
+    /// Restore this snapshot instead of booting (its console on stdin/stdout); a snapshot with
+    /// disks opens only those given again with --disk
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["snapshot_to", "initramfs", "no_initramfs", "command"])]
     restore: Option<PathBuf>,
     /// A virtio-vsock device (guest CID 3) whose host side is this Unix socket, as
     /// Firecracker's: connect and send "CONNECT PORT\n" to reach guest port PORT; guest

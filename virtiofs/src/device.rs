@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use devices::virtio::{features, ActivateError, Interrupt, VirtioDevice};
-use fuse_backend_rs::abi::fuse_abi::{InHeader, Opcode, OpenIn, OutHeader};
+use fuse_backend_rs::abi::fuse_abi::{InHeader, Opcode, OutHeader};
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
@@ -13,6 +13,9 @@ use virtio_queue::{Queue, QueueState, QueueT};
 use virtio_queue_fuse::QueueT as _;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use vmm_core::GuestMemory;
+
+use crate::bounce::Bounce;
+use crate::policy::Policy;
 
 /// The virtio device type of a file system device.
 const DEVICE_TYPE: u32 = 26;
@@ -57,7 +60,9 @@ struct Active {
 pub struct Fs {
     tag: [u8; TAG_LEN],
     server: Server<Arc<PassthroughFs<()>>>,
-    read_only: bool,
+    policy: Policy,
+    /// Each request's private copy (see `bounce`).
+    bounce: Bounce,
     acked_features: u64,
     active: Option<Active>,
 }
@@ -65,7 +70,7 @@ pub struct Fs {
 impl std::fmt::Debug for Fs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Fs")
-            .field("read_only", &self.read_only)
+            .field("policy", &self.policy)
             .finish_non_exhaustive()
     }
 }
@@ -76,7 +81,8 @@ const CACHE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Fs {
     /// A device sharing `dir` under `tag` (the name the guest mounts); `read_only` refuses
-    /// every modifying request.
+    /// every modifying request. On a writable share device nodes are refused and setuid and
+    /// setgid bits stripped (see [`Fs::allow_special_files`]).
     pub fn new(tag: &str, dir: &Path, read_only: bool) -> Result<Fs, FsError> {
         if tag.is_empty() || tag.len() > TAG_LEN || tag.contains('\0') {
             return Err(FsError::BadTag(tag.into()));
@@ -105,10 +111,21 @@ impl Fs {
         Ok(Fs {
             tag: t,
             server: Server::new(Arc::new(fs)),
-            read_only,
+            policy: Policy {
+                read_only,
+                special_files: false,
+            },
+            bounce: Bounce::new().map_err(share)?,
             acked_features: 0,
             active: None,
         })
+    }
+
+    /// Lets the guest make device nodes and setuid/setgid files in a writable share (off by
+    /// default: with the VMM running as root they would be root's on the host).
+    pub fn allow_special_files(mut self, allow: bool) -> Self {
+        self.policy.special_files = allow;
+        self
     }
 
     /// Serves every request waiting on queue `index`; whether to interrupt.
@@ -128,7 +145,7 @@ impl Fs {
             while let Some(chain) = q.pop_descriptor_chain(&a.view) {
                 progressed = true;
                 let head = chain.head_index();
-                let len = handle(&self.server, self.read_only, &a.view, chain);
+                let len = handle(&self.server, self.policy, &mut self.bounce, &a.view, chain);
                 if q.add_used(&a.view, head, len).is_err() {
                     break;
                 }
@@ -143,21 +160,30 @@ impl Fs {
     }
 }
 
-type Chain<'a> = virtio_queue_fuse::DescriptorChain<&'a vm_memory_fuse::GuestMemoryMmap<()>>;
+pub(crate) type Chain<'a> =
+    virtio_queue_fuse::DescriptorChain<&'a vm_memory_fuse::GuestMemoryMmap<()>>;
 
-/// Answers one request; the bytes written to the chain.
+/// Answers one request; the bytes written to the chain. The request is copied first, and
+/// the policy and the server see only the copy.
 fn handle(
     server: &Server<Arc<PassthroughFs<()>>>,
-    read_only: bool,
+    policy: Policy,
+    bounce: &mut Bounce,
     view: &vm_memory_fuse::GuestMemoryMmap<()>,
     chain: Chain<'_>,
 ) -> u32 {
-    if let Some(errno) = refusal(view, chain.clone(), read_only) {
+    if let Err(errno) = bounce.copy_in(view, chain.clone()) {
         return reply_error(view, chain, errno);
     }
-    let init_flags = init_request_flags(view, chain.clone());
-    let Ok(reader) = Reader::from_descriptor_chain(view, chain.clone()) else {
-        return 0;
+    let Some(request) = bounce.request() else {
+        return reply_error(view, chain, libc::EIO);
+    };
+    if let Some(errno) = policy.apply(request) {
+        return reply_error(view, chain, errno);
+    }
+    let init_flags = init_request_flags(request);
+    let Some(reader) = bounce.reader() else {
+        return reply_error(view, chain, libc::EIO);
     };
     let Ok(writer) = VirtioFsWriter::new(view, chain.clone()) else {
         return 0;
@@ -182,14 +208,14 @@ const MAX_PAGES: u32 = 1 << 22;
 /// bigger ones carry more; the server accepts up to 1 MiB of data per request.
 const REQUEST_PAGES: u16 = 256;
 
-/// The flags the guest offers, if this is its `FUSE_INIT`.
-fn init_request_flags(view: &vm_memory_fuse::GuestMemoryMmap<()>, chain: Chain<'_>) -> Option<u32> {
-    let mut r = Reader::from_descriptor_chain(view, chain).ok()?;
-    let h: InHeader = r.read_obj().ok()?;
+/// The flags the guest offers, if `request` is its `FUSE_INIT`.
+fn init_request_flags(request: &[u8]) -> Option<u32> {
+    let h: InHeader = crate::policy::get(request, 0)?;
     if h.opcode != Opcode::Init as u32 {
         return None;
     }
-    let init: fuse_backend_rs::abi::fuse_abi::InitIn = r.read_obj().ok()?;
+    let init: fuse_backend_rs::abi::fuse_abi::InitIn =
+        crate::policy::get(request, std::mem::size_of::<InHeader>())?;
     Some(init.flags)
 }
 
@@ -258,52 +284,6 @@ fn allow_big_writes(
         reply[MAX_PAGES_AT..MAX_PAGES_AT + 2].copy_from_slice(&REQUEST_PAGES.to_le_bytes());
     }
     copy(true, &mut reply);
-}
-
-/// The error a request gets without reaching the filesystem, if any: modifying requests on a
-/// read-only share, and opcodes FUSE does not define (the server's opcode conversion assumes
-/// defined values).
-fn refusal(
-    view: &vm_memory_fuse::GuestMemoryMmap<()>,
-    chain: Chain<'_>,
-    read_only: bool,
-) -> Option<i32> {
-    let mut r = Reader::from_descriptor_chain(view, chain).ok()?;
-    let h: InHeader = r.read_obj().ok()?;
-    if h.opcode == 7 || h.opcode == 19 {
-        return Some(libc::ENOSYS);
-    }
-    if !read_only {
-        return None;
-    }
-    const MODIFYING: [Opcode; 15] = [
-        Opcode::Setattr,
-        Opcode::Symlink,
-        Opcode::Mknod,
-        Opcode::Mkdir,
-        Opcode::Unlink,
-        Opcode::Rmdir,
-        Opcode::Rename,
-        Opcode::Link,
-        Opcode::Write,
-        Opcode::Setxattr,
-        Opcode::Removexattr,
-        Opcode::Create,
-        Opcode::Fallocate,
-        Opcode::Rename2,
-        Opcode::CopyFileRange,
-    ];
-    if MODIFYING.iter().any(|&op| op as u32 == h.opcode) {
-        return Some(libc::EROFS);
-    }
-    if h.opcode == Opcode::Open as u32 {
-        let open: OpenIn = r.read_obj().ok()?;
-        let flags = open.flags as i32;
-        if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
-            return Some(libc::EROFS);
-        }
-    }
-    None
 }
 
 fn reply_error(view: &vm_memory_fuse::GuestMemoryMmap<()>, chain: Chain<'_>, errno: i32) -> u32 {
@@ -465,7 +445,7 @@ impl VirtioDevice for Fs {
 mod tests {
     use super::*;
     use devices::virtio::test_utils::{interrupt, memory, DriverQueue, BUF_BASE};
-    use fuse_backend_rs::abi::fuse_abi::{EntryOut, InitIn, MkdirIn, OpenOut, ReadIn};
+    use fuse_backend_rs::abi::fuse_abi::{EntryOut, InitIn, MkdirIn, OpenIn, OpenOut, ReadIn};
     use vm_memory::{Bytes, GuestAddress};
     use vm_memory_fuse::ByteValued;
 
@@ -701,6 +681,50 @@ mod tests {
         // Undefined opcodes are refused before the server sees them.
         assert_eq!(d.call(7, 1, &[]).0, libc::ENOSYS);
         assert_eq!(d.call(19, 1, &[]).0, libc::ENOSYS);
+    }
+
+    #[test]
+    fn a_writable_share_makes_no_device_nodes_and_no_setuid_files() {
+        use fuse_backend_rs::abi::fuse_abi::{CreateIn, MknodIn, SetattrIn};
+        use std::os::unix::fs::PermissionsExt;
+        let mut d = driver(false, |_| {});
+        let share = d._dir.0.join("share");
+        let named = |args: &[u8], name: &str| {
+            let mut body = args.to_vec();
+            body.extend_from_slice(name.as_bytes());
+            body.push(0);
+            body
+        };
+        // A block device (8:0, a host disk): refused, nothing made.
+        let mknod = MknodIn {
+            mode: libc::S_IFBLK | 0o666,
+            rdev: 0x0800,
+            umask: 0,
+            padding: 0,
+        };
+        assert_eq!(d.call(8, 1, &named(mknod.as_slice(), "sda")).0, libc::EPERM);
+        assert!(std::fs::symlink_metadata(share.join("sda")).is_err());
+        // A setuid, setgid file: made, without those bits.
+        let create = CreateIn {
+            flags: (libc::O_CREAT | libc::O_WRONLY) as u32,
+            mode: libc::S_IFREG | 0o6755,
+            umask: 0,
+            fuse_flags: 0,
+        };
+        assert_eq!(d.call(35, 1, &named(create.as_slice(), "prog")).0, 0);
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&share.join("prog")), 0o755);
+        // chmod u+s afterwards: stripped too.
+        let prog = d.lookup(1, "prog").unwrap();
+        let chmod = SetattrIn {
+            valid: 1, // FATTR_MODE
+            mode: 0o4755,
+            ..Default::default()
+        };
+        assert_eq!(d.call(4, prog.nodeid, chmod.as_slice()).0, 0);
+        assert_eq!(mode(&share.join("prog")), 0o755);
+        // Opcode 0 is not FUSE's: refused before the server converts it.
+        assert_eq!(d.call(0, 1, &[]).0, libc::ENOSYS);
     }
 
     #[test]

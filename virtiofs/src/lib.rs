@@ -6,16 +6,23 @@
 //! without following symlinks, so `..`, absolute symlinks and symlink races cannot reach
 //! outside the shared directory (a symlink's target is the guest's to resolve, in the guest).
 //! A read-only share refuses every modifying request on the host side, whatever the guest's
-//! kernel does.
+//! kernel does; a writable one refuses device nodes and strips setuid/setgid bits unless
+//! [`Fs::allow_special_files`] allows them. Requests are copied out of guest memory before they
+//! are checked, so the guest cannot change a request between the check and its execution.
 //!
-//! Owns: the device model (queues, config space, request dispatch) and the read-only filter.
+//! Owns: the device model (queues, config space, request dispatch), the private copy of each
+//! request and the share's policy (read-only, special files).
 //!
 //! Does not own: the FUSE protocol and filesystem operations (`fuse-backend-rs`), the virtio
 //! transport (`devices`), where the guest mounts the share (`guest-init`).
 #![deny(missing_docs)]
 
 #[cfg(target_os = "linux")]
+mod bounce;
+#[cfg(target_os = "linux")]
 mod device;
+#[cfg(target_os = "linux")]
+mod policy;
 
 #[cfg(target_os = "linux")]
 pub use device::{Fs, FsError, TAG_LEN};
