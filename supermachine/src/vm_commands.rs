@@ -436,10 +436,18 @@ pub fn cp(args: CpArgs) -> anyhow::Result<ExitCode> {
                 std::process::id()
             ));
             let result = (|| -> anyhow::Result<()> {
-                let mut f =
-                    std::fs::File::create(&tmp).with_context(|| tmp.display().to_string())?;
+                // Private while it fills; then the guest's permission bits, never its setuid,
+                // setgid or sticky bits (the guest's root is not the host's).
+                use std::os::unix::fs::OpenOptionsExt;
+                let _ = std::fs::remove_file(&tmp);
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&tmp)
+                    .with_context(|| tmp.display().to_string())?;
                 let info = vm.copy_out(src, &mut f)?;
-                f.set_permissions(std::fs::Permissions::from_mode(info.mode))?;
+                f.set_permissions(std::fs::Permissions::from_mode(info.mode & 0o777))?;
                 f.sync_all()?;
                 std::fs::rename(&tmp, &dst).with_context(|| dst.display().to_string())?;
                 Ok(())

@@ -1180,6 +1180,25 @@ fn detached_vm_serves_published_port_and_takes_exec_cp_stop_rm() {
         std::fs::metadata(&back).unwrap().permissions().mode() & 0o777,
         0o640
     );
+    // A setuid, setgid file comes out with its permission bits only.
+    let (code, _, err) = env.sm(
+        &[
+            "exec",
+            "web",
+            "sh",
+            "-c",
+            "echo x > /www/s && chmod 6755 /www/s",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let suid = env.dir.join("suid");
+    let (code, _, err) = env.sm(&["cp", "web:/www/s", suid.to_str().unwrap()], None);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        std::fs::metadata(&suid).unwrap().permissions().mode() & 0o7777,
+        0o755
+    );
 
     // stop: httpd exits on SIGTERM, so well within the grace period; rm forgets it.
     let started = Instant::now();
