@@ -16,6 +16,8 @@ pub mod dns;
 #[cfg(target_os = "linux")]
 mod nat;
 pub mod policy;
+#[cfg(target_os = "linux")]
+mod rate;
 
 #[cfg(target_os = "linux")]
 pub use nat::{

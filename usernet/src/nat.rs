@@ -57,6 +57,10 @@ const UDP_IDLE: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Host lookups running at once; more queries get SERVFAIL.
 const MAX_LOOKUPS: usize = 16;
+/// Host lookups under a policy that limits them (see [`EgressPolicy::limits_lookups`]): this
+/// many at once, then this many per second; more queries are refused.
+const LOOKUP_BURST: u32 = 50;
+const LOOKUPS_PER_SECOND: u32 = 10;
 /// TTL of DNS answers, in seconds.
 const DNS_TTL: u32 = 10;
 /// A finished flow's socket is dropped after this even if it has not closed.
@@ -110,6 +114,8 @@ pub struct UserNetStats {
     pub limited: u64,
     /// DNS queries answered.
     pub dns_answered: u64,
+    /// DNS queries refused because the policy's lookup rate was exceeded.
+    pub dns_limited: u64,
     /// TCP flows open now.
     pub tcp_open: usize,
     /// UDP flows open now.
@@ -229,6 +235,8 @@ pub struct UserNet {
     lookup_tx: mpsc::Sender<LookupResult>,
     lookup_rx: mpsc::Receiver<LookupResult>,
     lookups_running: usize,
+    /// The host lookups the policy still allows, if it limits them.
+    lookup_budget: Option<crate::rate::TokenBucket>,
     stats: UserNetStats,
     last_limit_log: Option<Instant>,
     next_housekeeping: Instant,
@@ -265,6 +273,9 @@ fn host_destination(dst: SocketAddrV4) -> SocketAddrV4 {
 impl UserNet {
     /// A network with `config`'s policy and limits.
     pub fn new(config: UserNetConfig) -> Result<Self, UserNetError> {
+        let lookup_budget = config.policy.limits_lookups().then(|| {
+            crate::rate::TokenBucket::new(LOOKUP_BURST, LOOKUPS_PER_SECOND, Instant::now())
+        });
         let epoll = Epoll::new().map_err(UserNetError::EventSource)?;
         let timer = TimerFd::new().map_err(|e| UserNetError::EventSource(e.into()))?;
         let lookups_done =
@@ -303,6 +314,7 @@ impl UserNet {
             lookup_tx,
             lookup_rx,
             lookups_running: 0,
+            lookup_budget,
             stats: UserNetStats::default(),
             last_limit_log: None,
             next_housekeeping: started + Duration::from_secs(1),
@@ -704,6 +716,14 @@ impl UserNet {
             let r = dns::error_response(&q, dns::Rcode::ServFail);
             self.emit_udp(from, reply_to, &r);
             return;
+        }
+        if let Some(budget) = &mut self.lookup_budget {
+            if !budget.take(Instant::now()) {
+                self.stats.dns_limited += 1;
+                let r = dns::error_response(&q, dns::Rcode::Refused);
+                self.emit_udp(from, reply_to, &r);
+                return;
+            }
         }
         self.lookups_running += 1;
         let tx = self.lookup_tx.clone();

@@ -607,6 +607,14 @@ impl EgressPolicy {
         }
     }
 
+    /// Whether the guest's host lookups are rate-limited: under an `allow:` list DNS is the
+    /// one way out to arbitrary hosts (a lookup of `DATA.attacker.example` carries data to the
+    /// attacker's name server), so it is capped. Under the other policies the guest can reach
+    /// public hosts directly anyway, and a cap would only slow real workloads.
+    pub fn limits_lookups(&self) -> bool {
+        matches!(self, EgressPolicy::Allow(_))
+    }
+
     /// Whether the guest gets a network device at all: false only for [`EgressPolicy::None`].
     pub fn has_network(&self) -> bool {
         !matches!(self, EgressPolicy::None)

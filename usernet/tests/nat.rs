@@ -268,6 +268,37 @@ fn udp_reply(g: &mut Guest, h: SocketHandle) -> Vec<u8> {
     reply
 }
 
+/// Sends `n` queries one after another; the rcode of each reply.
+fn lookups(g: &mut Guest, n: u16) -> Vec<u8> {
+    let h = udp_socket(g, 5353);
+    let dns = IpEndpoint::new(IpAddress::Ipv4(usernet::DNS), 53);
+    (0..n)
+        .map(|id| {
+            g.sockets
+                .get_mut::<udp::Socket>(h)
+                .send_slice(&query(id, "localhost"), dns)
+                .unwrap();
+            let r = udp_reply(g, h);
+            assert_eq!(u16::from_be_bytes([r[0], r[1]]), id);
+            r[3] & 0x0f
+        })
+        .collect()
+}
+
+#[test]
+fn host_lookups_are_rate_limited_under_an_allow_list() {
+    // Under an allow-list DNS is the one way out: lookups of attacker names carry data.
+    let mut g = Guest::new("allow:127.0.0.1/32".parse().unwrap());
+    let rcodes = lookups(&mut g, 100);
+    let refused = rcodes.iter().filter(|&&r| r == 5).count();
+    assert!(rcodes[..50].iter().all(|&r| r == 0), "{rcodes:?}");
+    assert!(refused > 0, "no lookup was refused: {rcodes:?}");
+    assert_eq!(g.nat.stats().dns_limited, refused as u64);
+    // Not under the default: the guest reaches public hosts directly anyway.
+    let mut g = Guest::new(EgressPolicy::default());
+    assert!(lookups(&mut g, 100).iter().all(|&r| r == 0));
+}
+
 #[test]
 fn dns_answers_from_the_host_resolver_with_loopback_as_the_gateway() {
     let mut g = Guest::new(EgressPolicy::AllowAll);
