@@ -185,6 +185,9 @@ pub enum BootError {
     /// Taking or restoring a snapshot failed.
     #[error(transparent)]
     Snapshot(#[from] crate::snapshot::SnapshotError),
+    /// The system-call filter could not be installed.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     /// The VM ended before the snapshot's marker appeared.
     #[error("the VM ended ({0:?}) before it printed the snapshot marker")]
     NoSnapshot(VmExit),
@@ -382,6 +385,7 @@ pub fn boot(opts: BootOptions) -> Result<BootOutcome, BootError> {
             Some(snapshotter.take(&req.dir, None, crate::snapshot::AfterSnapshot::Stop))
         })
     });
+    crate::seccomp::install_if_enabled()?;
     let exit = vmm_core::runner::run(vm, &control);
     devices.stop();
     let exit = exit?;
@@ -623,6 +627,7 @@ pub fn restore_prepared(
             started.elapsed().as_secs_f64() * 1e3
         );
     }
+    crate::seccomp::install_if_enabled()?;
     let exit = vmm_core::runner::run(vm, &control);
     devices.stop();
     Ok(BootOutcome { exit: exit? })

@@ -474,6 +474,8 @@ fn parse_common_run(args: &[std::ffi::OsString]) -> Option<RunArgs> {
 
 pub fn main() -> ExitCode {
     supermachine::timings::mark("main");
+    // A process of this CLI that runs a VM filters its system calls from the VM's start on.
+    supermachine::seccomp::enable();
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let parsed = match parse_run_fast(&args) {
         Some(cli) => Ok(cli),

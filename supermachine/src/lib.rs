@@ -80,6 +80,7 @@ pub mod paths;
 mod pool;
 pub mod ports;
 pub mod run;
+pub mod seccomp;
 pub mod snapshot;
 pub mod timings;
 pub mod tls;

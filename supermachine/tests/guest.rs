@@ -1069,6 +1069,21 @@ fn detached_vm_serves_published_port_and_takes_exec_cp_stop_rm() {
         "{err}"
     );
 
+    // The VM's process runs under its system-call filter, with no_new_privs; its registry
+    // entry is private.
+    let vm_dir = env.runtime_dir().join("vms").join(&id);
+    assert_eq!(
+        std::fs::metadata(&vm_dir).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(vm_dir.join("vm.json")).unwrap()).unwrap();
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", record["pid"].as_u64().unwrap()))
+            .unwrap();
+    assert!(status.contains("\nSeccomp:\t2\n"), "{status}");
+    assert!(status.contains("\nNoNewPrivs:\t1\n"), "{status}");
+
     // ps shows it running with its port; a second VM with the same name is refused.
     let (_, ps, _) = env.sm(&["ps"], None);
     let ps = String::from_utf8_lossy(&ps);
