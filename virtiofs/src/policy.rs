@@ -151,7 +151,7 @@ mod tests {
             .to_vec();
             assert_eq!(WRITABLE.apply(&mut r), Some(libc::ENOSYS), "{op}");
         }
-        assert_eq!(WRITABLE.apply(&mut vec![0u8; 3]), Some(libc::EINVAL));
+        assert_eq!(WRITABLE.apply(&mut [0u8; 3]), Some(libc::EINVAL));
     }
 
     #[test]
