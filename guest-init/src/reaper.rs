@@ -52,10 +52,16 @@ pub fn spawn(cmd: &mut Command) -> io::Result<(Child, Receiver<i32>)> {
 fn reap_forever() {
     loop {
         let spawns = SPAWNS.load(Ordering::SeqCst);
-        let mut status = 0;
-        // SAFETY: `status` is a valid out-pointer.
-        let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
-        if pid < 0 {
+        // Look before reaping (WNOWAIT): std's `Command::spawn` reaps a child whose exec
+        // failed itself, and asserts that it can. Reaping such a child here first made that
+        // assertion panic the spawning thread (an exec of a missing program then ended its
+        // agent connection without a reply). The child is reaped below only after the
+        // `WAITERS` lock, which a spawn in progress holds, says it is not being spawned.
+        // SAFETY: a zeroed siginfo_t is a valid out-buffer for waitid.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `info` is a valid out-pointer.
+        let rc = unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT) };
+        if rc < 0 {
             if io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
                 // No children at all: nothing can be reparented to us either, so sleep until
                 // the next spawn.
@@ -66,12 +72,50 @@ fn reap_forever() {
             }
             continue;
         }
-        let tx = WAITERS
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&pid);
-        if let Some(tx) = tx {
-            let _ = tx.send(status);
+        // SAFETY: waitid filled `info` for an exited child.
+        let pid = unsafe { info.si_pid() };
+        let mut waiters = WAITERS.lock().unwrap_or_else(|e| e.into_inner());
+        let mut status = 0;
+        // SAFETY: `status` is a valid out-pointer. Under the lock no spawn is in progress;
+        // ECHILD means that spawn's own wait took the child (its exec failed).
+        let reaped = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        let tx = waiters.remove(&pid);
+        drop(waiters);
+        if reaped == pid {
+            if let Some(tx) = tx {
+                let _ = tx.send(status);
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_exec_is_an_error_while_other_children_come_and_go() {
+        // Children exiting all the time keep the reaper in waitid when an exec fails.
+        let churn = std::thread::spawn(|| {
+            for _ in 0..300 {
+                let (_, exited) = spawn(&mut Command::new("/bin/true")).unwrap();
+                assert_eq!(shell_status(exited.recv().unwrap()), 0);
+            }
+        });
+        for _ in 0..300 {
+            // As the agent's commands do (start_as): with a pre_exec hook std forks and execs
+            // itself, then waits for a child whose exec failed.
+            let mut missing = Command::new("/no/such/program");
+            // SAFETY: the hook does nothing, so it is async-signal-safe.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut missing, || Ok(()));
+            }
+            let e = spawn(&mut missing).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        }
+        churn.join().unwrap();
+        // A slow child's status still arrives.
+        let (_, exited) = spawn(Command::new("/bin/sh").args(["-c", "sleep 0.2; exit 3"])).unwrap();
+        assert_eq!(shell_status(exited.recv().unwrap()), 3);
     }
 }
