@@ -399,8 +399,12 @@ pub fn run_command_lines(command: &[String], opts: &Options) -> Result<(i32, Vec
         .arg(&initrd)
         .arg("-append")
         .arg(format!(
-            "console=ttyS0 quiet loglevel={loglevel} panic=-1 sm_cmd={}",
-            script.display()
+            "console=ttyS0 quiet loglevel={loglevel} panic=-1 sm_cmd={}{}",
+            script.display(),
+            // Extra kernel parameters for the emulated host, for experiments.
+            std::env::var("SUPERMACHINE_TESTHOST_APPEND")
+                .map(|a| format!(" {a}"))
+                .unwrap_or_default()
         ))
         .args([
             "-virtfs",
