@@ -42,6 +42,8 @@ pub struct Options {
     /// Kill the emulated machine when it prints nothing for this long (it has stopped
     /// responding); `run_command` then returns [`WEDGED`].
     pub silence_limit: Option<std::time::Duration>,
+    /// Extra parameters for the emulated machine's kernel.
+    pub kernel_args: &'static str,
 }
 
 /// What `run_command` returns when the emulated machine stopped responding and was killed.
@@ -58,6 +60,7 @@ impl Default for Options {
             cpus: nproc(),
             cwd: std::env::current_dir().unwrap_or_else(|_| "/".into()),
             silence_limit: None,
+            kernel_args: "",
         }
     }
 }
@@ -399,7 +402,8 @@ pub fn run_command_lines(command: &[String], opts: &Options) -> Result<(i32, Vec
         .arg(&initrd)
         .arg("-append")
         .arg(format!(
-            "console=ttyS0 quiet loglevel={loglevel} panic=-1 sm_cmd={}{}",
+            "console=ttyS0 quiet loglevel={loglevel} panic=-1 {} sm_cmd={}{}",
+            opts.kernel_args,
             script.display(),
             // Extra kernel parameters for the emulated host, for experiments.
             std::env::var("SUPERMACHINE_TESTHOST_APPEND")
