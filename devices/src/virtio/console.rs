@@ -257,6 +257,26 @@ mod tests {
 
     use crate::test_support::SharedBuffer as Sink;
 
+    /// A console writing to a fresh sink, `input` queued, activated over `rx` and `tx`.
+    fn active_console(
+        mem: &GuestMemory,
+        rx: &MockSplitQueue<'_, GuestMemory>,
+        tx: &MockSplitQueue<'_, GuestMemory>,
+        input: &[u8],
+    ) -> (Console, Sink, Arc<CountingIrq>) {
+        let sink = Sink::default();
+        let mut c = Console::new(Box::new(sink.clone())).unwrap();
+        assert_eq!(c.input().push(input), input.len());
+        let (irq, count) = interrupt();
+        c.activate(
+            mem.clone(),
+            vec![rx.create_queue().unwrap(), tx.create_queue().unwrap()],
+            irq,
+        )
+        .unwrap();
+        (c, sink, count)
+    }
+
     #[test]
     fn guest_output_reaches_the_writer_and_host_input_the_guest() {
         let mem = memory();
@@ -285,17 +305,8 @@ mod tests {
             0,
         )
         .unwrap();
-        let sink = Sink::default();
-        let mut c = Console::new(Box::new(sink.clone())).unwrap();
+        let (mut c, sink, count) = active_console(&mem, &rx, &tx, b"abcdefghij");
         let input = c.input();
-        assert_eq!(input.push(b"abcdefghij"), 10);
-        let (irq, count) = interrupt();
-        c.activate(
-            mem.clone(),
-            vec![rx.create_queue().unwrap(), tx.create_queue().unwrap()],
-            irq,
-        )
-        .unwrap();
         c.process_queue(TRANSMIT_QUEUE);
         assert_eq!(&*sink.0.lock().unwrap(), b"hello, host\n");
         let mut got = [0u8; 4];
@@ -327,16 +338,8 @@ mod tests {
             0,
         )
         .unwrap();
-        let sink = Sink::default();
-        let mut c = Console::new(Box::new(sink.clone())).unwrap();
         let rx = MockSplitQueue::create(&mem, GuestAddress(0), 16);
-        let (irq, _) = interrupt();
-        c.activate(
-            mem.clone(),
-            vec![rx.create_queue().unwrap(), tx.create_queue().unwrap()],
-            irq,
-        )
-        .unwrap();
+        let (mut c, sink, _) = active_console(&mem, &rx, &tx, b"");
         c.process_queue(TRANSMIT_QUEUE);
         let out = sink.0.lock().unwrap();
         assert_eq!(
