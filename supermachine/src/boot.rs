@@ -6,9 +6,10 @@ use std::sync::{Arc, Mutex};
 
 use devices::legacy::{ExitStatusPort, I8042ResetLine, SerialConsole};
 use guest_init::InitConfig;
+use vmm_core::arch::host::ArchHypervisor;
 use vmm_core::arch::x86_64::layout::{COM1_IRQ, COM1_PORT, EXIT_STATUS_PORT, I8042_COMMAND_PORT};
 use vmm_core::builder::InitramfsPart;
-use vmm_core::{GuestMemory, Hypervisor, VmBuilder, VmControl, VmExit, VmResources};
+use vmm_core::{GuestMemory, VmBuilder, VmControl, VmExit, VmResources};
 
 /// The kernel parameters every guest gets: console on COM1, reset through the i8042 on reboot
 /// or panic, no port-0x80 delays.
@@ -193,21 +194,39 @@ pub enum BootError {
     NoSnapshot(VmExit),
 }
 
-/// Opens this platform's hypervisor. The first call also raises this process's open-files
-/// limit (see [`raise_open_files_limit`]).
-pub fn open_hypervisor() -> Result<Box<dyn Hypervisor>, BootError> {
+/// The backend this build uses on this platform, for messages (`KVM`, `HVF`, `WHP`).
+pub fn backend_name() -> &'static str {
+    if cfg!(target_os = "linux") {
+        "KVM"
+    } else if cfg!(target_os = "macos") {
+        "HVF"
+    } else if cfg!(windows) {
+        "WHP"
+    } else {
+        "a hypervisor"
+    }
+}
+
+/// Opens this platform's hypervisor: the backend its cargo feature selects (`kvm` on Linux
+/// x86-64). The first call also raises this process's open-files limit (see
+/// [`raise_open_files_limit`]).
+pub fn open_hypervisor() -> Result<Box<dyn ArchHypervisor>, BootError> {
     static RAISED: std::sync::Once = std::sync::Once::new();
     RAISED.call_once(|| {
         raise_open_files_limit();
     });
-    #[cfg(target_os = "linux")]
+    #[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
     {
         Ok(Box::new(vmm_kvm::KvmHypervisor::new()?))
     }
-    #[cfg(not(target_os = "linux"))]
+    #[cfg(not(all(feature = "kvm", target_os = "linux", target_arch = "x86_64")))]
     {
         Err(BootError::Hypervisor(
-            vmm_core::HypervisorError::Unavailable("no backend for this OS yet".into()),
+            vmm_core::HypervisorError::Unavailable(
+                "this build has no hypervisor backend for this platform (KVM on Linux x86-64 \
+                 needs the `kvm` feature; arm64 and macOS are not supported yet)"
+                    .into(),
+            ),
         ))
     }
 }
@@ -834,10 +853,8 @@ mod tests {
             rlim_max: 0,
         };
         // SAFETY: getrlimit writes into the rlimit we pass.
-        assert_eq!(
-            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
-            0
-        );
+        let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+        assert_eq!(rc, 0);
         limit
     }
 

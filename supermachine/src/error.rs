@@ -20,9 +20,15 @@ pub enum Error {
     /// Pulling or unpacking the image failed otherwise.
     #[error(transparent)]
     Image(crate::images::PullError),
-    /// No usable hardware virtualization (`/dev/kvm` missing or not ours to use).
-    #[error("KVM is not available: {0}")]
-    KvmUnavailable(String),
+    /// No usable hardware virtualization (`/dev/kvm` missing or not ours to use, or no backend
+    /// for this platform in this build).
+    #[error("{backend} is not available: {reason}")]
+    HypervisorUnavailable {
+        /// The backend this platform uses (`KVM`, `HVF`, `WHP`).
+        backend: &'static str,
+        /// Why not, as the backend says it.
+        reason: String,
+    },
     /// The guest kernel panicked.
     #[error("the guest kernel panicked: {line}")]
     GuestPanicked {
@@ -139,7 +145,10 @@ impl From<RunError> for Error {
             }
             RunError::Boot(BootError::Hypervisor(
                 h @ (HypervisorError::Unavailable(_) | HypervisorError::PermissionDenied(_)),
-            )) => Error::KvmUnavailable(h.to_string()),
+            )) => Error::HypervisorUnavailable {
+                backend: crate::boot::backend_name(),
+                reason: h.to_string(),
+            },
             RunError::NoStatus { why, tail } => {
                 match tail.lines().find(|l| l.contains("Kernel panic")) {
                     Some(line) => Error::GuestPanicked {
@@ -213,6 +222,7 @@ mod tests {
             vmm_core::HypervisorError::Unavailable("/dev/kvm: No such file".into()),
         ))
         .into();
-        assert!(matches!(e, Error::KvmUnavailable(_)), "{e:?}");
+        assert!(matches!(e, Error::HypervisorUnavailable { .. }), "{e:?}");
+        assert!(e.to_string().starts_with("KVM is not available: "), "{e}");
     }
 }

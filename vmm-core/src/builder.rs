@@ -8,8 +8,9 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use crate::arch::host::{self, ArchHypervisor, ArchVcpu, ArchVm, VcpuState, VmOptions, VmState};
 use crate::bus::{BusDevice, BusError, IoBuses};
-use crate::hypervisor::{Hypervisor, HypervisorError, IrqTrigger, Vcpu, Vm};
+use crate::hypervisor::{HypervisorError, IrqTrigger};
 use crate::memory::{create_guest_memory, GuestMemory, MemoryError};
 
 /// A piece of the initramfs: newc archives may be concatenated, each starting 4-byte aligned.
@@ -55,24 +56,19 @@ pub enum BuildError {
     #[error("booting guests is not supported on this platform yet")]
     Unsupported,
     /// Loading the guest failed.
-    #[cfg(all(target_arch = "x86_64", unix))]
     #[error(transparent)]
-    Boot(#[from] crate::arch::x86_64::boot::BootError),
+    Boot(#[from] host::BootError),
 }
 
 /// The most vCPUs a VM can have.
-#[cfg(target_arch = "x86_64")]
-pub const MAX_VCPUS: u8 = crate::arch::x86_64::mptable::MAX_VCPUS;
-/// The most vCPUs a VM can have.
-#[cfg(not(target_arch = "x86_64"))]
-pub const MAX_VCPUS: u8 = 64;
+pub const MAX_VCPUS: u8 = host::MAX_VCPUS;
 
 /// A VM ready to run.
 pub struct BuiltVm {
     /// The backend VM (keeps the VM alive while vCPUs run).
-    pub vm: Box<dyn Vm>,
+    pub vm: Box<dyn ArchVm>,
     /// One per vCPU, boot CPU first.
-    pub vcpus: Vec<Box<dyn Vcpu>>,
+    pub vcpus: Vec<Box<dyn ArchVcpu>>,
     /// The buses vCPU exits are dispatched to.
     pub buses: Arc<IoBuses>,
     /// Guest RAM.
@@ -82,19 +78,22 @@ pub struct BuiltVm {
 /// Builds a VM in two phases; see the module documentation.
 pub struct VmBuilder {
     resources: VmResources,
-    vm: Box<dyn Vm>,
+    vm: Box<dyn ArchVm>,
     memory: GuestMemory,
     buses: IoBuses,
 }
 
 impl VmBuilder {
     /// Creates guest memory and the backend VM.
-    pub fn new(hypervisor: &dyn Hypervisor, resources: VmResources) -> Result<Self, BuildError> {
+    pub fn new(
+        hypervisor: &dyn ArchHypervisor,
+        resources: VmResources,
+    ) -> Result<Self, BuildError> {
         if resources.vcpus == 0 || resources.vcpus > MAX_VCPUS {
             return Err(BuildError::VcpuCount(resources.vcpus));
         }
         let memory = create_guest_memory(resources.memory_mib)?;
-        let vm = hypervisor.create_vm(&memory)?;
+        let vm = hypervisor.create_vm(&memory, &VmOptions::default())?;
         Ok(VmBuilder {
             resources,
             vm,
@@ -106,14 +105,14 @@ impl VmBuilder {
     /// Creates the backend VM over guest memory that already holds a guest (a snapshot's),
     /// for [`restore`](Self::restore) instead of [`build`](Self::build).
     pub fn from_memory(
-        hypervisor: &dyn Hypervisor,
+        hypervisor: &dyn ArchHypervisor,
         memory: GuestMemory,
         vcpus: u8,
     ) -> Result<Self, BuildError> {
         if vcpus == 0 || vcpus > MAX_VCPUS {
             return Err(BuildError::VcpuCount(vcpus));
         }
-        let vm = hypervisor.create_vm(&memory)?;
+        let vm = hypervisor.create_vm(&memory, &VmOptions::default())?;
         Ok(VmBuilder {
             resources: VmResources {
                 kernel: PathBuf::new(),
@@ -130,11 +129,10 @@ impl VmBuilder {
 
     /// Creates the vCPUs with saved state and restores the VM's interrupt controllers, timer
     /// and clock: a VM that continues where the snapshot stopped.
-    #[cfg(target_arch = "x86_64")]
     pub fn restore(
         self,
-        vm_state: &crate::arch::x86_64::state::VmState,
-        vcpu_states: &[crate::arch::x86_64::state::VcpuState],
+        vm_state: &VmState,
+        vcpu_states: &[VcpuState],
     ) -> Result<BuiltVm, BuildError> {
         let count = self.resources.vcpus;
         if vcpu_states.len() != usize::from(count) {
@@ -174,8 +172,8 @@ impl VmBuilder {
         cmdline.push_str(params);
     }
 
-    /// The backend VM, for device wiring such as [`Vm::register_ioevent`].
-    pub fn vm(&self) -> &dyn Vm {
+    /// The backend VM, for device wiring such as [`Vm::register_ioevent`](crate::Vm::register_ioevent).
+    pub fn vm(&self) -> &dyn ArchVm {
         self.vm.as_ref()
     }
 
@@ -203,36 +201,18 @@ impl VmBuilder {
     }
 
     /// Loads the guest and creates the vCPUs.
-    #[cfg(all(target_arch = "x86_64", unix))]
     pub fn build(self) -> Result<BuiltVm, BuildError> {
-        use crate::arch::x86_64::boot;
-        let r = &self.resources;
-        let kernel = boot::load_kernel(&self.memory, &r.kernel)?;
-        let state = boot::configure_boot(&self.memory, &kernel, &r.cmdline, &r.initramfs, r.vcpus)?;
-        let mut vcpus = Vec::with_capacity(usize::from(r.vcpus));
-        for id in 0..r.vcpus {
-            let mut vcpu = self.vm.create_vcpu(id, r.vcpus)?;
-            if id == 0 {
-                // Keep the backend's APIC base (enabled, BSP); the boot state does not set it.
-                let mut sregs = state.sregs;
-                sregs.apic_base = vcpu.sregs()?.apic_base;
-                vcpu.set_sregs(&sregs)?;
-                vcpu.set_regs(&state.regs)?;
-            }
-            vcpus.push(vcpu);
+        let count = self.resources.vcpus;
+        let mut vcpus = Vec::with_capacity(usize::from(count));
+        for id in 0..count {
+            vcpus.push(self.vm.create_vcpu(id, count)?);
         }
+        host::load_guest(&self.memory, &self.resources, &mut vcpus)?;
         Ok(BuiltVm {
             vm: self.vm,
             vcpus,
             buses: Arc::new(self.buses),
             memory: self.memory,
         })
-    }
-
-    /// Loads the guest and creates the vCPUs.
-    #[cfg(not(all(target_arch = "x86_64", unix)))]
-    pub fn build(self) -> Result<BuiltVm, BuildError> {
-        let _ = (&self.resources, &self.vm, &self.memory, &self.buses);
-        Err(BuildError::Unsupported)
     }
 }

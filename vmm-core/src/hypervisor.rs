@@ -1,4 +1,11 @@
-//! Backend traits: a [`Hypervisor`] creates [`Vm`]s, a `Vm` creates [`Vcpu`]s.
+//! The neutral backend traits: a [`Hypervisor`], its [`Vm`]s and their [`Vcpu`]s, as far as
+//! every architecture shares them.
+//!
+//! Nothing here names an architecture. What differs per architecture (creating a VM with its
+//! interrupt controllers, creating vCPUs with a CPU model, registers, saving and restoring
+//! state) lives in the extension traits of each [`arch`](crate::arch) module
+//! (`HypervisorX86_64`/`VmX86_64`/`VcpuX86_64`, `HypervisorAArch64`/…), which a backend
+//! implements for the architectures it runs on.
 //!
 //! The exit type is neutral: a backend completes port and MMIO accesses itself by calling the
 //! [`IoHandler`] it is given, so on platforms where the hypervisor emulates the instruction (HVF,
@@ -6,17 +13,7 @@
 
 use std::sync::Arc;
 
-use crate::memory::GuestMemory;
-
-#[cfg(target_arch = "x86_64")]
-use crate::arch::x86_64::regs::{SpecialRegisters, StandardRegisters};
-#[cfg(target_arch = "x86_64")]
-use crate::arch::x86_64::state::{VcpuState, VmState};
-
-#[cfg(target_arch = "x86_64")]
-fn no_snapshots() -> HypervisorError {
-    HypervisorError::MissingCapability("snapshots (not implemented for this backend)".into())
-}
+use crate::descriptor::BorrowedDescriptor;
 
 /// Errors a backend reports. Backends carry their OS error as text so the trait stays neutral.
 #[derive(Debug, thiserror::Error)]
@@ -50,14 +47,33 @@ impl HypervisorError {
     }
 }
 
-/// An open hypervisor able to create VMs.
+/// An open hypervisor. VMs are created through the architecture's extension trait
+/// (e.g. `HypervisorX86_64::create_vm`), because what a VM is made of differs per architecture.
 pub trait Hypervisor: Send + Sync {
     /// A short name for messages (`kvm`, `hvf`, `whp`).
     fn name(&self) -> &'static str;
-    /// Creates a VM whose guest physical memory is `memory`, with its interrupt controller and
-    /// timer. Memory comes first because some backends (KVM) pay a grace period for every
-    /// memory-map change made after in-kernel devices exist.
-    fn create_vm(&self, memory: &GuestMemory) -> Result<Box<dyn Vm>, HypervisorError>;
+}
+
+/// Where a VM's interrupt controllers are emulated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IrqChipKind {
+    /// By the hypervisor (KVM's in-kernel PIC, IOAPIC and PIT on x86-64; its vGIC on arm64;
+    /// HVF's GIC on macOS 15): devices raise lines, the hypervisor delivers vectors.
+    #[default]
+    InKernel,
+    /// By the VMM, as devices of its own (what WHP needs for the IOAPIC and PIC: it emulates
+    /// only the local APIC). A backend that cannot deliver interrupts this way refuses it with
+    /// [`HypervisorError::MissingCapability`].
+    Userspace,
+}
+
+/// The interrupt controllers of one VM, seen from the devices: lines they raise.
+pub trait IrqChip: Send + Sync {
+    /// Where this chip is emulated.
+    fn kind(&self) -> IrqChipKind;
+    /// Returns a trigger for global system interrupt `gsi` (an IOAPIC pin on x86-64, an SPI
+    /// number on arm64).
+    fn line(&self, gsi: u32) -> Result<Arc<dyn IrqTrigger>, HypervisorError>;
 }
 
 /// Something that raises one guest interrupt (edge-triggered).
@@ -66,35 +82,26 @@ pub trait IrqTrigger: Send + Sync {
     fn trigger(&self) -> std::io::Result<()>;
 }
 
-/// A VM: interrupt routing and vCPUs over the guest memory it was created with.
+/// A VM over the guest memory it was created with: its interrupt controllers and the
+/// doorbells devices listen on. vCPUs and state are per architecture (`VmX86_64`, …).
 pub trait Vm: Send + Sync {
+    /// The VM's interrupt controllers.
+    fn irq_chip(&self) -> &dyn IrqChip;
     /// Returns a trigger for global system interrupt `gsi`.
-    fn irq_trigger(&self, gsi: u32) -> Result<Arc<dyn IrqTrigger>, HypervisorError>;
+    fn irq_trigger(&self, gsi: u32) -> Result<Arc<dyn IrqTrigger>, HypervisorError> {
+        self.irq_chip().line(gsi)
+    }
     /// Makes a guest write of `datamatch` (4 bytes) to MMIO address `addr` signal the eventfd
     /// `fd` in the kernel, without a vCPU exit to the VMM. Returns `Ok(false)` where the backend
     /// has no such mechanism: the write then reaches the device on the MMIO bus.
-    #[cfg(unix)]
     fn register_ioevent(
         &self,
-        fd: std::os::fd::BorrowedFd<'_>,
+        fd: BorrowedDescriptor<'_>,
         addr: u64,
         datamatch: u32,
     ) -> Result<bool, HypervisorError> {
         let _ = (fd, addr, datamatch);
         Ok(false)
-    }
-    /// Creates vCPU `id` of `count`, with the backend's reset state and CPU model.
-    fn create_vcpu(&self, id: u8, count: u8) -> Result<Box<dyn Vcpu>, HypervisorError>;
-    /// Saves the interrupt controllers, timer and clock (vCPUs stopped).
-    #[cfg(target_arch = "x86_64")]
-    fn save_state(&self) -> Result<VmState, HypervisorError> {
-        Err(no_snapshots())
-    }
-    /// Restores what [`save_state`](Self::save_state) saved, before the vCPUs run.
-    #[cfg(target_arch = "x86_64")]
-    fn restore_state(&self, state: &VmState) -> Result<(), HypervisorError> {
-        let _ = state;
-        Err(no_snapshots())
     }
 }
 
@@ -158,30 +165,4 @@ pub trait Vcpu: Send {
     fn run(&mut self, io: &dyn IoHandler) -> Result<VcpuExit, HypervisorError>;
     /// A handle other threads use to kick this vCPU out of guest mode.
     fn kicker(&self) -> Arc<dyn VcpuKicker>;
-
-    /// Reads the general-purpose registers.
-    #[cfg(target_arch = "x86_64")]
-    fn regs(&self) -> Result<StandardRegisters, HypervisorError>;
-    /// Writes the general-purpose registers.
-    #[cfg(target_arch = "x86_64")]
-    fn set_regs(&mut self, regs: &StandardRegisters) -> Result<(), HypervisorError>;
-    /// Reads the segment, control and descriptor-table registers.
-    #[cfg(target_arch = "x86_64")]
-    fn sregs(&self) -> Result<SpecialRegisters, HypervisorError>;
-    /// Writes the segment, control and descriptor-table registers.
-    #[cfg(target_arch = "x86_64")]
-    fn set_sregs(&mut self, sregs: &SpecialRegisters) -> Result<(), HypervisorError>;
-    /// Saves everything needed to resume this vCPU. Called on the vCPU's thread after
-    /// [`run`](Self::run) returned; the backend first completes an I/O access it is in the
-    /// middle of, so the state is between two instructions.
-    #[cfg(target_arch = "x86_64")]
-    fn save_state(&mut self) -> Result<VcpuState, HypervisorError> {
-        Err(no_snapshots())
-    }
-    /// Restores what [`save_state`](Self::save_state) saved, on a vCPU that has not run yet.
-    #[cfg(target_arch = "x86_64")]
-    fn restore_state(&mut self, state: &VcpuState) -> Result<(), HypervisorError> {
-        let _ = state;
-        Err(no_snapshots())
-    }
 }

@@ -3,7 +3,9 @@
 //! The seams of the supermachine VMM, with no hypervisor and no concrete device in them.
 //!
 //! Owns:
-//! - the backend traits ([`Hypervisor`] → [`Vm`] → [`Vcpu`]) and the neutral [`VcpuExit`];
+//! - the neutral backend traits ([`Hypervisor`] → [`Vm`] → [`Vcpu`], the [`IrqChip`] seam) and
+//!   the neutral [`VcpuExit`]; per-architecture extension traits in [`arch`] (x86-64:
+//!   `HypervisorX86_64`, `VmX86_64`, `VcpuX86_64`; arm64: `HypervisorAArch64`, …);
 //! - guest memory creation and the guest physical layout ([`memory`], [`arch`]);
 //! - the port-I/O and MMIO [`bus`] that devices register on ([`BusDevice`]);
 //! - boot preparation: loading a kernel and initramfs, boot parameters, MP table ([`arch`]);
@@ -17,16 +19,17 @@
 pub mod arch;
 pub mod builder;
 pub mod bus;
+pub mod descriptor;
 pub mod hypervisor;
 pub mod memory;
 pub mod runner;
 
 pub use builder::{BuildError, BuiltVm, VmBuilder, VmResources};
 pub use bus::{Bus, BusDevice, BusError, IoBuses};
+pub use descriptor::BorrowedDescriptor;
 pub use hypervisor::{
-    Hypervisor, HypervisorError, IoHandler, IrqTrigger, Vcpu, VcpuExit, VcpuKicker, Vm,
+    Hypervisor, HypervisorError, IoHandler, IrqChip, IrqChipKind, IrqTrigger, Vcpu, VcpuExit,
+    VcpuKicker, Vm,
 };
 pub use memory::GuestMemory;
-#[cfg(target_arch = "x86_64")]
-pub use runner::CapturedVm;
-pub use runner::{CaptureError, RunError, VmControl, VmExit};
+pub use runner::{CaptureError, CapturedVm, RunError, VmControl, VmExit};

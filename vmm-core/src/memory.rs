@@ -34,7 +34,7 @@ pub enum MemoryError {
     },
 }
 
-/// The guest RAM ranges for `size` bytes, leaving `[gap_start, gap_end)` free for MMIO.
+/// Guest RAM ranges for `size` bytes starting at 0, leaving `[gap_start, gap_end)` free for MMIO.
 pub fn ram_ranges(size: u64, gap_start: u64, gap_end: u64) -> Vec<(GuestAddress, usize)> {
     if size <= gap_start {
         vec![(GuestAddress(0), size as usize)]
@@ -56,13 +56,7 @@ pub fn create_guest_memory(mib: u32) -> Result<GuestMemory, MemoryError> {
         });
     }
     let size = u64::from(mib) << 20;
-    #[cfg(target_arch = "x86_64")]
-    let ranges = {
-        use crate::arch::x86_64::layout::{MMIO_GAP_END, MMIO_GAP_START};
-        ram_ranges(size, MMIO_GAP_START, MMIO_GAP_END)
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let ranges = vec![(GuestAddress(0x8000_0000), size as usize)];
+    let ranges = crate::arch::host::ram_ranges(size);
     GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Map { mib, source })
 }
 

@@ -9,8 +9,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use crate::arch::host::{ArchVcpu, ArchVm, VcpuState, VmState};
 use crate::builder::BuiltVm;
-use crate::hypervisor::{HypervisorError, IoHandler, Vcpu, VcpuExit};
+use crate::hypervisor::{HypervisorError, IoHandler, VcpuExit, VcpuKicker};
+use crate::memory::GuestMemory;
 
 /// How a VM ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,14 +77,13 @@ pub enum RunError {
 
 /// What [`VmControl::pause_and_capture`] returns: the vCPUs and the VM, stopped, and the guest
 /// memory (unchanging until [`VmControl::resume`] or the end of the VM).
-#[cfg(target_arch = "x86_64")]
 pub struct CapturedVm {
     /// Every vCPU, in index order.
-    pub vcpus: Vec<crate::arch::x86_64::state::VcpuState>,
-    /// Interrupt controllers, timer, clock.
-    pub vm: crate::arch::x86_64::state::VmState,
+    pub vcpus: Vec<VcpuState>,
+    /// Interrupt controllers, timers, clock.
+    pub vm: VmState,
     /// Guest RAM.
-    pub memory: crate::memory::GuestMemory,
+    pub memory: GuestMemory,
 }
 
 /// Why a capture failed.
@@ -96,18 +97,14 @@ pub enum CaptureError {
     Backend(#[from] HypervisorError),
 }
 
-#[cfg(target_arch = "x86_64")]
 type CaptureReply = std::sync::mpsc::Sender<Result<CapturedVm, CaptureError>>;
-#[cfg(not(target_arch = "x86_64"))]
-type CaptureReply = std::sync::mpsc::Sender<Result<(), CaptureError>>;
 
 /// vCPU threads park here while the VM is paused.
 #[derive(Default)]
 struct PauseState {
     requested: bool,
     /// Saved states of parked vCPUs, by index.
-    #[cfg(target_arch = "x86_64")]
-    saved: Vec<Option<Result<crate::arch::x86_64::state::VcpuState, HypervisorError>>>,
+    saved: Vec<Option<Result<VcpuState, HypervisorError>>>,
     parked: usize,
 }
 
@@ -174,7 +171,6 @@ impl VmControl {
     /// paused (devices keep running: quiesce them before reading memory) until
     /// [`resume`](Self::resume) or the end of the VM. Blocks until done; call it from a thread
     /// other than the runner's and the vCPUs'.
-    #[cfg(target_arch = "x86_64")]
     pub fn pause_and_capture(&self) -> Result<CapturedVm, CaptureError> {
         let (tx, rx) = std::sync::mpsc::channel();
         {
@@ -193,7 +189,6 @@ impl VmControl {
         let mut p = self.state.pause.lock().unwrap_or_else(|e| e.into_inner());
         p.requested = false;
         p.parked = 0;
-        #[cfg(target_arch = "x86_64")]
         p.saved.clear();
         self.state.pause_changed.notify_all();
     }
@@ -207,21 +202,13 @@ impl VmControl {
     }
 
     /// On a vCPU thread: saves this vCPU's state and waits until resumed or stopped.
-    fn park(&self, index: usize, vcpu: &mut dyn Vcpu) {
-        #[cfg(target_arch = "x86_64")]
+    fn park(&self, index: usize, vcpu: &mut dyn ArchVcpu) {
         let saved = vcpu.save_state();
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = vcpu;
         let mut p = self.state.pause.lock().unwrap_or_else(|e| e.into_inner());
-        #[cfg(target_arch = "x86_64")]
-        {
-            if p.saved.len() <= index {
-                p.saved.resize_with(index + 1, || None);
-            }
-            p.saved[index] = Some(saved);
+        if p.saved.len() <= index {
+            p.saved.resize_with(index + 1, || None);
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = index;
+        p.saved[index] = Some(saved);
         p.parked += 1;
         self.state.pause_changed.notify_all();
         while p.requested && !self.is_stopping() {
@@ -281,7 +268,7 @@ impl VmControl {
     }
 }
 
-fn vcpu_loop(index: usize, mut vcpu: Box<dyn Vcpu>, io: &dyn IoHandler, control: &VmControl) {
+fn vcpu_loop(index: usize, mut vcpu: Box<dyn ArchVcpu>, io: &dyn IoHandler, control: &VmControl) {
     let id = vcpu.id();
     while !control.is_stopping() {
         if control.pause_requested() {
@@ -389,12 +376,11 @@ pub fn run(vm: BuiltVm, control: &VmControl) -> Result<VmExit, RunError> {
 }
 
 /// Pauses the vCPUs (kicking until every one has parked) and collects the saved states.
-#[cfg(target_arch = "x86_64")]
 fn capture(
     control: &VmControl,
-    kickers: &[Arc<dyn crate::hypervisor::VcpuKicker>],
-    vm: &dyn crate::hypervisor::Vm,
-    memory: &crate::memory::GuestMemory,
+    kickers: &[Arc<dyn VcpuKicker>],
+    vm: &dyn ArchVm,
+    memory: &GuestMemory,
 ) -> Result<CapturedVm, CaptureError> {
     let mut p = control
         .state
@@ -440,18 +426,6 @@ fn capture(
         vm: vm.save_state()?,
         memory: memory.clone(),
     })
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn capture(
-    _control: &VmControl,
-    _kickers: &[Arc<dyn crate::hypervisor::VcpuKicker>],
-    _vm: &dyn crate::hypervisor::Vm,
-    _memory: &crate::memory::GuestMemory,
-) -> Result<(), CaptureError> {
-    Err(CaptureError::Backend(HypervisorError::MissingCapability(
-        "snapshots on this architecture".into(),
-    )))
 }
 
 enum Event {

@@ -11,8 +11,10 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_core::arch::x86_64::regs::{SpecialRegisters, StandardRegisters, CR0_PG};
+use vmm_core::arch::x86_64::{HypervisorX86_64, VcpuX86_64, VmOptions, VmX86_64};
 use vmm_core::{
-    GuestMemory, Hypervisor, HypervisorError, IoHandler, IrqTrigger, Vcpu, VcpuExit, VcpuKicker, Vm,
+    BorrowedDescriptor, GuestMemory, Hypervisor, HypervisorError, IoHandler, IrqChip, IrqChipKind,
+    IrqTrigger, Vcpu, VcpuExit, VcpuKicker, Vm,
 };
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
@@ -38,6 +40,12 @@ pub struct KvmHypervisor {
 }
 
 impl KvmHypervisor {
+    /// Whether this machine can run VMs with KVM (`/dev/kvm` opens and has what we need);
+    /// [`new`](Self::new) says why not.
+    pub fn is_available() -> bool {
+        Self::new().is_ok()
+    }
+
     /// Opens `/dev/kvm` and reads the CPU features it supports.
     pub fn new() -> Result<Self, HypervisorError> {
         let kvm = Kvm::new().map_err(|e| match e.errno() {
@@ -79,8 +87,21 @@ impl Hypervisor for KvmHypervisor {
     fn name(&self) -> &'static str {
         "kvm"
     }
+}
 
-    fn create_vm(&self, memory: &GuestMemory) -> Result<Box<dyn Vm>, HypervisorError> {
+impl HypervisorX86_64 for KvmHypervisor {
+    fn create_vm(
+        &self,
+        memory: &GuestMemory,
+        options: &VmOptions,
+    ) -> Result<Box<dyn VmX86_64>, HypervisorError> {
+        if options.irq_chip != IrqChipKind::InKernel {
+            return Err(HypervisorError::MissingCapability(
+                "a userspace interrupt controller (the KVM backend uses KVM's in-kernel PIC, \
+                 IOAPIC and PIT)"
+                    .into(),
+            ));
+        }
         let fd = self.kvm.create_vm().map_err(err("KVM_CREATE_VM"))?;
         // Memory slots before the irqchip and PIT: once those exist, every slot change waits
         // for an SRCU grace period (5 ms here, most of a VM's start-up).
@@ -95,8 +116,10 @@ impl Hypervisor for KvmHypervisor {
             ..Default::default()
         };
         fd.create_pit2(pit).map_err(err("KVM_CREATE_PIT2"))?;
+        let fd = Arc::new(fd);
         Ok(Box::new(KvmVm {
-            fd: Arc::new(fd),
+            irq_chip: KvmIrqChip { fd: fd.clone() },
+            fd,
             cpuid: self.supported_cpuid.clone(),
             memory: memory.clone(),
             msr_indices: self.msr_indices.clone(),
@@ -126,6 +149,7 @@ fn register_memory(fd: &VmFd, memory: &GuestMemory) -> Result<(), HypervisorErro
 /// A KVM VM.
 pub struct KvmVm {
     fd: Arc<VmFd>,
+    irq_chip: KvmIrqChip,
     cpuid: CpuId,
     memory: GuestMemory,
     msr_indices: Arc<Vec<u32>>,
@@ -139,8 +163,17 @@ impl IrqTrigger for KvmIrq {
     }
 }
 
-impl Vm for KvmVm {
-    fn irq_trigger(&self, gsi: u32) -> Result<Arc<dyn IrqTrigger>, HypervisorError> {
+/// KVM's in-kernel PIC pair, IOAPIC and PIT: devices raise lines through irqfds.
+struct KvmIrqChip {
+    fd: Arc<VmFd>,
+}
+
+impl IrqChip for KvmIrqChip {
+    fn kind(&self) -> IrqChipKind {
+        IrqChipKind::InKernel
+    }
+
+    fn line(&self, gsi: u32) -> Result<Arc<dyn IrqTrigger>, HypervisorError> {
         let evt = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
             .map_err(|e| HypervisorError::call("eventfd", e))?;
         self.fd
@@ -148,10 +181,16 @@ impl Vm for KvmVm {
             .map_err(err("KVM_IRQFD"))?;
         Ok(Arc::new(KvmIrq(evt)))
     }
+}
+
+impl Vm for KvmVm {
+    fn irq_chip(&self) -> &dyn IrqChip {
+        &self.irq_chip
+    }
 
     fn register_ioevent(
         &self,
-        fd: std::os::fd::BorrowedFd<'_>,
+        fd: BorrowedDescriptor<'_>,
         addr: u64,
         datamatch: u32,
     ) -> Result<bool, HypervisorError> {
@@ -164,8 +203,10 @@ impl Vm for KvmVm {
             .map_err(err("KVM_IOEVENTFD"))?;
         Ok(true)
     }
+}
 
-    fn create_vcpu(&self, id: u8, count: u8) -> Result<Box<dyn Vcpu>, HypervisorError> {
+impl VmX86_64 for KvmVm {
+    fn create_vcpu(&self, id: u8, count: u8) -> Result<Box<dyn VcpuX86_64>, HypervisorError> {
         let memory = self.memory.clone();
         let fd = self
             .fd
@@ -337,7 +378,9 @@ impl Vcpu for KvmVcpu {
             thread: self.thread.clone(),
         })
     }
+}
 
+impl VcpuX86_64 for KvmVcpu {
     fn regs(&self) -> Result<StandardRegisters, HypervisorError> {
         Ok(regs::from_kvm_regs(
             &self.fd.get_regs().map_err(err("KVM_GET_REGS"))?,

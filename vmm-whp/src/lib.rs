@@ -12,7 +12,7 @@
 //! Does not own: guest layout, boot structures or devices (`vmm-core`, `devices`).
 #![deny(missing_docs)]
 
-use vmm_core::{GuestMemory, Hypervisor, HypervisorError, Vm};
+use vmm_core::{Hypervisor, HypervisorError};
 
 /// The Windows Hypervisor Platform (WHP) hypervisor.
 #[derive(Debug)]
@@ -21,6 +21,11 @@ pub struct WhpHypervisor {
 }
 
 impl WhpHypervisor {
+    /// Whether this machine can run VMs with this backend (never, until it is written).
+    pub fn is_available() -> bool {
+        Self::new().is_ok()
+    }
+
     /// Opens the hypervisor. Not implemented yet: always fails with a clear message.
     pub fn new() -> Result<Self, HypervisorError> {
         Err(HypervisorError::Unavailable(
@@ -32,12 +37,6 @@ impl WhpHypervisor {
 impl Hypervisor for WhpHypervisor {
     fn name(&self) -> &'static str {
         "whp"
-    }
-
-    fn create_vm(&self, _memory: &GuestMemory) -> Result<Box<dyn Vm>, HypervisorError> {
-        Err(HypervisorError::Unavailable(
-            "the Windows Hypervisor Platform (WHP) backend is not implemented yet".into(),
-        ))
     }
 }
 

@@ -37,6 +37,7 @@ const RUST_TARGETS: &[&str] = &[
     "x86_64-unknown-linux-musl",
     "aarch64-apple-darwin",
     "x86_64-pc-windows-msvc",
+    "aarch64-unknown-linux-gnu",
 ];
 
 pub fn ensure() -> Result<()> {

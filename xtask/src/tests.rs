@@ -74,6 +74,27 @@ pub fn run_all(force_local: bool) -> Result<()> {
     step("device fuzz targets, 60 s in all");
     crate::fuzz::run_all(60)?;
 
+    step("lints: cargo clippy --workspace --all-targets (every unsafe block documented)");
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+
+    step("the arm64 split compiles: vmm-core and devices for aarch64-unknown-linux-gnu");
+    run(cargo().args([
+        "check",
+        "-p",
+        "vmm-core",
+        "-p",
+        "devices",
+        "--target",
+        "aarch64-unknown-linux-gnu",
+    ]))?;
+
     step("backends for other platforms compile (cargo check --target)");
     run(cargo().args(["check", "-p", "vmm-hvf", "--target", "aarch64-apple-darwin"]))?;
     run(cargo().args([
