@@ -11,6 +11,7 @@ use crate::{deps, initramfs, kernel, probe, testhost};
 
 /// Kernel, initramfs and the tools they need.
 pub fn prepare_guest() -> Result<()> {
+    step("checking the Debian packages and rustup targets the guest build needs");
     deps::ensure()?;
     kernel::build()?;
     initramfs::build()?;
