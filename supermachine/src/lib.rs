@@ -1,8 +1,9 @@
 //! # supermachine
 //!
 //! Run OCI images as hardware-isolated microVMs. This facade crate is the only one that picks a
-//! hypervisor backend and concrete devices; it offers the library API below and the
-//! `supermachine` command-line tool built on the same machinery.
+//! hypervisor backend (cargo feature `kvm`, on by default) and concrete devices; it offers the
+//! library API below. The `supermachine` command-line tool is the `supermachine-cli` crate, built
+//! on exactly this API; this crate pulls no command-line dependencies.
 //!
 //! ## The common flow
 //!
@@ -48,7 +49,7 @@
 //! ```
 //!
 //! Every call returns [`Result`] with one [`Error`] whose variants say what to do next (image
-//! not found, registry authentication, KVM unavailable, guest panicked, timeout, pool
+//! not found, registry authentication, hypervisor unavailable, guest panicked, timeout, pool
 //! exhausted…). VMs run on threads of the calling process; they show in `supermachine ps`.
 //! Runnable examples: `examples/sandbox.rs`, `examples/pool.rs`, `examples/server.rs`.
 //!

@@ -19,7 +19,7 @@ use clap::Subcommand;
 use crate::tests::prepare_guest;
 use crate::util::{self, cargo, installed_initramfs, installed_kernel, step, target_dir};
 
-#[path = "../../supermachine/tests/support/toy_guest.rs"]
+#[path = "../../supermachine-cli/tests/support/toy_guest.rs"]
 pub mod toy_guest;
 
 #[derive(Debug, Subcommand)]
@@ -325,7 +325,7 @@ fn build_release() -> Result<PathBuf> {
         "build",
         "--release",
         "-p",
-        "supermachine",
+        "supermachine-cli",
         "--bin",
         "supermachine",
     ]))?;

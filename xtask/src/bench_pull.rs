@@ -145,7 +145,7 @@ pub fn bench(runs: usize, layers: usize, layer_mib: usize) -> Result<()> {
         "build",
         "--release",
         "-p",
-        "supermachine",
+        "supermachine-cli",
         "--bin",
         "supermachine",
     ]))?;

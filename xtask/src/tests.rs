@@ -20,7 +20,7 @@ pub fn prepare_guest() -> Result<()> {
 
 fn build_supermachine(release: bool) -> Result<PathBuf> {
     let mut c = cargo();
-    c.args(["build", "-p", "supermachine", "--bin", "supermachine"]);
+    c.args(["build", "-p", "supermachine-cli", "--bin", "supermachine"]);
     if release {
         c.arg("--release");
     }
@@ -42,12 +42,12 @@ pub fn guests_run_locally(supermachine: &std::path::Path) -> bool {
     local
 }
 
-/// Builds the test binary of `supermachine/tests/<name>.rs` and returns its path.
+/// Builds the test binary of `supermachine-cli/tests/<name>.rs` and returns its path.
 fn test_binary(name: &str) -> Result<PathBuf> {
     let json = output(cargo().args([
         "test",
         "-p",
-        "supermachine",
+        "supermachine-cli",
         "--test",
         name,
         "--no-run",
@@ -415,7 +415,7 @@ fn run_guest_tests_in_testhost(binary: &std::path::Path, suite: &Suite) -> Resul
         let (code, lines) = testhost::run_command_lines(
             &command,
             &testhost::Options {
-                cwd: crate::util::workspace_root().join("supermachine"),
+                cwd: crate::util::workspace_root().join("supermachine-cli"),
                 // Longer than a test may take, so only a stuck machine trips it.
                 silence_limit: Some(Duration::from_secs(per_test + 60)),
                 cpus: suite.cpus.unwrap_or_else(crate::util::nproc),
