@@ -11,23 +11,13 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
+pub use crate::process::ExecDefaults;
+use crate::process::{file_pipe, resolve_user, set_window_size, start_as, workload_env};
+
 use agent_protocol::{
     read_frame, write_frame, AgentError, ErrorKind, ExecRequest, ExitStatus, FileInfo, Frame,
     Operation, RestoredInfo, AGENT_PORT, DATA_CHUNK, VERSION,
 };
-
-/// What an exec inherits from the container when the request does not say.
-#[derive(Clone)]
-pub struct ExecDefaults {
-    /// The container's environment (image env and `-e`), before the request's.
-    pub env: Vec<String>,
-    /// The workload's working directory.
-    pub workdir: String,
-    /// The workload's user, as Docker spells it.
-    pub user: String,
-    /// The container's host name.
-    pub hostname: String,
-}
 
 /// A connected vsock stream.
 struct Conn(File);
@@ -279,24 +269,6 @@ fn read_file(conn: &mut Conn, path: &str) -> Result<(), Frame> {
     send(conn, &Frame::Eof)
 }
 
-/// Copies until end-of-file or an error, then calls `done` (e.g. to pass the half-close on).
-pub fn copy_then_shutdown(mut from: impl Read, mut to: impl Write, done: impl FnOnce()) {
-    let mut buf = vec![0u8; 64 << 10];
-    loop {
-        match from.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                if to.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => break,
-        }
-    }
-    done();
-}
-
 /// A byte stream between the host and a guest TCP port, each direction half-closed on its own.
 fn connect(mut conn: Conn, port: u16) {
     let tcp = match TcpStream::connect(("127.0.0.1", port)) {
@@ -358,16 +330,6 @@ fn pump(mut from: File, out: FrameWriter, stderr: bool) -> io::Result<std::threa
         })
 }
 
-fn pipe() -> io::Result<(File, File)> {
-    let mut fds = [0; 2];
-    // SAFETY: `fds` has room for two descriptors.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: pipe2 returned two fresh descriptors we now own.
-    Ok(unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) })
-}
-
 fn open_pty(rows: u16, cols: u16) -> io::Result<(File, File)> {
     let (mut master, mut slave) = (0, 0);
     let ws = libc::winsize {
@@ -402,78 +364,10 @@ fn open_pty(rows: u16, cols: u16) -> io::Result<(File, File)> {
 /// Catches up after a restore: the wall clock, the entropy pool, exec's environment and the
 /// host name. Each step is independent; the first failure is reported after all were tried.
 fn restored(info: RestoredInfo, defaults: &RwLock<ExecDefaults>) -> Frame {
-    match apply_restored(info, defaults) {
+    match crate::catch_up::apply_restored(info, defaults) {
         Ok(()) => Frame::Done,
         Err(why) => error(ErrorKind::Other, why),
     }
-}
-
-/// Catches a restored guest up with the host: steps the clock, reseeds the entropy pool, sets
-/// the host name, adds env for later execs. Everything is tried; the failures are joined.
-pub fn apply_restored(info: RestoredInfo, defaults: &RwLock<ExecDefaults>) -> Result<(), String> {
-    let mut failures = Vec::new();
-    if info.unix_time_ns > 0 {
-        let ts = libc::timespec {
-            tv_sec: (info.unix_time_ns / 1_000_000_000) as _,
-            tv_nsec: (info.unix_time_ns % 1_000_000_000) as _,
-        };
-        // SAFETY: clock_settime reads the timespec we own.
-        if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
-            failures.push(format!("clock: {}", io::Error::last_os_error()));
-        }
-    }
-    if !info.entropy.is_empty() {
-        if let Err(e) = reseed_entropy(&info.entropy) {
-            failures.push(format!("entropy: {e}"));
-        }
-    }
-    if let Some(h) = info.hostname.as_deref().filter(|h| !h.is_empty()) {
-        // SAFETY: sethostname reads `len` bytes from the string we own.
-        if unsafe { libc::sethostname(h.as_ptr().cast(), h.len()) } != 0 {
-            failures.push(format!("hostname: {}", io::Error::last_os_error()));
-        }
-    }
-    {
-        let mut d = defaults.write().unwrap_or_else(|e| e.into_inner());
-        d.env.extend(info.env);
-        if let Some(h) = info.hostname.filter(|h| !h.is_empty()) {
-            d.hostname = h;
-        }
-    }
-    if failures.is_empty() {
-        Ok(())
-    } else {
-        Err(failures.join("; "))
-    }
-}
-
-/// `RNDADDENTROPY` with the host's bytes (credited), then `RNDRESEEDCRNG` so that the very next
-/// read from /dev/urandom or getrandom() no longer derives from the snapshot's pool.
-fn reseed_entropy(bytes: &[u8]) -> io::Result<()> {
-    // linux/random.h: _IOW('R', 0x03, int[2]) and _IO('R', 0x07).
-    const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
-    const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
-    let urandom = std::fs::OpenOptions::new()
-        .write(true)
-        .open("/dev/urandom")?;
-    let bytes = &bytes[..bytes.len().min(512)];
-    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
-    let mut info = Vec::with_capacity(8 + bytes.len());
-    info.extend_from_slice(&((bytes.len() * 8) as i32).to_ne_bytes());
-    info.extend_from_slice(&(bytes.len() as i32).to_ne_bytes());
-    info.extend_from_slice(bytes);
-    // Keep the u32 array whole.
-    info.resize(8 + bytes.len().div_ceil(4) * 4, 0);
-    // SAFETY: the ioctl reads a rand_pool_info header and `buf_size` bytes after it, all
-    // inside `info`, which lives across the call.
-    if unsafe { libc::ioctl(urandom.as_raw_fd(), RNDADDENTROPY as _, info.as_ptr()) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: an argument-less ioctl on our descriptor.
-    if unsafe { libc::ioctl(urandom.as_raw_fd(), RNDRESEEDCRNG as _) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 fn exec(conn: Conn, req: ExecRequest, defaults: &ExecDefaults) {
@@ -495,11 +389,11 @@ fn exec(conn: Conn, req: ExecRequest, defaults: &ExecDefaults) {
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
     let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
     let user = req.user.as_deref().unwrap_or(&defaults.user);
-    let id = match crate::container::resolve_user(user, &passwd, &group) {
+    let id = match resolve_user(user, &passwd, &group) {
         Ok(id) => id,
         Err(e) => return fail(error(ErrorKind::Invalid, e)),
     };
-    let env = crate::container::workload_env(
+    let env = workload_env(
         &defaults.hostname,
         &id.home,
         req.tty.is_some(),
@@ -528,11 +422,11 @@ fn exec(conn: Conn, req: ExecRequest, defaults: &ExecDefaults) {
             pumps.push(pump(master.try_clone()?, out.clone(), false)?);
             terminal = Some(master);
         } else {
-            let (or, ow) = pipe()?;
-            let (er, ew) = pipe()?;
+            let (or, ow) = file_pipe()?;
+            let (er, ew) = file_pipe()?;
             cmd.stdout(ow).stderr(ew);
             if req.stdin {
-                let (ir, iw) = pipe()?;
+                let (ir, iw) = file_pipe()?;
                 cmd.stdin(ir);
                 stdin = Some(iw);
             } else {
@@ -547,7 +441,7 @@ fn exec(conn: Conn, req: ExecRequest, defaults: &ExecDefaults) {
         return fail(io_error("exec setup", &e));
     }
     let tty = req.tty.is_some();
-    crate::container::start_as(&mut cmd, &id, tty);
+    start_as(&mut cmd, &id, tty);
     let spawned = crate::reaper::spawn(&mut cmd);
     // The child has its copies; ours must go, or the output pipes never reach end-of-file.
     drop(cmd);
@@ -601,7 +495,7 @@ fn exec(conn: Conn, req: ExecRequest, defaults: &ExecDefaults) {
                     }
                     Ok(Some(Frame::Resize(rows, cols))) => {
                         if let Some(t) = &terminal {
-                            crate::container::set_window_size(t, rows, cols);
+                            set_window_size(t, rows, cols);
                         }
                     }
                     Ok(Some(_)) => {}

@@ -6,17 +6,18 @@
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, RwLock};
 
+use crate::process::{
+    copy_then_shutdown, pipe, resolve_user, set_window_size, start_as, workload_env, ExecDefaults,
+};
 use guest_init::{
     ContainerConfig, ControlMessage, InitConfig, EXIT_INIT_FAILED, EXIT_NOT_EXECUTABLE,
     EXIT_NOT_FOUND,
 };
 
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 const NEWROOT: &str = "/newroot";
 
 fn cstr(s: &str) -> Result<CString, String> {
@@ -206,83 +207,6 @@ fn loopback_up() {
     }
 }
 
-/// A resolved identity.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Identity {
-    pub uid: u32,
-    pub gid: u32,
-    pub groups: Vec<u32>,
-    pub home: String,
-}
-
-/// Resolves Docker's `--user` forms against passwd and group file contents.
-pub fn resolve_user(spec: &str, passwd: &str, group: &str) -> Result<Identity, String> {
-    let users: Vec<Vec<&str>> = passwd
-        .lines()
-        .map(|l| l.split(':').collect())
-        .filter(|f: &Vec<&str>| f.len() >= 7)
-        .collect();
-    let groups: Vec<Vec<&str>> = group
-        .lines()
-        .map(|l| l.split(':').collect())
-        .filter(|f: &Vec<&str>| f.len() >= 4)
-        .collect();
-    let (user_part, group_part) = match spec.split_once(':') {
-        Some((u, g)) => (u, Some(g)),
-        None => (spec, None),
-    };
-    let user_part = if user_part.is_empty() { "0" } else { user_part };
-    let entry = users
-        .iter()
-        .find(|f| f[0] == user_part || (user_part.parse::<u32>().is_ok() && f[2] == user_part));
-    let uid = match (user_part.parse::<u32>(), entry) {
-        (Ok(n), _) => n,
-        (Err(_), Some(f)) => f[2]
-            .parse()
-            .map_err(|_| format!("bad uid for user {user_part} in /etc/passwd"))?,
-        (Err(_), None) => {
-            return Err(format!(
-                "unable to find user {user_part}: no matching entries in passwd file"
-            ))
-        }
-    };
-    let gid = match group_part {
-        Some(g) => match g.parse::<u32>() {
-            Ok(n) => n,
-            Err(_) => groups
-                .iter()
-                .find(|f| f[0] == g)
-                .and_then(|f| f[2].parse().ok())
-                .ok_or_else(|| {
-                    format!("unable to find group {g}: no matching entries in group file")
-                })?,
-        },
-        None => entry.and_then(|f| f[3].parse().ok()).unwrap_or(0),
-    };
-    let name = entry.map(|f| f[0]).unwrap_or("");
-    let mut supplementary: Vec<u32> = if group_part.is_none() && !name.is_empty() {
-        groups
-            .iter()
-            .filter(|f| f[3].split(',').any(|m| m == name))
-            .filter_map(|f| f[2].parse().ok())
-            .collect()
-    } else {
-        Vec::new()
-    };
-    supplementary.retain(|g| *g != gid);
-    supplementary.insert(0, gid);
-    let home = entry
-        .map(|f| f[5].to_string())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "/".into());
-    Ok(Identity {
-        uid,
-        gid,
-        groups: supplementary,
-        home,
-    })
-}
-
 fn open_console(path: &str, write_only: bool) -> Result<File, String> {
     OpenOptions::new()
         .read(!write_only)
@@ -304,11 +228,8 @@ fn make_raw(f: &File) {
 }
 
 /// Applies a restored VM's catch-up; returns init's answer line for the control console.
-fn catch_up(
-    info: agent_protocol::RestoredInfo,
-    defaults: &RwLock<crate::agent::ExecDefaults>,
-) -> String {
-    match crate::agent::apply_restored(info, defaults) {
+fn catch_up(info: agent_protocol::RestoredInfo, defaults: &RwLock<ExecDefaults>) -> String {
+    match crate::catch_up::apply_restored(info, defaults) {
         Ok(()) => guest_init::CAUGHT_UP.to_string(),
         Err(why) => format!(
             "{}{}\n",
@@ -322,10 +243,7 @@ fn catch_up(
 /// VM was restored meanwhile. Returns the env to add, or the signal the host sent instead.
 /// Reads the control console a byte at a time: what follows the start line is the control
 /// thread's.
-fn hold_until_start(
-    control: &File,
-    defaults: &RwLock<crate::agent::ExecDefaults>,
-) -> Result<Vec<String>, i32> {
+fn hold_until_start(control: &File, defaults: &RwLock<ExecDefaults>) -> Result<Vec<String>, i32> {
     let mut out = control;
     let _ = out.write_all(guest_init::HELD.as_bytes());
     let mut line = Vec::new();
@@ -356,70 +274,6 @@ fn hold_until_start(
     }
 }
 
-/// The environment of a process in the container: defaults, then `entries` (`KEY=value`; a
-/// later entry overrides an earlier one).
-pub fn workload_env<'a>(
-    hostname: &str,
-    home: &str,
-    tty: bool,
-    entries: impl Iterator<Item = &'a String>,
-) -> Vec<(String, String)> {
-    let mut env: Vec<(String, String)> = Vec::new();
-    let mut set = |k: &str, v: &str| {
-        env.retain(|(key, _)| key != k);
-        env.push((k.to_string(), v.to_string()));
-    };
-    set("PATH", DEFAULT_PATH);
-    set("HOSTNAME", hostname);
-    set("HOME", home);
-    if tty {
-        set("TERM", "xterm");
-    }
-    for kv in entries {
-        let (k, v) = kv.split_once('=').unwrap_or((kv.as_str(), ""));
-        if !k.is_empty() {
-            set(k, v);
-        }
-    }
-    env
-}
-
-/// Makes `cmd` start as `id`: in a session of its own with stdin as its controlling terminal
-/// (`tty`), or else in a process group of its own, so signals can go to the whole group.
-pub fn start_as(cmd: &mut Command, id: &Identity, tty: bool) {
-    let (uid, gid, groups) = (id.uid, id.gid, id.groups.clone());
-    // SAFETY: only async-signal-safe calls (setsid, setpgid, ioctl, setgroups, setgid, setuid).
-    unsafe {
-        cmd.pre_exec(move || {
-            if tty {
-                libc::setsid();
-                libc::ioctl(0, libc::TIOCSCTTY, 1);
-            } else {
-                libc::setpgid(0, 0);
-            }
-            if libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                || libc::setgid(gid) != 0
-                || libc::setuid(uid) != 0
-            {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
-
-/// Sets the terminal's size; the kernel sends SIGWINCH to its foreground process group.
-pub fn set_window_size(terminal: &File, rows: u16, cols: u16) {
-    let ws = libc::winsize {
-        ws_row: rows,
-        ws_col: cols,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: TIOCSWINSZ with a valid winsize on a terminal we own.
-    unsafe { libc::ioctl(terminal.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
-}
-
 /// How many processes the kernel's OOM killer has killed since boot.
 fn oom_kills() -> u64 {
     std::fs::read_to_string("/proc/vmstat")
@@ -431,22 +285,12 @@ fn oom_kills() -> u64 {
         .unwrap_or(0)
 }
 
-fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: `fds` has room for two descriptors.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: pipe2 returned two fresh descriptors we now own.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
-
 fn relay(
     mut from: impl Read + Send + 'static,
     mut to: impl Write + Send + 'static,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
-        crate::agent::copy_then_shutdown(&mut from, &mut to, || {});
+        copy_then_shutdown(&mut from, &mut to, || {});
         let _ = to.flush();
     })
 }
@@ -550,7 +394,7 @@ pub fn run(config: &InitConfig, c: &ContainerConfig) -> i32 {
     }
     // The agent (exec, files, published ports) serves from now on; a VM without vsock only
     // loses those.
-    let exec_defaults = Arc::new(RwLock::new(crate::agent::ExecDefaults {
+    let exec_defaults = Arc::new(RwLock::new(ExecDefaults {
         env: config.env.clone(),
         workdir: config
             .workdir
@@ -734,42 +578,4 @@ pub fn run(config: &InitConfig, c: &ContainerConfig) -> i32 {
         }
     }
     status
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1000::/home/alice:/bin/sh\n";
-    const GROUP: &str = "root:x:0:\nusers:x:100:alice\nalice:x:1000:\nwheel:x:10:bob,alice\n";
-
-    #[test]
-    fn resolves_docker_user_forms() {
-        let r = |s| resolve_user(s, PASSWD, GROUP);
-        assert_eq!(
-            r("").unwrap(),
-            Identity {
-                uid: 0,
-                gid: 0,
-                groups: vec![0],
-                home: "/root".into()
-            }
-        );
-        let alice = r("alice").unwrap();
-        assert_eq!(
-            (alice.uid, alice.gid, alice.home.as_str()),
-            (1000, 1000, "/home/alice")
-        );
-        assert_eq!(alice.groups, vec![1000, 100, 10]);
-        assert_eq!(r("1000").unwrap().gid, 1000);
-        let n = r("1234:5678").unwrap();
-        assert_eq!((n.uid, n.gid, n.home.as_str()), (1234, 5678, "/"));
-        assert_eq!(r("alice:wheel").unwrap().gid, 10);
-        assert!(r("mallory")
-            .unwrap_err()
-            .contains("unable to find user mallory"));
-        assert!(r("alice:nogroup")
-            .unwrap_err()
-            .contains("unable to find group"));
-    }
 }

@@ -119,10 +119,12 @@ impl NetworkOptions {
         }
         Ok(Some(match &self.mode {
             NetworkMode::None => return Ok(None),
-            NetworkMode::User => Box::new(usernet::UserNet::new(usernet::UserNetConfig {
-                policy: self.egress.clone(),
-                ..Default::default()
-            })?),
+            NetworkMode::User => Box::new(UserNetBackend(usernet::UserNet::new(
+                usernet::UserNetConfig {
+                    policy: self.egress.clone(),
+                    ..Default::default()
+                },
+            )?)),
             NetworkMode::Tap(name) => Box::new(devices::virtio::net::tap::Tap::open(name)?),
         }))
     }
@@ -137,6 +139,27 @@ impl NetworkOptions {
             dns: usernet::DNS,
             mtu: usernet::MTU,
         })
+    }
+}
+
+/// The user-mode NAT as the virtio-net device's host side.
+struct UserNetBackend(usernet::UserNet);
+
+impl devices::virtio::net::NetBackend for UserNetBackend {
+    fn send(&mut self, frame: &[u8]) {
+        self.0.send(frame);
+    }
+
+    fn recv(&mut self, buf: &mut [u8]) -> Option<usize> {
+        self.0.recv(buf)
+    }
+
+    fn poll(&mut self) {
+        self.0.poll();
+    }
+
+    fn event_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(self.0.event_fd())
     }
 }
 

@@ -6,10 +6,24 @@
 //!
 //! Owns: the [`EgressPolicy`](policy::EgressPolicy) (parsed from the CLI's `--egress`), the
 //! DNS responder the guest's resolver talks to ([`dns`]), and the NAT itself ([`UserNet`],
-//! Linux), which is a [`devices::virtio::net::NetBackend`].
+//! Linux): Ethernet frames in ([`UserNet::send`]) and out ([`UserNet::recv`]), host work done in
+//! [`UserNet::poll`] when [`UserNet::event_fd`] is readable.
 //!
-//! Does not own: the virtio-net device (`devices`), how the guest configures its interface
-//! (`guest-init`), or TAP devices (`devices::virtio::net::tap`).
+//! Does not own: the virtio-net device (`devices`; the facade adapts a `UserNet` to its
+//! `NetBackend`, so this crate builds without any device model), how the guest configures its
+//! interface (`guest-init`), or TAP devices (`devices::virtio::net::tap`).
+//!
+//! ```no_run
+//! # #[cfg(target_os = "linux")] {
+//! let mut nat = usernet::UserNet::new(usernet::UserNetConfig::default()).unwrap();
+//! nat.send(&[0u8; 60]); // a frame from the guest
+//! nat.poll();
+//! let mut frame = vec![0u8; 65550];
+//! while let Some(len) = nat.recv(&mut frame) {
+//!     let _for_the_guest = &frame[..len];
+//! }
+//! # }
+//! ```
 #![deny(missing_docs)]
 
 pub mod dns;

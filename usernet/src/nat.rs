@@ -1008,12 +1008,18 @@ impl UserNet {
     }
 }
 
-impl devices::virtio::net::NetBackend for UserNet {
-    fn send(&mut self, frame: &[u8]) {
+/// The frame interface a virtio-net device drives (the facade adapts it to `devices`'
+/// `NetBackend`; this crate does not depend on any device model).
+impl UserNet {
+    /// Takes one Ethernet frame from the guest (no virtio header). Frames the NAT cannot use
+    /// are dropped, as a wire would.
+    pub fn send(&mut self, frame: &[u8]) {
         self.take_frame(frame);
     }
 
-    fn recv(&mut self, buf: &mut [u8]) -> Option<usize> {
+    /// Copies the next frame for the guest into `buf` and returns its length; `None` when
+    /// nothing waits. A frame longer than `buf` is dropped.
+    pub fn recv(&mut self, buf: &mut [u8]) -> Option<usize> {
         loop {
             let frame = self.frames.outbound.pop_front()?;
             if frame.len() <= buf.len() {
@@ -1023,11 +1029,14 @@ impl devices::virtio::net::NetBackend for UserNet {
         }
     }
 
-    fn poll(&mut self) {
+    /// Services host sockets, timers and the frames taken with [`send`](Self::send);
+    /// afterwards [`recv`](Self::recv) may have frames.
+    pub fn poll(&mut self) {
         self.run();
     }
 
-    fn event_fd(&self) -> Option<RawFd> {
-        Some(self.epoll.as_raw_fd())
+    /// A descriptor that is readable (level-triggered) when [`poll`](Self::poll) has work.
+    pub fn event_fd(&self) -> RawFd {
+        self.epoll.as_raw_fd()
     }
 }

@@ -7,7 +7,6 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, UdpSocket};
 use std::time::{Duration, Instant};
 
-use devices::virtio::net::NetBackend;
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
 use smoltcp::socket::{tcp, udp};
@@ -103,7 +102,7 @@ impl Guest {
             self.nat.send(&f);
         }
         self.nat.poll();
-        let mut buf = vec![0u8; devices::virtio::net::MAX_FRAME];
+        let mut buf = vec![0u8; 65550]; // the largest frame a virtio-net device moves
         while let Some(n) = self.nat.recv(&mut buf) {
             self.wire.to_guest.push_back(buf[..n].to_vec());
         }
