@@ -104,7 +104,7 @@ impl Image {
             Some(&crate::paths::default_initramfs()),
         )
         .map_err(|e| Error::Snapshot(format!("{}: {e}", dir.display())))?;
-        let workload = loaded.state.workload.ok_or_else(|| {
+        let workload = crate::run::BakedWorkload::of(&loaded.state).ok_or_else(|| {
             Error::Snapshot(format!(
                 "{}: not a snapshot of an image (bake one with Image::bake)",
                 dir.display()

@@ -81,9 +81,6 @@ pub mod paths;
 mod pool;
 pub mod ports;
 pub mod run;
-pub mod seccomp;
-pub mod snapshot;
-pub mod timings;
 pub mod tls;
 /// Async wrappers for tokio programs.
 #[cfg(feature = "tokio")]
@@ -91,6 +88,8 @@ pub mod tls;
 pub mod tokio;
 pub mod vms;
 pub mod volumes;
+
+pub use vmm::{seccomp, snapshot, timings};
 
 pub use boot::{boot, BootError, BootOptions, BootOutcome, DiskSpec};
 pub use error::{Error, Result};

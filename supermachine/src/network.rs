@@ -12,8 +12,7 @@ use std::str::FromStr;
 
 pub use usernet::policy::EgressPolicy;
 
-/// The guest's MAC address (locally administered).
-pub const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+pub use vmm::GUEST_MAC;
 
 /// Which host side a VM's network has.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -139,6 +138,15 @@ impl NetworkOptions {
             dns: usernet::DNS,
             mtu: usernet::MTU,
         })
+    }
+}
+
+/// A network device's host side with the MTU the guest is configured with (the same for both
+/// host sides).
+pub(crate) fn net_spec(backend: Box<dyn devices::virtio::net::NetBackend>) -> vmm::NetSpec {
+    vmm::NetSpec {
+        backend,
+        mtu: usernet::MTU,
     }
 }
 

@@ -255,6 +255,19 @@ pub struct BakedWorkload {
     pub network: bool,
 }
 
+impl BakedWorkload {
+    /// Its form in a snapshot's payload ([`MachineState::payload`](crate::snapshot::MachineState::payload)).
+    pub fn to_payload(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// The workload a snapshot's state carries, if it is a bake of an image (a payload that
+    /// is not ours counts as none).
+    pub fn of(state: &crate::snapshot::MachineState) -> Option<BakedWorkload> {
+        serde_json::from_slice(state.payload.as_deref()?).ok()
+    }
+}
+
 /// The bake cache key: the image and every setting a restore cannot change (command, user,
 /// working directory, memory, vCPUs, terminal, kernel and initramfs builds). Environment is
 /// not in it: `-e` at restore reaches processes started after the restore.
@@ -316,7 +329,7 @@ pub fn list_bakes(store: &images::Store) -> Vec<BakeEntry> {
                 .sum();
             Some(BakeEntry {
                 name: e.file_name().to_string_lossy().into_owned(),
-                workload: state.workload?,
+                workload: BakedWorkload::of(&state)?,
                 dir,
                 disk_bytes,
             })
@@ -842,11 +855,7 @@ fn plan(opts: &RunOptions) -> Result<Start, RunError> {
             // An idle VM from a bake whose workload already runs would not be idle: boot.
             Ok(loaded)
                 if opts.idle
-                    && !loaded
-                        .state
-                        .workload
-                        .as_ref()
-                        .is_some_and(|w| w.before_start) => {}
+                    && !BakedWorkload::of(&loaded.state).is_some_and(|w| w.before_start) => {}
             Ok(loaded) => {
                 let workload = check_restorable(&baked, &loaded, opts)?;
                 return Ok(Start::Restore {
@@ -883,7 +892,7 @@ fn check_restorable(
             why: why.into(),
         })
     };
-    let Some(w) = loaded.state.workload.clone() else {
+    let Some(w) = BakedWorkload::of(&loaded.state) else {
         return bad("it is not a bake of an image (make one with `supermachine bake`)");
     };
     if opts.idle && !w.before_start {
@@ -1052,7 +1061,7 @@ fn control_request(
             } else {
                 crate::snapshot::AfterSnapshot::Resume
             };
-            match snapshotter.take(&dir, Some(workload), after) {
+            match snapshotter.take(&dir, Some(workload.to_payload()), after) {
                 Ok(dir) => ControlReply::Snapshot { dir },
                 Err(e) => error(e.to_string()),
             }
@@ -1451,7 +1460,7 @@ fn run_registered(
                     control: Some(vm_control.clone()),
                     consoles,
                     vsock: Some(restoring),
-                    net: opts.network.backend()?,
+                    net: opts.network.backend()?.map(crate::network::net_spec),
                     on_started: Some(on_started),
                     // A bake's only disk is its image's root filesystem, from the store.
                     disks: crate::boot::RestoreDisks {
@@ -1589,7 +1598,7 @@ fn run_registered(
                             snapshotter
                                 .take(
                                     &target,
-                                    Some(workload),
+                                    Some(workload.to_payload()),
                                     crate::snapshot::AfterSnapshot::Stop,
                                 )
                                 .map_err(|e| e.to_string())

@@ -85,13 +85,15 @@ pub fn run_all(force_local: bool) -> Result<()> {
         "warnings",
     ]))?;
 
-    step("the arm64 split compiles: vmm-core and devices for aarch64-unknown-linux-gnu");
+    step("the arm64 split compiles: vmm-core, devices and vmm for aarch64-unknown-linux-gnu");
     run(cargo().args([
         "check",
         "-p",
         "vmm-core",
         "-p",
         "devices",
+        "-p",
+        "vmm",
         "--target",
         "aarch64-unknown-linux-gnu",
     ]))?;

@@ -3,7 +3,8 @@
 //!
 //! A snapshot holds the vCPUs, the VM's interrupt controllers, timer and clock, the serial
 //! port, every virtio device (what it is, its MMIO slot, its transport and queue positions),
-//! guest memory, and for `run` the workload's description. Devices are recreated on restore in
+//! guest memory, and an opaque payload its owner writes (the `supermachine` facade: what the
+//! workload is). Devices are recreated on restore in
 //! the same slots from their recipes ([`DeviceKind`]): disks are reopened (and must still have
 //! their size), consoles are wired to the restoring process, vsock gets a new host socket and
 //! resets the guest's old connections.
@@ -12,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
-use vmm_core::arch::x86_64::state::{VcpuState, VmState};
+use vmm_core::arch::host::{VcpuState, VmState};
 use vmm_core::{CapturedVm, GuestMemory, VmControl, VmExit};
 
 /// Why taking or restoring a snapshot failed.
@@ -66,8 +67,9 @@ impl Identity {
 }
 
 /// The layout of [`MachineState`]; a state written with another is refused. 4: the host CPU
-/// identity comes from CPUID (a state of 3 would only fail the CPU check, less clearly).
-pub const MACHINE_STATE_VERSION: u32 = 5;
+/// identity comes from CPUID (a state of 3 would only fail the CPU check, less clearly). 6: the
+/// workload became an opaque payload of the facade.
+pub const MACHINE_STATE_VERSION: u32 = 6;
 
 /// What a virtio device in a snapshot is, so restore can make it again.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -217,8 +219,9 @@ pub struct MachineState {
     pub serial: devices::legacy::SerialSnapshot,
     /// The virtio devices, in slot order.
     pub devices: Vec<DeviceSnapshot>,
-    /// For a VM started by `run`/`bake`: the workload it runs.
-    pub workload: Option<crate::run::BakedWorkload>,
+    /// What the snapshot's owner wants kept with it (the facade: the workload a `run`/`bake`
+    /// VM runs), opaque to this crate.
+    pub payload: Option<Vec<u8>>,
 }
 
 /// The parts of a [`MachineState`] that do not come from the capture.
@@ -231,8 +234,8 @@ pub struct MachineParts {
     pub serial: devices::legacy::SerialSnapshot,
     /// The virtio devices.
     pub devices: Vec<DeviceSnapshot>,
-    /// The workload, for `run`.
-    pub workload: Option<crate::run::BakedWorkload>,
+    /// The owner's payload ([`MachineState::payload`]).
+    pub payload: Option<Vec<u8>>,
 }
 
 /// Writes a captured VM to `dir` (atomically replacing what was there).
@@ -267,7 +270,7 @@ pub fn write(
         vm: captured.vm.clone(),
         serial: parts.serial,
         devices: parts.devices,
-        workload: parts.workload,
+        payload: parts.payload,
     };
     Ok(writer.commit(&state)?)
 }
@@ -391,7 +394,7 @@ impl Snapshotter {
     pub fn take(
         &self,
         dir: &Path,
-        workload: Option<crate::run::BakedWorkload>,
+        payload: Option<Vec<u8>>,
         after: AfterSnapshot,
     ) -> Result<PathBuf, SnapshotError> {
         let captured = self.control.pause_and_capture()?;
@@ -420,7 +423,7 @@ impl Snapshotter {
                     memory_mib: self.memory_mib,
                     serial: serial.save_state(),
                     devices,
-                    workload,
+                    payload,
                 },
             )
         };
