@@ -1,0 +1,517 @@
+//! `run`: an OCI image as a microVM with container semantics. The image's root filesystem is a
+//! read-only disk, `guest-init` mounts it under an overlay and starts the workload; stdout and
+//! stderr come back on separate virtio consoles, stdin goes in on the first, and the workload's
+//! exit status is the VM's.
+
+//!
+//! The phases, each in its module: [`plan`] (a restore of a usable bake, or a boot), then in
+//! [`session`] publishing ports and registering the VM, wiring its consoles ([`consoles`]) and
+//! control, booting or restoring it, supervising it (signals: [`signals`]; bake readiness:
+//! [`ready`]), and turning how it ended into a status. Bakes and their cache: [`bakes`].
+
+mod bakes;
+mod consoles;
+mod plan;
+mod ready;
+mod session;
+mod signals;
+
+use std::io::{Read, Write};
+use std::sync::{Arc, Mutex};
+
+use guest_init::ControlMessage;
+
+use crate::boot::BootError;
+use crate::images::{self, ImageRecord, PullError, PullOptions};
+use crate::VmExit;
+
+pub use bakes::{bake_cache_dir, bake_key, list_bakes, BakeEntry, BakedWorkload};
+#[cfg(test)]
+use consoles::{CatchUp, ControlOutput, ReadySignal};
+use session::run_registered;
+#[cfg(test)]
+use session::tls_ports;
+pub use signals::RawTerminal;
+
+/// When to pull.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PullPolicy {
+    /// Only when the image is not in the store.
+    #[default]
+    Missing,
+    /// Every time.
+    Always,
+    /// Never: fail if missing.
+    Never,
+}
+
+/// What to run and how (Docker's `run` options).
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// The image reference.
+    pub image: String,
+    /// When to pull it.
+    pub pull: PullPolicy,
+    /// Overrides the image's Cmd (arguments after the image name).
+    pub command: Vec<String>,
+    /// Overrides the image's Entrypoint (`Some("")` clears it).
+    pub entrypoint: Option<String>,
+    /// `NAME=value`, or `NAME` to take the host's value.
+    pub env: Vec<String>,
+    /// Working directory.
+    pub workdir: Option<String>,
+    /// User.
+    pub user: Option<String>,
+    /// Host name (default: a random 12-hex-digit id).
+    pub hostname: Option<String>,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Keep stdin open and connected.
+    pub interactive: bool,
+    /// Give the workload a terminal.
+    pub tty: bool,
+    /// Show the kernel log on stderr.
+    pub debug: bool,
+    /// Block volumes.
+    pub volumes: Vec<crate::volumes::VolumeSpec>,
+    /// Size of volumes created on first use, in bytes.
+    pub volume_size: u64,
+    /// How long the guest may take to start the workload before it is stopped and reported
+    /// (default [`COME_UP_LIMIT`]).
+    pub come_up_limit: Option<std::time::Duration>,
+    /// A name for the VM in the registry (`ps`, `exec NAME`); default: generated.
+    pub name: Option<String>,
+    /// Use this registry entry, already reserved with [`crate::vms::Registry::create`] (how a
+    /// detached VM's process learns its id).
+    pub reserved_id: Option<String>,
+    /// Keep the VM's registry record (logs, exit status) after it exits, until `rm`.
+    pub keep_record: bool,
+    /// Published ports.
+    pub publish: Vec<crate::ports::PortMapping>,
+    /// Publish every port the image exposes on a free host port.
+    pub publish_all: bool,
+    /// Terminate TLS on the host: on the published ports marked `/tls`, or on every published
+    /// port when none is marked.
+    pub tls: Option<crate::tls::TlsTermination>,
+    /// How long the workload has to exit after its stop signal before the VM is powered off
+    /// (default [`STOP_GRACE`]).
+    pub stop_timeout: Option<std::time::Duration>,
+    /// Bake instead of run: boot, wait until the workload is ready, snapshot, stop.
+    pub bake: Option<BakeOptions>,
+    /// Restore this snapshot instead of booting (it must be a bake of the same image).
+    pub snapshot: Option<std::path::PathBuf>,
+    /// Boot even when a bake of this image and configuration exists.
+    pub no_restore: bool,
+    /// Start the VM without its workload: init sets the container up and waits (exec through
+    /// the agent works) until the VM is stopped. Restoring a `--before-start` bake idle leaves
+    /// its workload unstarted; a bake of a running workload restores running.
+    pub idle: bool,
+    /// Forward SIGINT/SIGTERM (and SIGWINCH with a terminal) sent to this process to the
+    /// workload, as the CLI does. A library embedding VMs leaves this off and stops them with
+    /// [`StopHandle`].
+    pub forward_signals: bool,
+    /// Filled in once the VM runs: stops it from this process.
+    pub stop_handle: Option<StopHandle>,
+    /// The guest's network (default: user-mode NAT, every destination allowed).
+    pub network: crate::network::NetworkOptions,
+}
+
+/// Stops a VM run by this process: the workload gets the image's stop signal, and the VM is
+/// powered off if the workload has not exited after the grace period (or at once with
+/// [`StopHandle::kill`]). Clones share the VM.
+#[derive(Clone, Default)]
+pub struct StopHandle(Arc<Mutex<StopState>>);
+
+/// The control console's input, once it is attached.
+type ControlInput = Arc<Mutex<Option<devices::virtio::console::ConsoleInput>>>;
+
+#[derive(Default)]
+struct StopState {
+    /// The control console, the VM, and the workload's stop signal.
+    running: Option<(ControlInput, crate::VmControl, i32)>,
+    /// Asked to stop before the VM ran: it stops as soon as it does.
+    early: Option<Option<std::time::Duration>>,
+}
+
+impl std::fmt::Debug for StopHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let st = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        f.debug_struct("StopHandle")
+            .field("running", &st.running.is_some())
+            .finish()
+    }
+}
+
+impl StopHandle {
+    fn attach(&self, control: ControlInput, vm: crate::VmControl, stop_signal: i32) {
+        let mut st = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        st.running = Some((control, vm, stop_signal));
+        if let Some(grace) = st.early.take() {
+            drop(st);
+            match grace {
+                Some(grace) => self.stop(grace),
+                None => self.kill(),
+            }
+        }
+    }
+
+    /// Sends the workload its stop signal; powers the VM off after `grace` if it still runs.
+    pub fn stop(&self, grace: std::time::Duration) {
+        let mut st = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((control, vm, signal)) = st.running.clone() else {
+            st.early = Some(Some(grace));
+            return;
+        };
+        drop(st);
+        let sent = control
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|c| c.push(ControlMessage::Signal(signal).encode().as_bytes()))
+            .is_some();
+        if !sent || grace.is_zero() {
+            vm.request_exit(VmExit::Stopped);
+            return;
+        }
+        std::thread::spawn(move || {
+            std::thread::sleep(grace);
+            vm.request_exit(VmExit::Stopped);
+        });
+    }
+
+    /// Powers the VM off now.
+    pub fn kill(&self) {
+        let mut st = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match &st.running {
+            Some((_, vm, _)) => vm.request_exit(VmExit::Stopped),
+            None => st.early = Some(None),
+        }
+    }
+}
+
+/// How `bake` decides that the workload is ready to be snapshotted.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ReadyCheck {
+    /// The first port the image exposes accepts connections in the guest; with no exposed
+    /// port, the workload has started.
+    #[default]
+    Default,
+    /// This TCP port accepts connections inside the guest.
+    Port(u16),
+    /// This command (`/bin/sh -c`) exits 0 in the guest (tried every 100 ms).
+    Command(String),
+    /// A line of the workload's stdout or stderr matches this regular expression.
+    Log(String),
+    /// This long after the workload started.
+    Delay(std::time::Duration),
+    /// Init has set everything up and holds the workload: each restore starts it, with the
+    /// `-e` given to that `run`.
+    BeforeStart,
+}
+
+impl std::fmt::Display for ReadyCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadyCheck::Default => write!(f, "default"),
+            ReadyCheck::Port(p) => write!(f, "port {p}"),
+            ReadyCheck::Command(c) => write!(f, "command {c:?}"),
+            ReadyCheck::Log(r) => write!(f, "log /{r}/"),
+            ReadyCheck::Delay(d) => write!(f, "delay {} ms", d.as_millis()),
+            ReadyCheck::BeforeStart => write!(f, "before the workload starts"),
+        }
+    }
+}
+
+/// Where and when to bake.
+#[derive(Debug, Clone, Default)]
+pub struct BakeOptions {
+    /// The snapshot directory (default: the bake cache, keyed by image and configuration).
+    pub dir: Option<std::path::PathBuf>,
+    /// When the workload counts as ready.
+    pub ready: ReadyCheck,
+    /// How long to wait for it (default [`BAKE_READY_LIMIT`]).
+    pub ready_limit: Option<std::time::Duration>,
+}
+
+/// How long `bake` waits for the workload to be ready.
+pub const BAKE_READY_LIMIT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Why `run` failed before the workload could report a status.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The image could not be found or pulled.
+    #[error(transparent)]
+    Pull(#[from] PullError),
+    /// `--pull never` and the image is not in the store.
+    #[error("image {0} not found locally (and --pull never)")]
+    NotLocal(String),
+    /// A volume could not be prepared.
+    #[error(transparent)]
+    Volume(crate::volumes::VolumeError),
+    /// Neither the image nor the command line says what to run.
+    #[error("no command specified (the image has no Entrypoint or Cmd)")]
+    NoCommand,
+    /// Booting the VM failed.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// The VM registry refused (a name in use) or failed.
+    #[error(transparent)]
+    Registry(#[from] crate::vms::VmRegistryError),
+    /// A published port could not be bound.
+    #[error("{0}")]
+    Publish(std::io::Error),
+    /// TLS termination was asked for without what it needs.
+    #[error("{0}")]
+    Tls(String),
+    /// The guest's network could not be set up.
+    #[error(transparent)]
+    Network(#[from] crate::network::NetworkError),
+    /// Baking failed.
+    #[error("bake failed: {0}")]
+    Bake(String),
+    /// The snapshot cannot be restored with these options.
+    #[error("cannot restore {dir}: {why}")]
+    Restore {
+        /// The snapshot.
+        dir: std::path::PathBuf,
+        /// Why.
+        why: String,
+    },
+    /// The guest ended without reporting the workload's status.
+    #[error("the VM ended without the workload's exit status ({why}){tail}")]
+    NoStatus {
+        /// How it ended.
+        why: String,
+        /// The last lines of the guest's kernel console.
+        tail: String,
+    },
+}
+
+/// The image record for `opts.image`, pulled as the policy says.
+pub fn resolve_image(
+    opts: &RunOptions,
+    progress: bool,
+) -> Result<(images::Store, ImageRecord), RunError> {
+    let store = images::store()?;
+    let local = images::find(&store, &opts.image)?;
+    let record = match (opts.pull, local) {
+        (PullPolicy::Never, None) => return Err(RunError::NotLocal(opts.image.clone())),
+        (PullPolicy::Missing | PullPolicy::Never, Some(r)) => r,
+        (PullPolicy::Always, _) | (PullPolicy::Missing, None) => {
+            let pull = PullOptions {
+                progress,
+                ..Default::default()
+            };
+            images::pull(&store, &opts.image, &pull)?
+        }
+    };
+    Ok((store, record))
+}
+
+/// How long the guest may take to come up (kernel boot and init's setup) before `run` gives up.
+pub const COME_UP_LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// How long the workload has to exit after its stop signal before the VM is powered off.
+pub const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Signal number of a stop signal name (`SIGTERM`, `TERM`, `15`); SIGTERM when unknown.
+pub fn signal_number(name: &str) -> i32 {
+    let n = name.trim().trim_start_matches("SIG");
+    if let Ok(num) = n.parse::<i32>() {
+        return num;
+    }
+    match n {
+        "HUP" => 1,
+        "INT" => 2,
+        "QUIT" => 3,
+        "KILL" => 9,
+        "USR1" => 10,
+        "USR2" => 12,
+        "TERM" | "" => 15,
+        "WINCH" => 28,
+        _ => 15,
+    }
+}
+
+/// Entrypoint + Cmd with Docker's override rules.
+pub fn command_line(image: &oci_bake::config::RunConfig, opts: &RunOptions) -> Vec<String> {
+    let entrypoint: Vec<String> = match &opts.entrypoint {
+        Some(e) if e.is_empty() => Vec::new(),
+        Some(e) => vec![e.clone()],
+        None => image.entrypoint.clone(),
+    };
+    let cmd = if !opts.command.is_empty() {
+        opts.command.clone()
+    } else if opts.entrypoint.is_some() {
+        Vec::new()
+    } else {
+        image.cmd.clone()
+    };
+    entrypoint.into_iter().chain(cmd).collect()
+}
+
+/// Runs the image; returns the workload's exit status. The VM is in the registry
+/// ([`crate::vms`]) while it runs, and afterwards with [`RunOptions::keep_record`].
+pub fn run(
+    opts: &RunOptions,
+    stdout: Box<dyn Write + Send>,
+    stderr: Box<dyn Write + Send>,
+    stdin: Option<Box<dyn Read + Send>>,
+) -> Result<i32, RunError> {
+    run_or_bake(opts, stdout, stderr, stdin).map(|(status, _)| status)
+}
+
+/// Bakes the image (`opts.bake` says where and when; the other options as for [`run`]): boots
+/// it, waits until the workload is ready, snapshots it and stops. Returns the snapshot's
+/// directory.
+pub fn bake(
+    opts: &RunOptions,
+    stdout: Box<dyn Write + Send>,
+    stderr: Box<dyn Write + Send>,
+) -> Result<std::path::PathBuf, RunError> {
+    if opts.bake.is_none() {
+        return Err(RunError::Bake("no bake options".into()));
+    }
+    match run_or_bake(opts, stdout, stderr, None)? {
+        (_, Some(dir)) => Ok(dir),
+        (status, None) => Err(RunError::Bake(format!("the workload exited with {status}"))),
+    }
+}
+
+fn run_or_bake(
+    opts: &RunOptions,
+    stdout: Box<dyn Write + Send>,
+    stderr: Box<dyn Write + Send>,
+    stdin: Option<Box<dyn Read + Send>>,
+) -> Result<(i32, Option<std::path::PathBuf>), RunError> {
+    let registry = crate::vms::Registry::open()?;
+    let (id, name, dir) = match &opts.reserved_id {
+        Some(id) => registry.reserved(id)?,
+        None => registry.create(opts.name.as_deref())?,
+    };
+    let result = run_registered(opts, &id, &name, &dir, stdout, stderr, stdin);
+    let recorded = dir.record().ok().map(|mut r| {
+        r.exit_code = Some(result.as_ref().map(|r| r.0).unwrap_or(125));
+        r
+    });
+    match recorded {
+        Some(r) if opts.keep_record => {
+            let _ = dir.save(&r);
+        }
+        _ => {
+            let _ = registry.remove(&dir, &id, &name);
+        }
+    }
+    result
+}
+
+fn now_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The environment entries of `-e`: `NAME=value`, or `NAME` for the host's value.
+fn env_entries(given: &[String]) -> Vec<String> {
+    let mut env = Vec::new();
+    for e in given {
+        match e.split_once('=') {
+            Some(_) => env.push(e.clone()),
+            None => {
+                if let Ok(v) = std::env::var(e) {
+                    env.push(format!("{e}={v}"));
+                }
+            }
+        }
+    }
+    env
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_goes_to_marked_ports_or_to_all_and_needs_a_certificate() {
+        let parse = |specs: &[&str]| -> Vec<crate::ports::PortMapping> {
+            specs.iter().map(|s| s.parse().unwrap()).collect()
+        };
+        let mut some = parse(&["8080:80", "8443:443/tls"]);
+        tls_ports(&mut some, true).unwrap();
+        assert_eq!(
+            some.iter().map(|m| m.tls).collect::<Vec<_>>(),
+            [false, true]
+        );
+        let mut none_marked = parse(&["8080:80", "8443:443"]);
+        tls_ports(&mut none_marked, true).unwrap();
+        assert!(none_marked.iter().all(|m| m.tls));
+        let mut plain = parse(&["8080:80"]);
+        tls_ports(&mut plain, false).unwrap();
+        assert!(!plain[0].tls);
+        let e = tls_ports(&mut parse(&["8443:443/tls"]), false).unwrap_err();
+        assert!(e.to_string().contains("needs --tls-cert"), "{e}");
+        let e = tls_ports(&mut [], true).unwrap_err();
+        assert!(e.to_string().contains("no port is published"), "{e}");
+    }
+
+    #[test]
+    fn catch_up_answers_are_found_across_writes_among_other_lines() {
+        let c = CatchUp::default();
+        let mut out = ControlOutput {
+            ready: ReadySignal::default(),
+            catch_up: c.clone(),
+        };
+        out.write_all(b"ready\nnoise\ncaught").unwrap();
+        assert!(c.wait(std::time::Duration::from_millis(10)).is_err());
+        out.write_all(b"-up\n").unwrap();
+        assert_eq!(c.wait(std::time::Duration::from_millis(10)), Ok(()));
+        assert!(out.ready.wait_timeout(std::time::Duration::ZERO));
+
+        let failed = CatchUp::default();
+        failed.scan(b"catch-up-failed clock: Operation not permitted\n");
+        assert_eq!(
+            failed.wait(std::time::Duration::ZERO),
+            Err("clock: Operation not permitted".into())
+        );
+        let silent = CatchUp::default();
+        let e = silent
+            .wait(std::time::Duration::from_millis(5))
+            .unwrap_err();
+        assert!(e.contains("did not answer"), "{e}");
+    }
+
+    #[test]
+    fn stop_signal_names_and_numbers() {
+        assert_eq!(signal_number("SIGTERM"), 15);
+        assert_eq!(signal_number("SIGQUIT"), 3);
+        assert_eq!(signal_number("INT"), 2);
+        assert_eq!(signal_number("9"), 9);
+        assert_eq!(signal_number(""), 15);
+        assert_eq!(signal_number("SIGBOGUS"), 15);
+    }
+
+    #[test]
+    fn docker_override_rules_for_the_command() {
+        let image = oci_bake::config::RunConfig {
+            entrypoint: vec!["/entry".into()],
+            cmd: vec!["default".into()],
+            ..Default::default()
+        };
+        let opts = |command: &[&str], entrypoint: Option<&str>| RunOptions {
+            command: command.iter().map(|s| s.to_string()).collect(),
+            entrypoint: entrypoint.map(str::to_string),
+            ..Default::default()
+        };
+        assert_eq!(
+            command_line(&image, &opts(&[], None)),
+            ["/entry", "default"]
+        );
+        assert_eq!(command_line(&image, &opts(&["x"], None)), ["/entry", "x"]);
+        assert_eq!(command_line(&image, &opts(&[], Some("/other"))), ["/other"]);
+        assert_eq!(command_line(&image, &opts(&["a"], Some(""))), ["a"]);
+        assert!(command_line(&image, &opts(&[], Some(""))).is_empty());
+    }
+}
