@@ -62,7 +62,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(mut blk) = Block::open(disk(), read_only) else { return };
     blk.ack_features(blk.features());
     let (irq, _) = interrupt();
-    if blk.activate(mem.clone(), vec![queue], irq).is_ok() {
+    if devices::virtio::activate_checked(&mut blk, mem.clone(), vec![queue], irq).is_ok() {
         blk.process_queue(0);
     }
 });

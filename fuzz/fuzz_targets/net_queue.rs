@@ -114,7 +114,7 @@ fuzz_target!(|data: &[u8]| {
     let mut dev = Net::new([0x52, 0x54, 0, 0, 0, 1], 1500, Box::new(backend));
     dev.ack_features(dev.features());
     let (irq, _) = interrupt();
-    if dev.activate(mem.clone(), queues, irq).is_err() {
+    if devices::virtio::activate_checked(&mut dev, mem.clone(), queues, irq).is_err() {
         return;
     }
     dev.process_queue(TX_QUEUE);

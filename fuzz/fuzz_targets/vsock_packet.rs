@@ -93,7 +93,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(mut dev) = Vsock::new(GUEST_CID, host.uds.clone()) else { return };
     dev.ack_features(dev.features());
     let (irq, _) = interrupt();
-    if dev.activate(mem.clone(), queues, irq).is_err() {
+    if devices::virtio::activate_checked(&mut dev, mem.clone(), queues, irq).is_err() {
         return;
     }
     // Queue order: rx 0, tx 1, event 2.

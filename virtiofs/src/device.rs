@@ -9,7 +9,7 @@ use fuse_backend_rs::abi::fuse_abi::{InHeader, Opcode, OutHeader};
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
-use virtio_queue::{Queue, QueueState, QueueT};
+use virtio_queue::{Queue, QueueState};
 use virtio_queue_fuse::QueueT as _;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use vmm_core::GuestMemory;
@@ -379,15 +379,6 @@ impl VirtioDevice for Fs {
         queues: Vec<Queue>,
         interrupt: Arc<Interrupt>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != NUM_QUEUES {
-            return Err(ActivateError::QueueCount {
-                expected: NUM_QUEUES,
-                got: queues.len(),
-            });
-        }
-        if let Some(i) = queues.iter().position(|q| !q.is_valid(&mem)) {
-            return Err(ActivateError::InvalidQueue(i));
-        }
         let view = fuse_view(&mem).ok_or(ActivateError::InvalidQueue(0))?;
         let mut fuse_queues = Vec::new();
         for (i, q) in queues.iter().enumerate() {

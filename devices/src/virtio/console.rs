@@ -132,48 +132,31 @@ impl Console {
         let Some(a) = self.active.as_mut() else {
             return;
         };
-        let q = &mut a.queues[TRANSMIT_QUEUE];
-        let mut used = false;
-        loop {
-            if q.disable_notification(&a.mem).is_err() {
-                break;
-            }
-            let mut progressed = false;
-            while let Some(chain) = q.pop_descriptor_chain(&a.mem) {
-                progressed = true;
-                let head = chain.head_index();
-                let mem = chain.memory();
-                for desc in chain.clone().readable() {
-                    // In pieces through one buffer: the guest's length (up to 4 GiB) never
-                    // sizes a host allocation. From the first piece outside guest memory on,
-                    // the buffer is skipped: the guest only hurts its own output.
-                    let len = u64::from(desc.len());
-                    let mut done = 0u64;
-                    while done < len {
-                        let n = (len - done).min(TRANSMIT_CHUNK as u64) as usize;
-                        let Some(at) = desc.addr().checked_add(done) else {
-                            break;
-                        };
-                        if mem.read_slice(&mut self.scratch[..n], at).is_err() {
-                            break;
-                        }
-                        let _ = self.out.write_all(&self.scratch[..n]);
-                        done += n as u64;
+        let (scratch, out) = (&mut self.scratch, &mut self.out);
+        let notify = crate::virtio::queue::drain(&mut a.queues[TRANSMIT_QUEUE], &a.mem, |chain| {
+            let mem = chain.memory();
+            for desc in chain.clone().readable() {
+                // In pieces through one buffer: the guest's length (up to 4 GiB) never sizes a
+                // host allocation. From the first piece outside guest memory on, the buffer is
+                // skipped: the guest only hurts its own output.
+                let len = u64::from(desc.len());
+                let mut done = 0u64;
+                while done < len {
+                    let n = (len - done).min(TRANSMIT_CHUNK as u64) as usize;
+                    let Some(at) = desc.addr().checked_add(done) else {
+                        break;
+                    };
+                    if mem.read_slice(&mut scratch[..n], at).is_err() {
+                        break;
                     }
+                    let _ = out.write_all(&scratch[..n]);
+                    done += n as u64;
                 }
-                if q.add_used(&a.mem, head, 0).is_err() {
-                    break;
-                }
-                used = true;
             }
-            // Nothing popped although more is "available": a broken ring; do not spin.
-            match q.enable_notification(&a.mem) {
-                Ok(true) if progressed => continue,
-                _ => break,
-            }
-        }
+            0
+        });
         let _ = self.out.flush();
-        if used && q.needs_notification(&a.mem).unwrap_or(true) {
+        if notify {
             a.interrupt.signal_used_queue();
         }
     }
@@ -205,12 +188,6 @@ impl VirtioDevice for Console {
         queues: Vec<Queue>,
         interrupt: Arc<Interrupt>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 2 {
-            return Err(ActivateError::QueueCount {
-                expected: 2,
-                got: queues.len(),
-            });
-        }
         self.active = Some(Active {
             mem,
             queues,

@@ -451,9 +451,7 @@ impl MmioTransport {
     }
 
     fn activate(&mut self) {
-        if self.status & status::FEATURES_OK == 0
-            || self.queues.iter().any(|q| !q.is_valid(&self.mem))
-        {
+        if self.status & status::FEATURES_OK == 0 {
             self.fail();
             return;
         }
@@ -467,10 +465,12 @@ impl MmioTransport {
             self.fail();
             return;
         };
-        match self
-            .device
-            .activate(self.mem.clone(), queues, self.interrupt.clone())
-        {
+        match super::activate_checked(
+            self.device.as_mut(),
+            self.mem.clone(),
+            queues,
+            self.interrupt.clone(),
+        ) {
             Ok(()) => self.active = true,
             Err(_) => self.fail(),
         }

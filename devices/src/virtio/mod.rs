@@ -10,6 +10,7 @@ pub mod chain;
 pub mod console;
 mod mmio;
 pub mod net;
+pub mod queue;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
 pub mod vsock;
@@ -18,7 +19,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 pub use mmio::{MmioTransport, QueueSnapshot, TransportState, MMIO_SLOT_SIZE, NOTIFY_REG_OFFSET};
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vmm_core::{GuestMemory, IrqTrigger};
 
 /// Device status bits (virtio 1.2, 2.1).
@@ -121,6 +122,29 @@ pub enum ActivateError {
     InvalidQueue(usize),
 }
 
+/// Starts `device` with the driver's `queues` after the checks every device needs: exactly as
+/// many queues as it has ([`VirtioDevice::queue_max_sizes`]), each with its rings inside guest
+/// memory. Transports activate devices through this, so a device's own
+/// [`activate`](VirtioDevice::activate) may rely on both.
+pub fn activate_checked(
+    device: &mut dyn VirtioDevice,
+    mem: GuestMemory,
+    queues: Vec<Queue>,
+    interrupt: Arc<Interrupt>,
+) -> Result<(), ActivateError> {
+    let expected = device.queue_max_sizes().len();
+    if queues.len() != expected {
+        return Err(ActivateError::QueueCount {
+            expected,
+            got: queues.len(),
+        });
+    }
+    if let Some(i) = queues.iter().position(|q| !q.is_valid(&mem)) {
+        return Err(ActivateError::InvalidQueue(i));
+    }
+    device.activate(mem, queues, interrupt)
+}
+
 /// A virtio device model, independent of its transport.
 pub trait VirtioDevice: Send {
     /// The virtio device type ID.
@@ -136,7 +160,9 @@ pub trait VirtioDevice: Send {
     fn read_config(&mut self, offset: u64, data: &mut [u8]);
     /// Writes the device configuration space (most devices ignore it).
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-    /// Starts the device with the driver's queues.
+    /// Starts the device with the driver's queues: one per [`queue_max_sizes`]
+    /// (Self::queue_max_sizes) entry, each valid in `mem` ([`activate_checked`] checks both;
+    /// call it rather than this).
     fn activate(
         &mut self,
         mem: GuestMemory,

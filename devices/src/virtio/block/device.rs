@@ -6,7 +6,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::Bytes;
 use vmm_core::GuestMemory;
 
@@ -279,16 +279,7 @@ impl VirtioDevice for Block {
         mut queues: Vec<Queue>,
         interrupt: Arc<Interrupt>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                got: queues.len(),
-            });
-        }
         let queue = queues.remove(0);
-        if !queue.is_valid(&mem) {
-            return Err(ActivateError::InvalidQueue(0));
-        }
         self.active = Some(Active {
             mem,
             queue,
@@ -304,44 +295,25 @@ impl VirtioDevice for Block {
         let Some(mut active) = self.active.take() else {
             return;
         };
-        let mut used_any = false;
-        loop {
-            // Suppress further kicks while we drain; re-check after re-enabling.
-            if active.queue.disable_notification(&active.mem).is_err() {
-                break;
-            }
-            let mut progressed = false;
-            while let Some(chain) = active.queue.pop_descriptor_chain(&active.mem) {
-                progressed = true;
-                let head = chain.head_index();
-                let used_len = match parse_request(chain) {
-                    Ok(req) => {
-                        let (status, written) = self.execute(&active.mem, &req);
-                        if active.mem.write_obj(status, req.status_addr).is_ok() {
-                            written + 1
-                        } else {
-                            0
-                        }
+        let mem = active.mem.clone();
+        let notify = crate::virtio::queue::drain(&mut active.queue, &mem, |chain| {
+            match parse_request(chain) {
+                Ok(req) => {
+                    let (status, written) = self.execute(&mem, &req);
+                    if mem.write_obj(status, req.status_addr).is_ok() {
+                        written + 1
+                    } else {
+                        0
                     }
-                    Err((_, Some(status_addr))) => {
-                        let _ = active.mem.write_obj(req_status::IOERR, status_addr);
-                        1
-                    }
-                    Err((_, None)) => 0,
-                };
-                if active.queue.add_used(&active.mem, head, used_len).is_err() {
-                    break;
                 }
-                used_any = true;
+                Err((_, Some(status_addr))) => {
+                    let _ = mem.write_obj(req_status::IOERR, status_addr);
+                    1
+                }
+                Err((_, None)) => 0,
             }
-            // "More available" while nothing could be popped means the driver's ring is
-            // broken (e.g. an index past the queue): stop rather than spin on it.
-            match active.queue.enable_notification(&active.mem) {
-                Ok(true) if progressed => continue,
-                _ => break,
-            }
-        }
-        if used_any && active.queue.needs_notification(&active.mem).unwrap_or(true) {
+        });
+        if notify {
             active.interrupt.signal_used_queue();
         }
         self.active = Some(active);
@@ -364,6 +336,7 @@ mod tests {
     use super::*;
     use crate::virtio::test_utils::*;
     use std::io::{Read, Write};
+    use virtio_queue::QueueT;
     use vm_memory::GuestAddress;
 
     const QSIZE: u16 = 16;

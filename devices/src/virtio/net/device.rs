@@ -241,47 +241,32 @@ impl Net {
         let Some(a) = self.active.as_mut() else {
             return false;
         };
-        let q = &mut a.queues[TX_QUEUE];
-        let mut used = false;
         let mut unpolled = 0usize;
-        loop {
-            if q.disable_notification(&a.mem).is_err() {
-                break;
-            }
-            let mut progressed = false;
-            let mut broken = false;
-            while let Some(chain) = q.pop_descriptor_chain(&a.mem) {
-                progressed = true;
-                let head = chain.head_index();
-                match read_frame(&a.mem, chain, &mut self.bufs, &mut self.tx_frame) {
-                    Some(len) => {
-                        self.backend.send(&self.tx_frame[..len]);
-                        self.stats.tx_frames += 1;
-                        unpolled += 1;
-                        if unpolled == TX_POLL_BATCH {
-                            self.backend.poll();
-                            unpolled = 0;
-                        }
+        let (backend, stats, bufs, tx_frame) = (
+            &mut self.backend,
+            &mut self.stats,
+            &mut self.bufs,
+            &mut self.tx_frame,
+        );
+        let notify = crate::virtio::queue::drain(&mut a.queues[TX_QUEUE], &a.mem, |chain| {
+            match read_frame(chain.memory(), chain.clone(), bufs, tx_frame) {
+                Some(len) => {
+                    backend.send(&tx_frame[..len]);
+                    stats.tx_frames += 1;
+                    unpolled += 1;
+                    if unpolled == TX_POLL_BATCH {
+                        backend.poll();
+                        unpolled = 0;
                     }
-                    None => self.stats.tx_dropped += 1,
                 }
-                if q.add_used(&a.mem, head, 0).is_err() {
-                    broken = true;
-                    break;
-                }
-                used = true;
+                None => stats.tx_dropped += 1,
             }
-            // "More available" while nothing could be popped means the driver's ring is
-            // broken: stop rather than spin on it.
-            match q.enable_notification(&a.mem) {
-                Ok(true) if progressed && !broken => continue,
-                _ => break,
-            }
-        }
+            0
+        });
         if unpolled > 0 {
             self.backend.poll();
         }
-        used && q.needs_notification(&a.mem).unwrap_or(true)
+        notify
     }
 
     /// Moves frames from the backend into the guest's receive buffers, letting the backend
@@ -429,15 +414,6 @@ impl VirtioDevice for Net {
         queues: Vec<Queue>,
         interrupt: Arc<Interrupt>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 2 {
-            return Err(ActivateError::QueueCount {
-                expected: 2,
-                got: queues.len(),
-            });
-        }
-        if let Some(i) = queues.iter().position(|q| !q.is_valid(&mem)) {
-            return Err(ActivateError::InvalidQueue(i));
-        }
         self.active = Some(Active {
             mem,
             queues,

@@ -277,7 +277,7 @@ fn identifies_as_net_with_mac_mtu_and_link_up() {
     g.dev.reset();
     let (i, _) = interrupt();
     assert!(matches!(
-        g.dev.activate(g.mem.clone(), vec![], i),
+        crate::virtio::activate_checked(&mut g.dev, g.mem.clone(), vec![], i),
         Err(ActivateError::QueueCount { expected: 2, .. })
     ));
     assert!(g.dev.queue_states().is_empty());

@@ -168,41 +168,23 @@ impl Vsock {
         let Some(a) = self.active.as_mut() else {
             return false;
         };
-        let q = &mut a.queues[TX_QUEUE];
-        let mut used = false;
-        loop {
-            if q.disable_notification(&a.mem).is_err() {
-                break;
-            }
-            let mut progressed = false;
-            while let Some(chain) = q.pop_descriptor_chain(&a.mem) {
-                progressed = true;
-                let head = chain.head_index();
-                if chain_buffers(&a.mem, chain, false, &mut self.bufs).is_some() {
-                    match read_packet(&a.mem, &self.bufs, &mut self.payload) {
-                        Ok(h) => self.muxer.handle_tx(&h, &self.payload),
-                        Err(e) => {
-                            if let Some(h) = e.header() {
-                                self.muxer.reject(h);
-                            }
+        let (bufs, payload, muxer) = (&mut self.bufs, &mut self.payload, &mut self.muxer);
+        crate::virtio::queue::drain(&mut a.queues[TX_QUEUE], &a.mem, |chain| {
+            let mem = chain.memory();
+            if chain_buffers(mem, chain.clone(), false, bufs).is_some() {
+                match read_packet(mem, bufs, payload) {
+                    Ok(h) => muxer.handle_tx(&h, payload),
+                    Err(e) => {
+                        if let Some(h) = e.header() {
+                            muxer.reject(h);
                         }
                     }
                 }
-                // A chain with a buffer outside guest memory has no header we can trust: it is
-                // returned unanswered, like a short one.
-                if q.add_used(&a.mem, head, 0).is_err() {
-                    break;
-                }
-                used = true;
             }
-            // "More available" while nothing could be popped means the driver's ring is
-            // broken: stop rather than spin on it.
-            match q.enable_notification(&a.mem) {
-                Ok(true) if progressed => continue,
-                _ => break,
-            }
-        }
-        used && q.needs_notification(&a.mem).unwrap_or(true)
+            // A chain with a buffer outside guest memory has no header we can trust: it is
+            // returned unanswered, like a short one.
+            0
+        })
     }
 
     /// Moves what waits for the guest into its rx buffers; returns whether to interrupt.
@@ -296,15 +278,6 @@ impl VirtioDevice for Vsock {
         queues: Vec<Queue>,
         interrupt: Arc<Interrupt>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 3 {
-            return Err(ActivateError::QueueCount {
-                expected: 3,
-                got: queues.len(),
-            });
-        }
-        if let Some(i) = queues.iter().position(|q| !q.is_valid(&mem)) {
-            return Err(ActivateError::InvalidQueue(i));
-        }
         self.active = Some(Active {
             mem,
             queues,
