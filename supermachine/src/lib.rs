@@ -81,6 +81,11 @@ pub mod paths;
 mod pool;
 pub mod ports;
 pub mod run;
+#[cfg(feature = "tls")]
+pub mod tls;
+/// TLS termination (not in this build: the `tls` feature is off).
+#[cfg(not(feature = "tls"))]
+#[path = "tls_off.rs"]
 pub mod tls;
 /// Async wrappers for tokio programs.
 #[cfg(feature = "tokio")]

@@ -70,6 +70,7 @@ pub enum NetworkError {
     #[error("{0}")]
     Invalid(String),
     /// The user-mode NAT could not start.
+    #[cfg(feature = "usernet")]
     #[error(transparent)]
     User(#[from] usernet::UserNetError),
     /// The TAP device could not be attached.
@@ -118,12 +119,7 @@ impl NetworkOptions {
         }
         Ok(Some(match &self.mode {
             NetworkMode::None => return Ok(None),
-            NetworkMode::User => Box::new(UserNetBackend(usernet::UserNet::new(
-                usernet::UserNetConfig {
-                    policy: self.egress.clone(),
-                    ..Default::default()
-                },
-            )?)),
+            NetworkMode::User => user_net(&self.egress)?,
             NetworkMode::Tap(name) => Box::new(devices::virtio::net::tap::Tap::open(name)?),
         }))
     }
@@ -150,9 +146,37 @@ pub(crate) fn net_spec(backend: Box<dyn devices::virtio::net::NetBackend>) -> vm
     }
 }
 
+/// The user-mode NAT with `policy`, as the virtio-net device's host side.
+#[cfg(feature = "usernet")]
+fn user_net(
+    policy: &EgressPolicy,
+) -> Result<Box<dyn devices::virtio::net::NetBackend>, NetworkError> {
+    Ok(Box::new(UserNetBackend(usernet::UserNet::new(
+        usernet::UserNetConfig {
+            policy: policy.clone(),
+            ..Default::default()
+        },
+    )?)))
+}
+
+/// The user-mode NAT is not in this build.
+#[cfg(not(feature = "usernet"))]
+fn user_net(
+    policy: &EgressPolicy,
+) -> Result<Box<dyn devices::virtio::net::NetBackend>, NetworkError> {
+    let _ = policy;
+    Err(NetworkError::Invalid(
+        "this build has no user-mode network (the `usernet` feature): use --network none or \
+         --network tap:IFACE"
+            .into(),
+    ))
+}
+
 /// The user-mode NAT as the virtio-net device's host side.
+#[cfg(feature = "usernet")]
 struct UserNetBackend(usernet::UserNet);
 
+#[cfg(feature = "usernet")]
 impl devices::virtio::net::NetBackend for UserNetBackend {
     fn send(&mut self, frame: &[u8]) {
         self.0.send(frame);

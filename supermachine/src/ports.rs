@@ -287,7 +287,7 @@ impl PublishedPort {
                     let permit = in_flight.acquire();
                     let (agent, gate) = (agent.clone(), gate.clone());
                     let relay = relay.clone();
-                    let tls = tls.as_ref().map(|t| t.server_config().clone());
+                    let tls = tls.clone();
                     let setup =
                         std::thread::Builder::new().name(format!("conn-{}", self.local.port()));
                     // A failed spawn (out of threads or memory) drops this connection only.
@@ -311,7 +311,7 @@ impl PublishedPort {
                             // restored guest catches up).
                             Some(config) => {
                                 if let Err(crate::tls::TlsSessionError::Guest(e)) =
-                                    crate::tls::terminate(tcp, &config, guest)
+                                    config.serve(tcp, guest)
                                 {
                                     eprintln!("supermachine: guest port {guest_port}: {e}");
                                 }

@@ -275,6 +275,15 @@ impl TlsTermination {
     pub fn server_config(&self) -> &Arc<ServerConfig> {
         &self.config
     }
+
+    /// Serves one accepted client with this certificate ([`terminate`]).
+    pub fn serve(
+        &self,
+        tcp: TcpStream,
+        guest: impl FnOnce() -> Result<UnixStream, String>,
+    ) -> Result<(), TlsSessionError> {
+        terminate(tcp, &self.config, guest)
+    }
 }
 
 fn time_now() -> time::OffsetDateTime {

@@ -33,9 +33,6 @@ pub enum VolumeError {
     /// A malformed `-v` argument.
     #[error("invalid volume {0:?}: {1}")]
     Invalid(String, &'static str),
-    /// A host directory could not be shared.
-    #[error(transparent)]
-    Share(#[from] virtiofs::FsError),
     /// Creating or formatting the file failed.
     #[error("cannot create volume {path}: {detail}")]
     Create {

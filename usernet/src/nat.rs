@@ -32,19 +32,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use crate::dns;
 use crate::policy::EgressPolicy;
 
-/// The gateway's address; flows to it reach the host's loopback when the policy allows
-/// (`allow-host:PORT,...` or `allow-all`; the default policy does not).
-pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
-/// The DNS server's address (UDP port 53).
-pub const DNS: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 3);
-/// The address the guest is configured with.
-pub const GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
-/// The link's prefix length.
-pub const PREFIX_LEN: u8 = 24;
-/// The gateway's MAC address.
-pub const GATEWAY_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x35, 0x02];
-/// The link MTU the guest is given.
-pub const MTU: u16 = 1500;
+use crate::{DNS, GATEWAY, GATEWAY_MAC, GUEST, MTU, PREFIX_LEN};
 
 /// Frames waiting for the guest before the NAT stops producing more.
 const MAX_OUTBOUND: usize = 1024;

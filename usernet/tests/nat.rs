@@ -1,6 +1,6 @@
 //! The NAT end to end: a second smoltcp stack plays the guest on one side of a [`UserNet`],
 //! real host sockets on loopback are on the other.
-#![cfg(target_os = "linux")]
+#![cfg(all(target_os = "linux", feature = "nat"))]
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};

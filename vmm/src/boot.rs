@@ -97,8 +97,7 @@ pub fn boot(opts: MachineConfig) -> Result<BootOutcome, BootError> {
         next_slot += 1;
     }
     for share in &opts.shares {
-        let fs = virtiofs::Fs::new(&share.tag, &share.dir, share.read_only)
-            .map_err(|e| BootError::Device(e.to_string()))?;
+        let fs = share_device(share)?;
         live.push(attach_virtio(
             &mut builder,
             &mut event_loop,
@@ -107,7 +106,7 @@ pub fn boot(opts: MachineConfig) -> Result<BootOutcome, BootError> {
                 tag: share.tag.clone(),
                 dir: share.dir.clone(),
             },
-            Box::new(fs),
+            fs,
             None,
         )?);
         next_slot += 1;
@@ -150,4 +149,25 @@ pub fn boot(opts: MachineConfig) -> Result<BootOutcome, BootError> {
         }
     }
     Ok(BootOutcome { exit })
+}
+
+/// The virtio-fs device sharing `share`'s directory.
+#[cfg(feature = "virtiofs")]
+fn share_device(
+    share: &crate::ShareSpec,
+) -> Result<Box<dyn devices::virtio::VirtioDevice>, BootError> {
+    let fs = virtiofs::Fs::new(&share.tag, &share.dir, share.read_only)
+        .map_err(|e| BootError::Device(e.to_string()))?;
+    Ok(Box::new(fs))
+}
+
+/// Shares need virtio-fs, which this build leaves out.
+#[cfg(not(feature = "virtiofs"))]
+fn share_device(
+    share: &crate::ShareSpec,
+) -> Result<Box<dyn devices::virtio::VirtioDevice>, BootError> {
+    Err(BootError::Device(format!(
+        "cannot share {}: this build has no virtio-fs (the `virtiofs` feature)",
+        share.dir.display()
+    )))
 }

@@ -85,6 +85,16 @@ pub fn run_all(force_local: bool) -> Result<()> {
         "warnings",
     ]))?;
 
+    step("the library without its optional parts (TLS, user-mode network, virtio-fs) builds");
+    run(cargo().args([
+        "check",
+        "-p",
+        "supermachine",
+        "--no-default-features",
+        "--features",
+        "kvm",
+    ]))?;
+
     step("the arm64 split compiles: vmm-core, devices and vmm for aarch64-unknown-linux-gnu");
     run(cargo().args([
         "check",
