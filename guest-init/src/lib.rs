@@ -9,6 +9,16 @@
 //!
 //! Does not own: anything about VMs or devices; the exit-status port number is the only
 //! platform fact it knows ([`EXIT_STATUS_PORT`]), and `vmm-core` keeps the same value.
+//!
+//! ```
+//! // The per-VM part of the initramfs: appended to the base archive holding `/init`.
+//! let config = guest_init::InitConfig {
+//!     argv: vec!["/bin/echo".into(), "hello".into()],
+//!     ..Default::default()
+//! };
+//! let archive = config.to_initramfs();
+//! assert!(archive.starts_with(b"070701")); // newc
+//! ```
 #![deny(missing_docs)]
 
 pub mod newc;

@@ -16,6 +16,18 @@
 //! its layer digests, so a second pull or run does no work.
 //!
 //! Does not own: booting (the `supermachine` facade), snapshots (`snapshot`).
+//!
+//! ```no_run
+//! use oci_bake::{ImageRef, PullOptions, Store};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = Store::open("/tmp/images")?;
+//! let image: ImageRef = "oci:./busybox-layout:latest".parse()?;
+//! let record = oci_bake::pull(&store, &image, &PullOptions::default())?;
+//! // One squashfs with every layer applied, ready to attach as a read-only disk.
+//! println!("{}", store.rootfs_path(&record.rootfs).display());
+//! # Ok(()) }
+//! ```
 #![deny(missing_docs)]
 
 pub mod config;

@@ -14,6 +14,21 @@
 //!
 //! Does not own: what the state means, how memory is mapped into a VM, or compatibility checks
 //! beyond the format version (the VMM compares identities it stores in the payload).
+//!
+//! ```no_run
+//! use snapshot::{MemoryRegion, SnapshotWriter};
+//!
+//! # fn main() -> Result<(), snapshot::SnapshotError> {
+//! let dir = std::path::Path::new("my-snapshot");
+//! let ram = vec![0u8; 1 << 20];
+//! let regions = MemoryRegion::layout(&[(0, ram.len() as u64)]);
+//! let mut writer = SnapshotWriter::create(dir)?;
+//! writer.write_memory(&regions[0], &ram)?;
+//! writer.commit(&("any serde state", 42u32))?; // atomically replaces `dir`
+//! let (what, n): (String, u32) = snapshot::read_state(dir)?;
+//! # let _ = (what, n);
+//! # Ok(()) }
+//! ```
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};

@@ -17,6 +17,20 @@
 //!
 //! Does not own: making the connections, TLS, or any protocol inside the streams. Linux only
 //! (epoll); other hosts get [`Relay::new`] failing with `Unsupported`.
+//!
+//! ```no_run
+//! use std::net::{TcpListener, TcpStream};
+//!
+//! # fn main() -> std::io::Result<()> {
+//! let relay = stream_relay::Relay::new("relay")?;
+//! let listener = TcpListener::bind("127.0.0.1:8080")?;
+//! for client in listener.incoming() {
+//!     let upstream = TcpStream::connect("127.0.0.1:80")?;
+//!     // Both directions move on the relay's thread until each side has closed.
+//!     relay.add(client?.into(), upstream.into())?;
+//! }
+//! # Ok(()) }
+//! ```
 
 #[cfg(target_os = "linux")]
 mod linux;

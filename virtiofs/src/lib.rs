@@ -15,6 +15,18 @@
 //!
 //! Does not own: the FUSE protocol and filesystem operations (`fuse-backend-rs`), the virtio
 //! transport (`devices`), where the guest mounts the share (`guest-init`).
+//!
+//! ```no_run
+//! # #[cfg(target_os = "linux")]
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // A read-only share of ./data under the tag `data`; put it on a virtio-mmio slot
+//! // (devices::virtio::MmioTransport) and mount it in the guest with
+//! // `mount -t virtiofs data /mnt`.
+//! let fs = virtiofs::Fs::new("data", std::path::Path::new("./data"), true)?;
+//! let _device: Box<dyn devices::virtio::VirtioDevice> = Box::new(fs);
+//! # Ok(()) }
+//! # #[cfg(not(target_os = "linux"))] fn main() {}
+//! ```
 #![deny(missing_docs)]
 
 #[cfg(target_os = "linux")]

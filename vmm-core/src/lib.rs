@@ -14,6 +14,30 @@
 //!
 //! Does not own: any `kvm_*`/HVF/WHP type (backend crates), device models (`devices`),
 //! snapshot file formats (`snapshot`) or the choice of backend (the `supermachine` facade).
+//!
+//! A VM from a kernel, on whatever backend the caller opened (`vmm-kvm`'s `KvmHypervisor` on
+//! Linux x86-64):
+//!
+//! ```no_run
+//! use vmm_core::arch::host::ArchHypervisor;
+//! use vmm_core::{runner, VmBuilder, VmControl, VmExit, VmResources};
+//!
+//! fn boot(hypervisor: &dyn ArchHypervisor) -> Result<VmExit, Box<dyn std::error::Error>> {
+//!     let builder = VmBuilder::new(
+//!         hypervisor,
+//!         VmResources {
+//!             kernel: "vmlinux".into(),
+//!             initramfs: Vec::new(),
+//!             cmdline: "console=ttyS0".into(),
+//!             memory_mib: 128,
+//!             vcpus: 1,
+//!         },
+//!     )?;
+//!     // Devices go on builder.add_pio_device / add_mmio_device here (see `devices`).
+//!     let vm = builder.build()?;
+//!     Ok(runner::run(vm, &VmControl::new())?)
+//! }
+//! ```
 #![deny(missing_docs)]
 
 pub mod arch;

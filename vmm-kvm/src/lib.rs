@@ -9,7 +9,27 @@
 //! `KVM_RUN` exits into neutral [`VcpuExit`](vmm_core::VcpuExit)s.
 //!
 //! Does not own: guest layout, boot structures or devices (`vmm-core`, `devices`).
-//! Compiles to an empty crate on other operating systems.
+//! Compiles to an empty crate on other operating systems and architectures.
+//!
+//! ```no_run
+//! # #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let kvm = vmm_kvm::KvmHypervisor::new()?; // says why when /dev/kvm is unusable
+//! let builder = vmm_core::VmBuilder::new(
+//!     &kvm,
+//!     vmm_core::VmResources {
+//!         kernel: "vmlinux".into(),
+//!         initramfs: Vec::new(),
+//!         cmdline: "console=ttyS0".into(),
+//!         memory_mib: 128,
+//!         vcpus: 1,
+//!     },
+//! )?;
+//! let exit = vmm_core::runner::run(builder.build()?, &vmm_core::VmControl::new())?;
+//! # let _ = exit;
+//! # Ok(()) }
+//! # #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))] fn main() {}
+//! ```
 #![deny(missing_docs)]
 
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
