@@ -176,8 +176,11 @@ impl Image {
             (None, _) => ReadyCheck::Default,
         };
         let mut run = opts.config.run_options(&self.reference, None)?;
-        // The bake holds the workload itself when asked to; an idle bake is a before-start one.
-        run.idle = false;
+        // The bake holds the workload itself when asked to; an idle bake is a before-start one
+        // of the image's command.
+        if run.config.workload == Workload::Idle {
+            run.config.workload = Workload::ImageCommand;
+        }
         let dir = match (&opts.dir, &opts.name) {
             (Some(dir), _) => Some(dir.clone()),
             (None, Some(name)) => Some(bake_path(name)?),

@@ -259,39 +259,9 @@ impl VmConfig {
         self.network
             .validate()
             .map_err(|e| Error::Config(e.to_string()))?;
-        let (command, idle) = match &self.workload {
-            Workload::Idle => (Vec::new(), true),
-            Workload::ImageCommand => (Vec::new(), false),
-            Workload::Command(argv) => (argv.clone(), false),
-        };
-        Ok(RunOptions {
-            image: image.into(),
-            pull: self.pull,
-            command,
-            entrypoint: self.entrypoint.clone(),
-            env: self.env.clone(),
-            workdir: self.workdir.clone(),
-            user: self.user.clone(),
-            hostname: self.hostname.clone().or_else(|| self.name.clone()),
-            memory_mib: self.memory_mib,
-            vcpus: self.vcpus,
-            volumes: self.volumes.clone(),
-            volume_size: self.volume_size,
-            come_up_limit: Some(self.start_timeout),
-            name: self.name.clone(),
-            publish: self.publish.clone(),
-            tls: self.tls.clone(),
-            stop_timeout: Some(self.stop_timeout),
-            snapshot: snapshot.map(Path::to_path_buf),
-            no_restore: self.boot_always,
-            idle,
-            network: self.network.clone(),
-            publish_all: self.publish_all,
-            debug: self.debug,
-            reserved_id: self.reserved_id.clone(),
-            keep_record: self.keep_after_exit,
-            ..Default::default()
-        })
+        let mut opts = RunOptions::new(image, self.clone());
+        opts.snapshot = snapshot.map(Path::to_path_buf);
+        Ok(opts)
     }
 }
 
@@ -360,7 +330,7 @@ impl Vm {
             }
         };
         let stopper = StopHandle::default();
-        opts.reserved_id = Some(id.clone());
+        opts.config.reserved_id = Some(id.clone());
         opts.stop_handle = Some(stopper.clone());
         let (stdout, stderr) = (Tail::default(), Tail::default());
         let (out, err) = (stdout.clone(), stderr.clone());

@@ -72,12 +72,12 @@ pub fn bake_key(
         "manifest": record.manifest.to_string(),
         "argv": argv,
         "workdir": workdir,
-        "user": opts.user,
-        "memory_mib": opts.memory_mib,
-        "vcpus": opts.vcpus,
+        "user": opts.config.user,
+        "memory_mib": opts.config.memory_mib,
+        "vcpus": opts.config.vcpus,
         "tty": opts.tty,
         "interactive": opts.interactive,
-        "network": opts.network.has_device(),
+        "network": opts.config.network.has_device(),
         "identity": [identity.supermachine, identity.kernel, identity.initramfs],
     });
     let digest = sha2::Sha256::digest(material.to_string().as_bytes());

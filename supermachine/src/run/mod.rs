@@ -45,77 +45,63 @@ pub enum PullPolicy {
     Never,
 }
 
-/// What to run and how (Docker's `run` options).
+/// One run (or bake) of an image: the VM's configuration ([`VmConfig`](crate::VmConfig), the
+/// library's one options model) plus what only a run has (the image, how it is attached, a bake
+/// or a snapshot to restore, signals).
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
     /// The image reference.
     pub image: String,
-    /// When to pull it.
-    pub pull: PullPolicy,
-    /// Overrides the image's Cmd (arguments after the image name).
-    pub command: Vec<String>,
-    /// Overrides the image's Entrypoint (`Some("")` clears it).
-    pub entrypoint: Option<String>,
-    /// `NAME=value`, or `NAME` to take the host's value.
-    pub env: Vec<String>,
-    /// Working directory.
-    pub workdir: Option<String>,
-    /// User.
-    pub user: Option<String>,
-    /// Host name (default: a random 12-hex-digit id).
-    pub hostname: Option<String>,
-    /// Guest memory in MiB.
-    pub memory_mib: u32,
-    /// vCPUs.
-    pub vcpus: u8,
+    /// How the VM is made: memory, vCPUs, workload, env, user, ports, volumes, network…
+    pub config: crate::VmConfig,
     /// Keep stdin open and connected.
     pub interactive: bool,
     /// Give the workload a terminal.
     pub tty: bool,
-    /// Show the kernel log on stderr.
-    pub debug: bool,
-    /// Block volumes.
-    pub volumes: Vec<crate::volumes::VolumeSpec>,
-    /// Size of volumes created on first use, in bytes.
-    pub volume_size: u64,
-    /// How long the guest may take to start the workload before it is stopped and reported
-    /// (default [`COME_UP_LIMIT`]).
-    pub come_up_limit: Option<std::time::Duration>,
-    /// A name for the VM in the registry (`ps`, `exec NAME`); default: generated.
-    pub name: Option<String>,
-    /// Use this registry entry, already reserved with [`crate::vms::Registry::create`] (how a
-    /// detached VM's process learns its id).
-    pub reserved_id: Option<String>,
-    /// Keep the VM's registry record (logs, exit status) after it exits, until `rm`.
-    pub keep_record: bool,
-    /// Published ports.
-    pub publish: Vec<crate::ports::PortMapping>,
-    /// Publish every port the image exposes on a free host port.
-    pub publish_all: bool,
-    /// Terminate TLS on the host: on the published ports marked `/tls`, or on every published
-    /// port when none is marked.
-    pub tls: Option<crate::tls::TlsTermination>,
-    /// How long the workload has to exit after its stop signal before the VM is powered off
-    /// (default [`STOP_GRACE`]).
-    pub stop_timeout: Option<std::time::Duration>,
     /// Bake instead of run: boot, wait until the workload is ready, snapshot, stop.
     pub bake: Option<BakeOptions>,
     /// Restore this snapshot instead of booting (it must be a bake of the same image).
     pub snapshot: Option<std::path::PathBuf>,
-    /// Boot even when a bake of this image and configuration exists.
-    pub no_restore: bool,
-    /// Start the VM without its workload: init sets the container up and waits (exec through
-    /// the agent works) until the VM is stopped. Restoring a `--before-start` bake idle leaves
-    /// its workload unstarted; a bake of a running workload restores running.
-    pub idle: bool,
     /// Forward SIGINT/SIGTERM (and SIGWINCH with a terminal) sent to this process to the
     /// workload, as the CLI does. A library embedding VMs leaves this off and stops them with
     /// [`StopHandle`].
     pub forward_signals: bool,
     /// Filled in once the VM runs: stops it from this process.
     pub stop_handle: Option<StopHandle>,
-    /// The guest's network (default: user-mode NAT, every destination allowed).
-    pub network: crate::network::NetworkOptions,
+}
+
+impl RunOptions {
+    /// A run of `image` configured by `config`.
+    pub fn new(image: &str, config: crate::VmConfig) -> RunOptions {
+        RunOptions {
+            image: image.into(),
+            config,
+            ..Default::default()
+        }
+    }
+
+    /// What replaces the image's Cmd (empty: the image's own).
+    pub fn command(&self) -> &[String] {
+        match &self.config.workload {
+            crate::Workload::Command(argv) => argv,
+            _ => &[],
+        }
+    }
+
+    /// Start the VM without its workload: init sets the container up and waits (exec through
+    /// the agent works) until the VM is stopped. Restoring a `--before-start` bake idle leaves
+    /// its workload unstarted; a bake of a running workload restores running.
+    pub fn idle(&self) -> bool {
+        self.config.workload == crate::Workload::Idle
+    }
+
+    /// The guest's host name: the one configured, else the VM's name (else its id, later).
+    pub fn hostname(&self) -> Option<String> {
+        self.config
+            .hostname
+            .clone()
+            .or_else(|| self.config.name.clone())
+    }
 }
 
 /// Stops a VM run by this process: the workload gets the image's stop signal, and the VM is
@@ -296,7 +282,7 @@ pub fn resolve_image(
 ) -> Result<(images::Store, ImageRecord), RunError> {
     let store = images::store()?;
     let local = images::find(&store, &opts.image)?;
-    let record = match (opts.pull, local) {
+    let record = match (opts.config.pull, local) {
         (PullPolicy::Never, None) => return Err(RunError::NotLocal(opts.image.clone())),
         (PullPolicy::Missing | PullPolicy::Never, Some(r)) => r,
         (PullPolicy::Always, _) | (PullPolicy::Missing, None) => {
@@ -337,14 +323,14 @@ pub fn signal_number(name: &str) -> i32 {
 
 /// Entrypoint + Cmd with Docker's override rules.
 pub fn command_line(image: &oci_bake::config::RunConfig, opts: &RunOptions) -> Vec<String> {
-    let entrypoint: Vec<String> = match &opts.entrypoint {
+    let entrypoint: Vec<String> = match &opts.config.entrypoint {
         Some(e) if e.is_empty() => Vec::new(),
         Some(e) => vec![e.clone()],
         None => image.entrypoint.clone(),
     };
-    let cmd = if !opts.command.is_empty() {
-        opts.command.clone()
-    } else if opts.entrypoint.is_some() {
+    let cmd = if !opts.command().is_empty() {
+        opts.command().to_vec()
+    } else if opts.config.entrypoint.is_some() {
         Vec::new()
     } else {
         image.cmd.clone()
@@ -387,9 +373,9 @@ fn run_or_bake(
     stdin: Option<Box<dyn Read + Send>>,
 ) -> Result<(i32, Option<std::path::PathBuf>), RunError> {
     let registry = crate::vms::Registry::open()?;
-    let (id, name, dir) = match &opts.reserved_id {
+    let (id, name, dir) = match &opts.config.reserved_id {
         Some(id) => registry.reserved(id)?,
-        None => registry.create(opts.name.as_deref())?,
+        None => registry.create(opts.config.name.as_deref())?,
     };
     let result = run_registered(opts, &id, &name, &dir, stdout, stderr, stdin);
     let recorded = dir.record().ok().map(|mut r| {
@@ -397,7 +383,7 @@ fn run_or_bake(
         r
     });
     match recorded {
-        Some(r) if opts.keep_record => {
+        Some(r) if opts.config.keep_after_exit => {
             let _ = dir.save(&r);
         }
         _ => {
@@ -500,10 +486,12 @@ mod tests {
             cmd: vec!["default".into()],
             ..Default::default()
         };
-        let opts = |command: &[&str], entrypoint: Option<&str>| RunOptions {
-            command: command.iter().map(|s| s.to_string()).collect(),
-            entrypoint: entrypoint.map(str::to_string),
-            ..Default::default()
+        let opts = |command: &[&str], entrypoint: Option<&str>| {
+            let mut config = crate::VmConfig::new().command(command.iter().copied());
+            if let Some(e) = entrypoint {
+                config = config.entrypoint(e);
+            }
+            RunOptions::new("image", config)
         };
         assert_eq!(
             command_line(&image, &opts(&[], None)),

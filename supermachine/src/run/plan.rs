@@ -49,6 +49,7 @@ pub(super) fn plan(opts: &RunOptions) -> Result<Start, RunError> {
         return Err(RunError::NoCommand);
     }
     let workdir = opts
+        .config
         .workdir
         .clone()
         .or_else(|| Some(record.run_config.working_dir.clone()).filter(|w| !w.is_empty()));
@@ -56,14 +57,14 @@ pub(super) fn plan(opts: &RunOptions) -> Result<Start, RunError> {
     crate::timings::mark("bake_key");
     let baked = bake_cache_dir(&store).join(&key);
     if opts.bake.is_none()
-        && !opts.no_restore
-        && opts.volumes.is_empty()
+        && !opts.config.boot_always
+        && opts.config.volumes.is_empty()
         && baked.join(snapshot::STATE_FILE).exists()
     {
         match load(&baked) {
             // An idle VM from a bake whose workload already runs would not be idle: boot.
             Ok(loaded)
-                if opts.idle
+                if opts.idle()
                     && !BakedWorkload::of(&loaded.state).is_some_and(|w| w.before_start) => {}
             Ok(loaded) => {
                 let workload = check_restorable(&baked, &loaded, opts)?;
@@ -104,7 +105,7 @@ pub(super) fn check_restorable(
     let Some(w) = BakedWorkload::of(&loaded.state) else {
         return bad("it is not a bake of an image (make one with `supermachine bake`)");
     };
-    if opts.idle && !w.before_start {
+    if opts.idle() && !w.before_start {
         return bad("its workload is running: an idle VM needs a bake made before the workload starts (bake --before-start)");
     }
     if w.tty != opts.tty {
@@ -121,10 +122,10 @@ pub(super) fn check_restorable(
             "it was baked with stdin closed: run it without -i (or bake with -i)"
         });
     }
-    if !opts.volumes.is_empty() {
+    if !opts.config.volumes.is_empty() {
         return bad("volumes cannot be attached to a restored VM (bake and run without -v)");
     }
-    if w.network != opts.network.has_device() {
+    if w.network != opts.config.network.has_device() {
         return bad(if w.network {
             "it was baked with a network device: run it with --network user or tap:IFACE"
         } else {

@@ -110,12 +110,12 @@ pub(super) fn run_registered(
         _ => None,
     };
     if opts.bake.is_some() {
-        if !opts.volumes.is_empty() {
+        if !opts.config.volumes.is_empty() {
             return Err(RunError::Bake(
                 "volumes are not part of a snapshot: bake without -v".into(),
             ));
         }
-        if !opts.publish.is_empty() || opts.publish_all || opts.tls.is_some() {
+        if !opts.config.publish.is_empty() || opts.config.publish_all || opts.config.tls.is_some() {
             return Err(RunError::Bake(
                 "a bake publishes no ports: give -p to the `run` that restores it".into(),
             ));
@@ -162,13 +162,13 @@ pub(super) fn run_registered(
             signal_control,
             vm_control.clone(),
             opts.tty,
-            opts.stop_timeout.unwrap_or(STOP_GRACE),
+            opts.config.stop_timeout,
         );
     }
     let booting = std::time::Instant::now();
     // A guest that never comes up (a hung kernel, a broken init) is stopped, not waited on.
     let never_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let come_up_limit = opts.come_up_limit.unwrap_or(COME_UP_LIMIT);
+    let come_up_limit = opts.config.start_timeout;
     {
         let (ready, vm, never_up) = (ready_watch.clone(), vm_control.clone(), never_up.clone());
         // After a boot, init writes its ready line once the agent listens; a restore opens
@@ -192,7 +192,7 @@ pub(super) fn run_registered(
     let _control_server;
     {
         let live = live.clone();
-        let has_volumes = !opts.volumes.is_empty();
+        let has_volumes = !opts.config.volumes.is_empty();
         _control_server = crate::control::serve(&dir.control(), move |request| {
             control_request(&live, &stopper, has_volumes, request)
         })
@@ -307,7 +307,7 @@ fn wire_consoles(
         _ => (stdout, stderr),
     };
     let tail = ConsoleTail::default();
-    let serial: Box<dyn Write + Send> = if opts.debug {
+    let serial: Box<dyn Write + Send> = if opts.config.debug {
         Box::new(std::io::stderr())
     } else {
         Box::new(tail.clone())
@@ -461,11 +461,11 @@ fn publish(
     ),
     RunError,
 > {
-    let mut mappings = opts.publish.clone();
-    if opts.publish_all {
+    let mut mappings = opts.config.publish.clone();
+    if opts.config.publish_all {
         mappings.extend(crate::ports::PortMapping::for_exposed(exposed));
     }
-    tls_ports(&mut mappings, opts.tls.is_some())?;
+    tls_ports(&mut mappings, opts.config.tls.is_some())?;
     let published = mappings
         .into_iter()
         .map(crate::ports::bind)
@@ -478,7 +478,7 @@ fn publish(
             format!("{}->{}/{proto}", p.local, p.mapping.guest_port)
         })
         .collect();
-    if opts.publish_all {
+    if opts.config.publish_all {
         for p in &ports {
             eprintln!("supermachine: published {p}");
         }
@@ -491,16 +491,16 @@ fn publish(
         pid: std::process::id(),
         pid_start: crate::vms::process_start(std::process::id()).unwrap_or(0),
         ports,
-        detached: opts.reserved_id.is_some() && opts.forward_signals,
+        detached: opts.config.reserved_id.is_some() && opts.forward_signals,
         // The library's VMs share their program's process: never signal it.
         embedded: !opts.forward_signals,
-        auto_remove: !opts.keep_record,
+        auto_remove: !opts.config.keep_after_exit,
         exit_code: None,
     })?;
     crate::timings::mark("ports_bound");
     let agent = crate::agent::Agent::new(dir.vsock());
     let agent_gate = crate::ports::AgentGate::default();
-    if let Some(tls) = &opts.tls {
+    if let Some(tls) = &opts.config.tls {
         if let Some(pem) = tls.generated_certificate_pem() {
             let path = dir.path().join("tls-cert.pem");
             std::fs::write(&path, pem)
@@ -515,7 +515,7 @@ fn publish(
     let forwarding = published
         .into_iter()
         .map(|p| {
-            let tls = opts.tls.clone().filter(|_| p.mapping.tls);
+            let tls = opts.config.tls.clone().filter(|_| p.mapping.tls);
             p.forward(agent.clone(), agent_gate.clone(), tls)
         })
         .collect();
@@ -581,15 +581,15 @@ fn restore_guest(
     let public = dir.vsock();
     let restoring = public.with_extension("restoring");
     let _ = std::fs::remove_file(&restoring);
-    let env = env_entries(&opts.env);
-    let hostname = opts.hostname.clone().unwrap_or_else(|| id.to_string());
+    let env = env_entries(&opts.config.env);
+    let hostname = opts.hostname().unwrap_or_else(|| id.to_string());
     let private = restoring.clone();
     let vm = vm_control.clone();
     let live = live.clone();
     let gate = agent_gate.clone();
     let (control, catch_up) = (restore_control, catch_up.clone());
     let before_start = workload.before_start;
-    let idle = opts.idle;
+    let idle = opts.idle();
     let start_env = env.clone();
     let on_started: Box<dyn FnOnce(crate::snapshot::Snapshotter) + Send> =
         Box::new(move |snapshotter| {
@@ -682,7 +682,7 @@ fn restore_guest(
             control: Some(vm_control.clone()),
             consoles,
             vsock: Some(restoring),
-            net: opts.network.backend()?.map(crate::network::net_spec),
+            net: opts.config.network.backend()?.map(crate::network::net_spec),
             on_started: Some(on_started),
             // A bake's only disk is its image's root filesystem, from the store.
             disks: crate::boot::RestoreDisks {
@@ -728,15 +728,15 @@ fn boot_guest(
     let (booting, come_up_limit, vm_control) = (*booting, *come_up_limit, vm_control.clone());
 
     let mut env = record.run_config.env.clone();
-    env.extend(env_entries(&opts.env));
+    env.extend(env_entries(&opts.config.env));
     let mut disks = vec![DiskSpec {
         path: store.rootfs_path(&record.rootfs),
         read_only: true,
     }];
     let mut volume_mounts = Vec::new();
     let mut shares = Vec::new();
-    for v in &opts.volumes {
-        match crate::volumes::prepare(v, opts.volume_size).map_err(RunError::Volume)? {
+    for v in &opts.config.volumes {
+        match crate::volumes::prepare(v, opts.config.volume_size).map_err(RunError::Volume)? {
             crate::volumes::Prepared::Disk(path) => {
                 // /dev/vda is the image; volumes follow in order.
                 volume_mounts.push(guest_init::MountSpec {
@@ -766,7 +766,7 @@ fn boot_guest(
             }
         }
     }
-    let hold = opts.idle
+    let hold = opts.idle()
         || matches!(
             opts.bake.as_ref().map(|b| &b.ready),
             Some(ReadyCheck::BeforeStart)
@@ -775,10 +775,11 @@ fn boot_guest(
         rootfs_device: "/dev/vda".into(),
         rootfs_type: "squashfs".into(),
         user: opts
+            .config
             .user
             .clone()
             .unwrap_or_else(|| record.run_config.user.clone()),
-        hostname: opts.hostname.clone().unwrap_or_else(|| id.to_string()),
+        hostname: opts.hostname().unwrap_or_else(|| id.to_string()),
         tty: opts.tty,
         interactive: opts.interactive,
         tty_size: if opts.tty { host_terminal_size() } else { None },
@@ -787,7 +788,7 @@ fn boot_guest(
         control_device: "/dev/hvc2".into(),
         mounts: volume_mounts,
         hold_before_start: hold,
-        network: opts.network.guest_config(),
+        network: opts.config.network.guest_config(),
     };
     let workload = BakedWorkload {
         image: opts.image.clone(),
@@ -798,8 +799,8 @@ fn boot_guest(
         exposed_ports: record.run_config.exposed_ports.clone(),
         tty: opts.tty,
         interactive: opts.interactive,
-        memory_mib: opts.memory_mib,
-        vcpus: opts.vcpus,
+        memory_mib: opts.config.memory_mib,
+        vcpus: opts.config.vcpus,
         ready: opts
             .bake
             .as_ref()
@@ -808,7 +809,7 @@ fn boot_guest(
         before_start: hold,
         baked_at: now_seconds(),
         bake_ms: 0,
-        network: opts.network.has_device(),
+        network: opts.config.network.has_device(),
     };
     let bake = opts.bake.as_ref().map(|bake| {
         let target = bake
@@ -869,16 +870,16 @@ fn boot_guest(
     Ok(boot(BootOptions {
         kernel: paths::default_kernel(),
         initramfs: Some(paths::default_initramfs()),
-        extra_cmdline: if opts.debug {
+        extra_cmdline: if opts.config.debug {
             String::new()
         } else {
             "quiet".into()
         },
-        memory_mib: opts.memory_mib,
-        vcpus: opts.vcpus,
+        memory_mib: opts.config.memory_mib,
+        vcpus: opts.config.vcpus,
         command: argv,
         env,
-        quiet: !opts.debug,
+        quiet: !opts.config.debug,
         console: serial,
         console_input: None,
         workdir,
@@ -887,7 +888,7 @@ fn boot_guest(
         consoles,
         control: Some(vm_control),
         vsock: Some(dir.vsock()),
-        net: opts.network.backend()?,
+        net: opts.config.network.backend()?,
         shares,
         snapshot: None,
         on_started,
