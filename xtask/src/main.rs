@@ -25,6 +25,7 @@ mod initramfs;
 mod kernel;
 mod probe;
 mod testhost;
+mod testhost_arm64;
 mod tests;
 mod util;
 
@@ -70,7 +71,7 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run a command inside the emulated x86-64 host that has a real KVM
+    /// Run a command inside an emulated host that has a real KVM (x86-64, or arm64 with --arch)
     Testhost {
         /// Memory of the emulated host in MiB
         #[arg(short, long, default_value_t = 4096)]
@@ -84,6 +85,10 @@ enum Cmd {
         /// Kill the emulated host (and dump its CPUs) after this many seconds without output
         #[arg(long)]
         silence: Option<u64>,
+        /// The emulated machine: x86_64 (runs this machine's programs) or aarch64 (Debian's
+        /// arm64 kernel with KVM, a static arm64 busybox userland)
+        #[arg(long, default_value = "x86_64")]
+        arch: String,
         /// The command
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -143,6 +148,7 @@ fn main() -> ExitCode {
             cpus,
             dir,
             silence,
+            arch,
             command,
         } => {
             let mut opts = testhost::Options {
@@ -156,7 +162,13 @@ fn main() -> ExitCode {
             if let Some(d) = dir {
                 opts.cwd = d;
             }
-            testhost::run_command(&command, &opts)
+            match arch.as_str() {
+                "x86_64" | "amd64" => testhost::run_command(&command, &opts),
+                "aarch64" | "arm64" => testhost_arm64::run_command(&command, &opts),
+                other => Err(anyhow::anyhow!(
+                    "unknown --arch {other:?} (x86_64 or aarch64)"
+                )),
+            }
         }
         Cmd::Test { local } => tests::run_all(local).map(|_| 0),
         Cmd::Fuzz { seconds } => fuzz::run_all(seconds).map(|_| 0),

@@ -167,6 +167,12 @@ fn find_modules(dir: &Path, found: &mut HashMap<String, PathBuf>) -> Result<()> 
 
 /// Resolves the load order of [`MODULES`] and their dependencies.
 fn module_order(modules_dir: &Path) -> Result<Vec<PathBuf>> {
+    module_order_of(modules_dir, MODULES)
+}
+
+/// Resolves the load order of `modules` and their dependencies in a kernel package's
+/// `lib/modules/VERSION` (modules built into the kernel are skipped).
+pub fn module_order_of(modules_dir: &Path, modules: &[&str]) -> Result<Vec<PathBuf>> {
     let mut all = HashMap::new();
     find_modules(&modules_dir.join("kernel"), &mut all)?;
     fn add(name: &str, all: &HashMap<String, PathBuf>, order: &mut Vec<PathBuf>) -> Result<()> {
@@ -184,7 +190,7 @@ fn module_order(modules_dir: &Path) -> Result<Vec<PathBuf>> {
         Ok(())
     }
     let mut order = Vec::new();
-    for m in MODULES {
+    for m in modules {
         add(&m.replace('-', "_"), &all, &mut order)?;
     }
     Ok(order)
@@ -309,7 +315,7 @@ fn kept_paths(paths: &[PathBuf]) -> Vec<PathBuf> {
     kept
 }
 
-fn shell_quote(s: &str) -> String {
+pub fn shell_quote(s: &str) -> String {
     if !s.is_empty()
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"/._-=:,+@%".contains(&b))

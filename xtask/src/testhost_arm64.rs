@@ -1,0 +1,294 @@
+//! The emulated arm64 test host: `qemu-system-aarch64 -M virt,virtualization=on,gic-version=3
+//! -cpu max` (TCG) running Debian's arm64 kernel, which brings KVM up in VHE mode there, so a
+//! command run in it sees a `/dev/kvm` that runs arm64 guests.
+//!
+//! Unlike the x86 test host, this machine's programs cannot run inside (another
+//! architecture): the emulated machine's userland is Debian's static arm64 busybox, and the
+//! command is a busybox shell line or a static aarch64 program. This machine's directories
+//! (`/work`, `/root`, `/var`, `/home`, `/opt`, `/srv`) are shared over 9p at their own paths, so
+//! paths mean the same inside; `/tmp` is a fresh tmpfs. Cached under
+//! `~/.cache/supermachine/testhost-arm64`; `cargo xtask testhost --arch aarch64 -- CMD`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+use guest_init::newc::Writer;
+
+use crate::testhost::{module_order_of, shell_quote, Options};
+use crate::util::{cache_dir, have_command, output, run, step, write_atomic};
+
+const START_MARKER: &str = "supermachine-testhost-start";
+const EXIT_MARKER: &str = "supermachine-testhost-exit=";
+
+/// Modules the L1 initramfs loads (with their dependencies): the virtio-mmio transport of
+/// QEMU's `virt` machine and the 9p filesystem that shares this machine's files. KVM is built
+/// into Debian's arm64 kernel.
+const MODULES: &[&str] = &["virtio_mmio", "9pnet_virtio", "9p"];
+
+/// The host directories shared at their own paths.
+const SHARED: &[&str] = &["work", "root", "var", "home", "opt", "srv"];
+
+const L1_INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+for m in $(cat /mods/order); do insmod /mods/$m 2>/dev/null; done
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=1048576,cache=loose hostroot /host || { echo "testhost: 9p mount failed"; poweroff -f; }
+for d in $(cat /shared); do
+  [ -d "/host/$d" ] || continue
+  mkdir -p "/$d"; mount --bind "/host/$d" "/$d"
+done
+mount -t tmpfs tmpfs /tmp
+mkdir -p /dev/pts; mount -t devpts devpts /dev/pts 2>/dev/null
+[ -c /dev/kvm ] || echo "testhost: no /dev/kvm in the emulated arm64 machine"
+cmd=$(sed -n 's/.*sm_cmd=\([^ ]*\).*/\1/p' /proc/cmdline)
+echo supermachine-testhost-start
+sh "$cmd" < /dev/null; rc=$?
+echo "supermachine-testhost-exit=$rc"
+poweroff -f
+"#;
+
+fn dir() -> PathBuf {
+    cache_dir().join("testhost-arm64")
+}
+
+/// Debian's arm64 architecture, its package index and QEMU's arm64 emulator.
+fn ensure_tools() -> Result<()> {
+    let foreign = output(Command::new("dpkg").arg("--print-foreign-architectures"))?;
+    let mut updated = false;
+    if !foreign.lines().any(|a| a.trim() == "arm64") {
+        step("testhost (arm64): adding Debian's arm64 architecture");
+        run(Command::new("dpkg").args(["--add-architecture", "arm64"]))?;
+        run(Command::new("apt-get").args(["update", "-q"]))?;
+        updated = true;
+    }
+    if !have_command("qemu-system-aarch64") {
+        step("testhost (arm64): installing qemu-system-arm");
+        if !updated {
+            run(Command::new("apt-get").args(["update", "-q"]))?;
+        }
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "qemu-system-arm"])
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    Ok(())
+}
+
+/// Downloads one arm64 package and unpacks it into `into` (replacing what was there).
+fn fetch_package(name: &str, into: &Path) -> Result<()> {
+    let dl = dir().join("download");
+    let _ = std::fs::remove_dir_all(&dl);
+    std::fs::create_dir_all(&dl)?;
+    run(Command::new("apt-get")
+        .args(["download", "-q", &format!("{name}:arm64")])
+        .current_dir(&dl))?;
+    let deb = std::fs::read_dir(&dl)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .with_context(|| format!("apt-get download {name}:arm64 produced no .deb"))?;
+    let _ = std::fs::remove_dir_all(into);
+    run(Command::new("dpkg").arg("-x").arg(&deb).arg(into))?;
+    let _ = std::fs::remove_dir_all(&dl);
+    Ok(())
+}
+
+/// Debian's arm64 kernel (an uncompressed `Image`) and its modules, once.
+fn ensure_kernel() -> Result<(PathBuf, PathBuf)> {
+    let d = dir();
+    let pkg = d.join("pkg");
+    let image = d.join("Image");
+    if image.is_file() && pkg.join("lib/modules").is_dir() {
+        return Ok((image, pkg));
+    }
+    step("testhost (arm64): fetching Debian's arm64 kernel");
+    std::fs::create_dir_all(&d)?;
+    let deps = output(Command::new("apt-cache").args(["depends", "linux-image-arm64:arm64"]))?;
+    let name = deps
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends: "))
+        .map(|p| p.trim_end_matches(":arm64"))
+        .find(|p| {
+            p.starts_with("linux-image-") && p.chars().nth(12).is_some_and(|c| c.is_ascii_digit())
+        })
+        .context("cannot resolve linux-image-arm64's kernel package")?
+        .trim_end_matches("-unsigned")
+        .to_string();
+    if fetch_package(&format!("{name}-unsigned"), &pkg).is_err() {
+        fetch_package(&name, &pkg)?;
+    }
+    let vmlinuz = std::fs::read_dir(pkg.join("boot"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        })
+        .context("the kernel package has no /boot/vmlinuz-*")?;
+    write_atomic(&image, &std::fs::read(vmlinuz)?)?;
+    Ok((image, pkg))
+}
+
+/// Debian's static arm64 busybox, once.
+fn ensure_busybox() -> Result<PathBuf> {
+    let busybox = dir().join("busybox");
+    if busybox.is_file() {
+        return Ok(busybox);
+    }
+    step("testhost (arm64): fetching Debian's static arm64 busybox");
+    let pkg = dir().join("busybox-pkg");
+    fetch_package("busybox-static", &pkg)?;
+    write_atomic(&busybox, &std::fs::read(pkg.join("bin/busybox"))?)?;
+    let _ = std::fs::remove_dir_all(&pkg);
+    Ok(busybox)
+}
+
+/// The L1 initramfs: busybox as every command, the init script, the modules (once per script,
+/// module list and kernel package).
+fn ensure_initrd(pkg: &Path, busybox: &Path) -> Result<PathBuf> {
+    let hash = L1_INIT
+        .bytes()
+        .chain(MODULES.join(",").into_bytes())
+        .chain(SHARED.join(",").into_bytes())
+        .fold(0xcbf29ce484222325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100000001b3)
+        });
+    let initrd = dir().join(format!("initrd-{hash:016x}.cpio"));
+    if initrd.is_file() {
+        return Ok(initrd);
+    }
+    let modules_dir = std::fs::read_dir(pkg.join("lib/modules"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .next()
+        .context("the arm64 kernel package has no modules")?;
+    let order = module_order_of(&modules_dir, MODULES)?;
+    let mut w = Writer::new(Vec::new());
+    for d in ["bin", "proc", "sys", "dev", "host", "mods", "tmp"] {
+        w.directory(d, 0o755)?;
+    }
+    w.char_device("dev/console", 0o600, 5, 1)?;
+    w.file("bin/busybox", 0o755, &std::fs::read(busybox)?)?;
+    let mut names = String::new();
+    for path in &order {
+        let file = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        w.file(&format!("mods/{file}"), 0o644, &std::fs::read(path)?)?;
+        names.push_str(&file);
+        names.push('\n');
+    }
+    w.file("mods/order", 0o644, names.as_bytes())?;
+    w.file("shared", 0o644, SHARED.join("\n").as_bytes())?;
+    w.file("init", 0o755, L1_INIT.as_bytes())?;
+    write_atomic(&initrd, &w.finish()?)?;
+    Ok(initrd)
+}
+
+/// Runs `command` in the emulated arm64 machine; returns its exit status.
+pub fn run_command(command: &[String], opts: &Options) -> Result<i32> {
+    if command.is_empty() {
+        bail!("testhost: no command given");
+    }
+    ensure_tools()?;
+    let (image, pkg) = ensure_kernel()?;
+    let busybox = ensure_busybox()?;
+    let initrd = ensure_initrd(&pkg, &busybox)?;
+
+    let scripts = PathBuf::from("/var/tmp/supermachine-testhost");
+    std::fs::create_dir_all(&scripts)?;
+    let script = scripts.join(format!("arm64-cmd-{}.sh", std::process::id()));
+    let mut text = format!(
+        "cd {} || exit 125\n",
+        shell_quote(&opts.cwd.to_string_lossy())
+    );
+    for (k, v) in std::env::vars() {
+        if matches!(k.as_str(), "HOME" | "TERM" | "CI") || k.starts_with("SUPERMACHINE_") {
+            text.push_str(&format!("export {k}={}\n", shell_quote(&v)));
+        }
+    }
+    text.push_str(
+        &command
+            .iter()
+            .map(|a| shell_quote(a))
+            .collect::<Vec<_>>()
+            .join(" "),
+    );
+    text.push('\n');
+    write_atomic(&script, text.as_bytes())?;
+
+    let loglevel = std::env::var("SUPERMACHINE_TESTHOST_LOGLEVEL").unwrap_or_else(|_| "1".into());
+    let append = format!(
+        "console=ttyAMA0 loglevel={loglevel} panic=-1 sm_cmd={} {}",
+        script.display(),
+        opts.kernel_args
+    );
+    let mut child = Command::new("qemu-system-aarch64")
+        .args(["-M", "virt,virtualization=on,gic-version=3"])
+        .args(["-cpu", "max", "-accel", "tcg,thread=multi"])
+        .args(["-smp", &opts.cpus.to_string()])
+        .args(["-m", &opts.memory_mib.to_string()])
+        .args([
+            "-nographic",
+            "-no-reboot",
+            "-nodefaults",
+            "-serial",
+            "stdio",
+        ])
+        .arg("-kernel")
+        .arg(&image)
+        .arg("-initrd")
+        .arg(&initrd)
+        .args(["-append", append.trim_end()])
+        .args([
+            "-fsdev",
+            "local,id=hostfs,path=/,security_model=none,multidevs=remap",
+            "-device",
+            "virtio-9p-device,fsdev=hostfs,mount_tag=hostroot",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("cannot start qemu-system-aarch64 (apt-get install qemu-system-arm)")?;
+    let stdout = child.stdout.take().context("no qemu stdout")?;
+    let mut started = false;
+    let mut exit = None;
+    let mut tail: Vec<String> = Vec::new();
+    let out = std::io::stdout();
+    for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
+        let line = String::from_utf8_lossy(&line).replace('\r', "");
+        if let Some(rc) = line.trim().strip_prefix(EXIT_MARKER) {
+            exit = rc.trim().parse::<i32>().ok();
+            continue;
+        }
+        if line.trim_end().ends_with(START_MARKER) {
+            started = true;
+            continue;
+        }
+        if started {
+            if line.contains("reboot: Power down") {
+                continue;
+            }
+            let mut o = out.lock();
+            let _ = writeln!(o, "{line}");
+            let _ = o.flush();
+        } else {
+            tail.push(line);
+            if tail.len() > 40 {
+                tail.remove(0);
+            }
+        }
+    }
+    let _ = child.wait();
+    let _ = std::fs::remove_file(&script);
+    match exit {
+        Some(code) => Ok(code),
+        None => {
+            eprintln!("testhost (arm64): the emulated machine ended without the command's status; its console:");
+            for l in &tail {
+                eprintln!("  {l}");
+            }
+            Ok(crate::testhost::CRASHED)
+        }
+    }
+}
