@@ -286,7 +286,7 @@ fn ensure_initrd(pkg: &Path) -> Result<PathBuf> {
 /// The directories among `paths` (or holding them) that lie under `/tmp` or `/run`, which
 /// the emulated host covers with fresh tmpfs mounts: they are carried over. Outermost first,
 /// none inside another.
-fn kept_paths(paths: &[PathBuf]) -> Vec<PathBuf> {
+pub fn kept_paths(paths: &[PathBuf]) -> Vec<PathBuf> {
     let mut kept: Vec<PathBuf> = Vec::new();
     for path in paths {
         let dir = if path.is_dir() {

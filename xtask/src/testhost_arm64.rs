@@ -6,7 +6,8 @@
 //! architecture): the emulated machine's userland is Debian's static arm64 busybox, and the
 //! command is a busybox shell line or a static aarch64 program. This machine's directories
 //! (`/work`, `/root`, `/var`, `/home`, `/opt`, `/srv`) are shared over 9p at their own paths, so
-//! paths mean the same inside; `/tmp` is a fresh tmpfs. Cached under
+//! paths mean the same inside; `/tmp` is a fresh tmpfs holding only the paths the command needs
+//! from the host's (a checkout under `/tmp`). Cached under
 //! `~/.cache/supermachine/testhost-arm64`; `cargo xtask testhost --arch aarch64 -- CMD`.
 
 use std::io::{BufRead, BufReader, Write};
@@ -16,7 +17,7 @@ use std::process::{Command, Stdio};
 use anyhow::{bail, Context, Result};
 use guest_init::newc::Writer;
 
-use crate::testhost::{module_order_of, shell_quote, Options};
+use crate::testhost::{kept_paths, module_order_of, shell_quote, Options};
 use crate::util::{cache_dir, have_command, output, run, step, write_atomic};
 
 const START_MARKER: &str = "supermachine-testhost-start";
@@ -40,10 +41,16 @@ for d in $(cat /shared); do
   [ -d "/host/$d" ] || continue
   mkdir -p "/$d"; mount --bind "/host/$d" "/$d"
 done
+cmd=$(sed -n 's/.*sm_cmd=\([^ ]*\).*/\1/p' /proc/cmdline)
+# A fresh /tmp (sockets do not work on 9p), with the paths the command needs from the host's
+# (a checkout under /tmp) bound in: the `.keep` file lists them.
 mount -t tmpfs tmpfs /tmp
+while IFS= read -r p; do
+  [ -d "/host$p" ] || continue
+  mkdir -p "$p"; mount --bind "/host$p" "$p"
+done < "${cmd%.sh}.keep"
 mkdir -p /dev/pts; mount -t devpts devpts /dev/pts 2>/dev/null
 [ -c /dev/kvm ] || echo "testhost: no /dev/kvm in the emulated arm64 machine"
-cmd=$(sed -n 's/.*sm_cmd=\([^ ]*\).*/\1/p' /proc/cmdline)
 echo supermachine-testhost-start
 sh "$cmd" < /dev/null; rc=$?
 echo "supermachine-testhost-exit=$rc"
@@ -216,6 +223,16 @@ pub fn run_command(command: &[String], opts: &Options) -> Result<i32> {
     );
     text.push('\n');
     write_atomic(&script, text.as_bytes())?;
+    let keep: String = kept_paths(&[
+        opts.cwd.clone(),
+        crate::util::workspace_root(),
+        crate::util::target_dir(),
+    ])
+    .iter()
+    .filter(|p| p.starts_with("/tmp"))
+    .map(|p| format!("{}\n", p.display()))
+    .collect();
+    write_atomic(&script.with_extension("keep"), keep.as_bytes())?;
 
     let loglevel = std::env::var("SUPERMACHINE_TESTHOST_LOGLEVEL").unwrap_or_else(|_| "1".into());
     let append = format!(
@@ -281,6 +298,7 @@ pub fn run_command(command: &[String], opts: &Options) -> Result<i32> {
     }
     let _ = child.wait();
     let _ = std::fs::remove_file(&script);
+    let _ = std::fs::remove_file(script.with_extension("keep"));
     match exit {
         Some(code) => Ok(code),
         None => {

@@ -118,6 +118,24 @@ pub fn run_all(force_local: bool) -> Result<()> {
         "x86_64-pc-windows-msvc",
     ]))?;
 
+    step("the emulated arm64 host boots and offers KVM (cargo xtask testhost --arch aarch64)");
+    let code = crate::testhost_arm64::run_command(
+        &[
+            "sh".into(),
+            "-c".into(),
+            "[ \"$(uname -m)\" = aarch64 ] && [ -c /dev/kvm ] && [ -f Cargo.toml ] && exit 7"
+                .into(),
+        ],
+        &crate::testhost::Options {
+            cpus: 1,
+            memory_mib: 1024,
+            ..Default::default()
+        },
+    )?;
+    if code != 7 {
+        bail!("the emulated arm64 host did not run its command (status {code}, expected 7)");
+    }
+
     step("integration tests that boot Linux guests");
     let supermachine = build_supermachine(false)?;
     let guest_tests = test_binary("guest")?;
