@@ -21,7 +21,7 @@ pub struct BootOptions {
     pub kernel: PathBuf,
     /// Base initramfs (with `guest-init` as `/init`), if any.
     pub initramfs: Option<PathBuf>,
-    /// Extra kernel parameters, appended to [`DEFAULT_CMDLINE`](vmm::DEFAULT_CMDLINE).
+    /// Extra kernel parameters, appended to [`DEFAULT_CMDLINE`].
     pub extra_cmdline: String,
     /// Guest RAM in MiB.
     pub memory_mib: u32,

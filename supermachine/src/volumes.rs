@@ -2,7 +2,7 @@
 //! as a virtio-blk disk and mounted by `guest-init` at a path in the container, created sparse
 //! and formatted ext4 on first use; data the guest syncs is on the host file when its `fsync`
 //! returns (virtio-blk FLUSH is an `fsync` of the file). An existing host directory is shared
-//! through virtio-fs (the [`virtiofs`] crate): edits on either side show on the other.
+//! through virtio-fs (the `virtiofs` crate): edits on either side show on the other.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

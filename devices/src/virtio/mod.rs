@@ -160,8 +160,8 @@ pub trait VirtioDevice: Send {
     fn read_config(&mut self, offset: u64, data: &mut [u8]);
     /// Writes the device configuration space (most devices ignore it).
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-    /// Starts the device with the driver's queues: one per [`queue_max_sizes`]
-    /// (Self::queue_max_sizes) entry, each valid in `mem` ([`activate_checked`] checks both;
+    /// Starts the device with the driver's queues: one per
+    /// [`queue_max_sizes`](Self::queue_max_sizes) entry, each valid in `mem` ([`activate_checked`] checks both;
     /// call it rather than this).
     fn activate(
         &mut self,

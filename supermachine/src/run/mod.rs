@@ -4,10 +4,10 @@
 //! exit status is the VM's.
 
 //!
-//! The phases, each in its module: [`plan`] (a restore of a usable bake, or a boot), then in
-//! [`session`] publishing ports and registering the VM, wiring its consoles ([`consoles`]) and
-//! control, booting or restoring it, supervising it (signals: [`signals`]; bake readiness:
-//! [`ready`]), and turning how it ended into a status. Bakes and their cache: [`bakes`].
+//! The phases, each in its module: `plan` (a restore of a usable bake, or a boot), then in
+//! `session` publishing ports and registering the VM, wiring its consoles (`consoles`) and
+//! control, booting or restoring it (`start`), supervising it (signals: `signals`; bake readiness:
+//! `ready`), and turning how it ended into a status. Bakes and their cache: `bakes`.
 
 mod bakes;
 mod consoles;
@@ -15,6 +15,7 @@ mod plan;
 mod ready;
 mod session;
 mod signals;
+mod start;
 
 use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
@@ -339,7 +340,7 @@ pub fn command_line(image: &oci_bake::config::RunConfig, opts: &RunOptions) -> V
 }
 
 /// Runs the image; returns the workload's exit status. The VM is in the registry
-/// ([`crate::vms`]) while it runs, and afterwards with [`RunOptions::keep_record`].
+/// ([`crate::vms`]) while it runs, and afterwards with [`VmConfig::keep_after_exit`](crate::VmConfig::keep_after_exit).
 pub fn run(
     opts: &RunOptions,
     stdout: Box<dyn Write + Send>,
