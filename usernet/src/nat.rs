@@ -205,7 +205,7 @@ impl Device for Frames {
 
 type LookupResult = (SocketAddrV4, dns::Query, io::Result<Vec<IpAddr>>);
 
-/// A user-mode network for one guest (see the [module docs](self)).
+/// A user-mode network for one guest (see the [crate docs](crate)).
 pub struct UserNet {
     config: UserNetConfig,
     epoll: Epoll,
