@@ -85,43 +85,12 @@ fn ensure_kernel() -> Result<(PathBuf, PathBuf)> {
         run(Command::new("apt-get").args(["update", "-q"]))?;
         deps = depends()?;
     }
-    let image = deps
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("Depends: "))
-        .find(|p| {
-            p.starts_with("linux-image-") && p.chars().nth(12).is_some_and(|c| c.is_ascii_digit())
-        })
-        .context("cannot resolve linux-image-amd64's kernel package")?
-        .trim_end_matches("-unsigned")
-        .to_string();
-    let dl = d.join("download");
-    let _ = std::fs::remove_dir_all(&dl);
-    std::fs::create_dir_all(&dl)?;
-    let got = Command::new("apt-get")
-        .args(["download", "-q", &format!("{image}-unsigned")])
-        .current_dir(&dl)
-        .status()?
-        .success();
-    if !got {
-        run(Command::new("apt-get")
-            .args(["download", "-q", &image])
-            .current_dir(&dl))?;
+    let image =
+        kernel_package_of(&deps).context("cannot resolve linux-image-amd64's kernel package")?;
+    if fetch_package(&format!("{image}-unsigned"), &d, &pkg).is_err() {
+        fetch_package(&image, &d, &pkg)?;
     }
-    let deb = std::fs::read_dir(&dl)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|e| e == "deb"))
-        .context("apt-get download produced no .deb")?;
-    let _ = std::fs::remove_dir_all(&pkg);
-    run(Command::new("dpkg").arg("-x").arg(&deb).arg(&pkg))?;
-    let boot = std::fs::read_dir(pkg.join("boot"))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
-        })
-        .context("the kernel package has no /boot/vmlinuz-*")?;
-    write_atomic(&vmlinuz, &std::fs::read(boot)?)?;
-    let _ = std::fs::remove_dir_all(&dl);
+    write_atomic(&vmlinuz, &std::fs::read(package_kernel(&pkg)?)?)?;
     Ok((vmlinuz, pkg))
 }
 
@@ -456,13 +425,7 @@ pub fn run_command_lines(command: &[String], opts: &Options) -> Result<(i32, Vec
             }
         });
     }
-    let mut started = false;
-    let mut printed = Vec::new();
-    let mut exit = None;
-    let mut tail: Vec<String> = Vec::new();
-    let out = std::io::stdout();
-    for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
-        let line = String::from_utf8_lossy(&line).replace('\r', "");
+    let console = read_console(stdout, |line| {
         // The emulated kernel reporting a CPU stuck (in practice: a nested vCPU thread that never
         // leaves KVM_RUN) is a machine that will not recover: end it now. Its periodic reports
         // must not count as progress either.
@@ -481,34 +444,18 @@ pub fn run_command_lines(command: &[String], opts: &Options) -> Result<(i32, Vec
                 dump_cpus(&monitor);
             }
             let _ = child.kill();
-            continue;
+            return false;
         }
         if let Ok(mut t) = last_output.lock() {
             *t = std::time::Instant::now();
         }
-        if let Some(rc) = line.trim().strip_prefix(EXIT_MARKER) {
-            exit = rc.trim().parse::<i32>().ok();
-            continue;
-        }
-        if line.trim_end().ends_with(START_MARKER) {
-            started = true;
-            continue;
-        }
-        if started {
-            if line.contains("reboot: Power down") {
-                continue;
-            }
-            let mut o = out.lock();
-            let _ = writeln!(o, "{line}");
-            let _ = o.flush();
-            printed.push(line);
-        } else {
-            tail.push(line);
-            if tail.len() > 40 {
-                tail.remove(0);
-            }
-        }
-    }
+        true
+    });
+    let Console {
+        exit,
+        printed,
+        tail,
+    } = console;
     let _ = child.wait();
     let _ = std::fs::remove_file(&script);
     let _ = std::fs::remove_file(script.with_extension("keep"));
@@ -533,6 +480,105 @@ pub fn run_command_lines(command: &[String], opts: &Options) -> Result<(i32, Vec
             Ok((CRASHED, printed))
         }
     }
+}
+
+/// What an emulated host's console said.
+pub struct Console {
+    /// The command's exit status, if the machine got to report it.
+    pub exit: Option<i32>,
+    /// What the command printed.
+    pub printed: Vec<String>,
+    /// The last lines before the command started (the machine's boot), for errors.
+    pub tail: Vec<String>,
+}
+
+/// Reads an emulated host's console until it closes: lines before the start marker are kept
+/// (the last 40), the command's lines are printed as they come, the exit marker gives its
+/// status. `inspect` sees every line first and swallows it by returning false.
+pub fn read_console(stdout: impl std::io::Read, mut inspect: impl FnMut(&str) -> bool) -> Console {
+    let mut console = Console {
+        exit: None,
+        printed: Vec::new(),
+        tail: Vec::new(),
+    };
+    let mut started = false;
+    let out = std::io::stdout();
+    for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
+        let line = String::from_utf8_lossy(&line).replace('\r', "");
+        if !inspect(&line) {
+            continue;
+        }
+        if let Some(rc) = line.trim().strip_prefix(EXIT_MARKER) {
+            console.exit = rc.trim().parse::<i32>().ok();
+            continue;
+        }
+        if line.trim_end().ends_with(START_MARKER) {
+            started = true;
+            continue;
+        }
+        if started {
+            if line.contains("reboot: Power down") {
+                continue;
+            }
+            let mut o = out.lock();
+            let _ = writeln!(o, "{line}");
+            let _ = o.flush();
+            console.printed.push(line);
+        } else {
+            console.tail.push(line);
+            if console.tail.len() > 40 {
+                console.tail.remove(0);
+            }
+        }
+    }
+    console
+}
+
+/// Downloads Debian package `spec` (e.g. `busybox-static:arm64`) into `work` and unpacks it
+/// into `into`, replacing what was there.
+pub fn fetch_package(spec: &str, work: &Path, into: &Path) -> Result<()> {
+    let dl = work.join("download");
+    let _ = std::fs::remove_dir_all(&dl);
+    std::fs::create_dir_all(&dl)?;
+    let got = Command::new("apt-get")
+        .args(["download", "-q", spec])
+        .current_dir(&dl)
+        .status()?
+        .success();
+    if !got {
+        bail!("apt-get download {spec} failed");
+    }
+    let deb = std::fs::read_dir(&dl)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .with_context(|| format!("apt-get download {spec} produced no .deb"))?;
+    let _ = std::fs::remove_dir_all(into);
+    run(Command::new("dpkg").arg("-x").arg(&deb).arg(into))?;
+    let _ = std::fs::remove_dir_all(&dl);
+    Ok(())
+}
+
+/// The `/boot/vmlinuz-*` of an unpacked kernel package.
+pub fn package_kernel(pkg: &Path) -> Result<PathBuf> {
+    std::fs::read_dir(pkg.join("boot"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        })
+        .context("the kernel package has no /boot/vmlinuz-*")
+}
+
+/// The versioned kernel package a Debian meta-package (`linux-image-amd64`) depends on.
+pub fn kernel_package_of(apt_cache_depends: &str) -> Option<String> {
+    apt_cache_depends
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends: "))
+        .map(|p| p.split(':').next().unwrap_or(p))
+        .find(|p| {
+            p.starts_with("linux-image-") && p.chars().nth(12).is_some_and(|c| c.is_ascii_digit())
+        })
+        .map(|p| p.trim_end_matches("-unsigned").to_string())
 }
 
 /// How long the emulated machine may be silent before its vCPUs are nudged ([`nudge_cpus`]).
@@ -657,6 +703,26 @@ pub fn hold_kvm() -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_versioned_kernel_package_is_found_for_both_architectures() {
+        let amd64 = "linux-image-amd64\n  Depends: linux-image-6.1.0-57-amd64\n";
+        assert_eq!(
+            kernel_package_of(amd64).as_deref(),
+            Some("linux-image-6.1.0-57-amd64")
+        );
+        let arm64 = "linux-image-arm64:arm64\n  Depends: linux-image-6.1.0-57-arm64:arm64\n";
+        assert_eq!(
+            kernel_package_of(arm64).as_deref(),
+            Some("linux-image-6.1.0-57-arm64")
+        );
+        let unsigned = "  Depends: linux-image-6.1.0-57-amd64-unsigned\n";
+        assert_eq!(
+            kernel_package_of(unsigned).as_deref(),
+            Some("linux-image-6.1.0-57-amd64")
+        );
+        assert_eq!(kernel_package_of("  Depends: linux-base\n"), None);
+    }
 
     #[test]
     fn paths_under_the_fresh_tmpfs_mounts_are_kept_outermost_only() {

@@ -10,18 +10,17 @@
 //! from the host's (a checkout under `/tmp`). Cached under
 //! `~/.cache/supermachine/testhost-arm64`; `cargo xtask testhost --arch aarch64 -- CMD`.
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 use guest_init::newc::Writer;
 
-use crate::testhost::{kept_paths, module_order_of, shell_quote, Options};
+use crate::testhost::{
+    fetch_package, kept_paths, kernel_package_of, module_order_of, package_kernel, read_console,
+    shell_quote, Console, Options,
+};
 use crate::util::{cache_dir, have_command, output, run, step, write_atomic};
-
-const START_MARKER: &str = "supermachine-testhost-start";
-const EXIT_MARKER: &str = "supermachine-testhost-exit=";
 
 /// Modules the L1 initramfs loads (with their dependencies): the virtio-mmio transport of
 /// QEMU's `virt` machine and the 9p filesystem that shares this machine's files. KVM is built
@@ -83,24 +82,6 @@ fn ensure_tools() -> Result<()> {
     Ok(())
 }
 
-/// Downloads one arm64 package and unpacks it into `into` (replacing what was there).
-fn fetch_package(name: &str, into: &Path) -> Result<()> {
-    let dl = dir().join("download");
-    let _ = std::fs::remove_dir_all(&dl);
-    std::fs::create_dir_all(&dl)?;
-    run(Command::new("apt-get")
-        .args(["download", "-q", &format!("{name}:arm64")])
-        .current_dir(&dl))?;
-    let deb = std::fs::read_dir(&dl)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|e| e == "deb"))
-        .with_context(|| format!("apt-get download {name}:arm64 produced no .deb"))?;
-    let _ = std::fs::remove_dir_all(into);
-    run(Command::new("dpkg").arg("-x").arg(&deb).arg(into))?;
-    let _ = std::fs::remove_dir_all(&dl);
-    Ok(())
-}
-
 /// Debian's arm64 kernel (an uncompressed `Image`) and its modules, once.
 fn ensure_kernel() -> Result<(PathBuf, PathBuf)> {
     let d = dir();
@@ -112,27 +93,12 @@ fn ensure_kernel() -> Result<(PathBuf, PathBuf)> {
     step("testhost (arm64): fetching Debian's arm64 kernel");
     std::fs::create_dir_all(&d)?;
     let deps = output(Command::new("apt-cache").args(["depends", "linux-image-arm64:arm64"]))?;
-    let name = deps
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("Depends: "))
-        .map(|p| p.trim_end_matches(":arm64"))
-        .find(|p| {
-            p.starts_with("linux-image-") && p.chars().nth(12).is_some_and(|c| c.is_ascii_digit())
-        })
-        .context("cannot resolve linux-image-arm64's kernel package")?
-        .trim_end_matches("-unsigned")
-        .to_string();
-    if fetch_package(&format!("{name}-unsigned"), &pkg).is_err() {
-        fetch_package(&name, &pkg)?;
+    let name =
+        kernel_package_of(&deps).context("cannot resolve linux-image-arm64's kernel package")?;
+    if fetch_package(&format!("{name}-unsigned:arm64"), &d, &pkg).is_err() {
+        fetch_package(&format!("{name}:arm64"), &d, &pkg)?;
     }
-    let vmlinuz = std::fs::read_dir(pkg.join("boot"))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
-        })
-        .context("the kernel package has no /boot/vmlinuz-*")?;
-    write_atomic(&image, &std::fs::read(vmlinuz)?)?;
+    write_atomic(&image, &std::fs::read(package_kernel(&pkg)?)?)?;
     Ok((image, pkg))
 }
 
@@ -144,7 +110,7 @@ fn ensure_busybox() -> Result<PathBuf> {
     }
     step("testhost (arm64): fetching Debian's static arm64 busybox");
     let pkg = dir().join("busybox-pkg");
-    fetch_package("busybox-static", &pkg)?;
+    fetch_package("busybox-static:arm64", &dir(), &pkg)?;
     write_atomic(&busybox, &std::fs::read(pkg.join("bin/busybox"))?)?;
     let _ = std::fs::remove_dir_all(&pkg);
     Ok(busybox)
@@ -268,34 +234,7 @@ pub fn run_command(command: &[String], opts: &Options) -> Result<i32> {
         .spawn()
         .context("cannot start qemu-system-aarch64 (apt-get install qemu-system-arm)")?;
     let stdout = child.stdout.take().context("no qemu stdout")?;
-    let mut started = false;
-    let mut exit = None;
-    let mut tail: Vec<String> = Vec::new();
-    let out = std::io::stdout();
-    for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
-        let line = String::from_utf8_lossy(&line).replace('\r', "");
-        if let Some(rc) = line.trim().strip_prefix(EXIT_MARKER) {
-            exit = rc.trim().parse::<i32>().ok();
-            continue;
-        }
-        if line.trim_end().ends_with(START_MARKER) {
-            started = true;
-            continue;
-        }
-        if started {
-            if line.contains("reboot: Power down") {
-                continue;
-            }
-            let mut o = out.lock();
-            let _ = writeln!(o, "{line}");
-            let _ = o.flush();
-        } else {
-            tail.push(line);
-            if tail.len() > 40 {
-                tail.remove(0);
-            }
-        }
-    }
+    let Console { exit, tail, .. } = read_console(stdout, |_| true);
     let _ = child.wait();
     let _ = std::fs::remove_file(&script);
     let _ = std::fs::remove_file(script.with_extension("keep"));
