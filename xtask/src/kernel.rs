@@ -1,7 +1,9 @@
-//! `cargo xtask kernel`: builds the guest kernel from Debian's `linux-source-6.1` with our
-//! committed config fragment, cached under `~/.cache/supermachine/kernel/<key>/` where the key
-//! hashes the source package version and the fragment. A build happens only when the key
-//! changes; the object tree is kept, so a config change rebuilds incrementally.
+//! `cargo xtask kernel [--arch aarch64]`: builds the guest kernel from Debian's
+//! `linux-source-6.1` with our committed config fragment (`xtask/kernel/microvm-ARCH.config`),
+//! cached under `~/.cache/supermachine/kernel/<key>/` where the key hashes the source package
+//! version, the fragment and (for arm64) the architecture. A build happens only when the key
+//! changes; the object tree is kept per architecture, so a config change rebuilds
+//! incrementally. The arm64 kernel is cross-built with Debian's `gcc-aarch64-linux-gnu`.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -18,8 +20,55 @@ const SOURCE_PACKAGE: &str = "linux-source-6.1";
 /// Bump when the build recipe changes in a way the fragment does not show.
 const RECIPE_VERSION: &str = "1";
 
-pub fn fragment_path() -> PathBuf {
-    workspace_root().join("xtask/kernel/microvm-x86_64.config")
+/// The architecture a guest kernel is built for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    /// `vmlinux` (ELF with a PVH note), built natively.
+    X86_64,
+    /// `Image` (the arm64 boot protocol's), cross-built.
+    Aarch64,
+}
+
+impl Arch {
+    /// From `--arch`.
+    pub fn parse(name: &str) -> Result<Arch> {
+        match name {
+            "x86_64" | "amd64" => Ok(Arch::X86_64),
+            "aarch64" | "arm64" => Ok(Arch::Aarch64),
+            other => bail!("unknown architecture {other:?} (x86_64 or aarch64)"),
+        }
+    }
+
+    fn fragment(self) -> PathBuf {
+        workspace_root().join(match self {
+            Arch::X86_64 => "xtask/kernel/microvm-x86_64.config",
+            Arch::Aarch64 => "xtask/kernel/microvm-aarch64.config",
+        })
+    }
+
+    /// What `make` needs besides the target.
+    fn make_vars(self) -> &'static [&'static str] {
+        match self {
+            Arch::X86_64 => &[],
+            Arch::Aarch64 => &["ARCH=arm64", "CROSS_COMPILE=aarch64-linux-gnu-"],
+        }
+    }
+
+    /// The make target, and the file it produces in the object tree.
+    fn image(self) -> (&'static str, &'static str) {
+        match self {
+            Arch::X86_64 => ("vmlinux", "vmlinux"),
+            Arch::Aarch64 => ("Image", "arch/arm64/boot/Image"),
+        }
+    }
+
+    /// Where the built kernel is installed for the VMM.
+    pub fn installed(self) -> PathBuf {
+        match self {
+            Arch::X86_64 => installed_kernel(),
+            Arch::Aarch64 => crate::util::guest_dir().join("Image-aarch64"),
+        }
+    }
 }
 
 fn source_version() -> Result<String> {
@@ -31,41 +80,61 @@ fn source_version() -> Result<String> {
     )
 }
 
-/// The cache key of the kernel the current fragment produces.
-pub fn cache_key() -> Result<String> {
-    let fragment = std::fs::read(fragment_path())?;
+/// The cache key of the kernel the current fragment produces (for x86-64 the same as before
+/// there was a second architecture, so existing caches stay valid).
+pub fn cache_key(arch: Arch) -> Result<String> {
+    let fragment = std::fs::read(arch.fragment())?;
     let version = source_version()?;
-    Ok(sha256_hex(&[RECIPE_VERSION.as_bytes(), version.as_bytes(), &fragment])[..16].to_string())
+    let mut parts: Vec<&[u8]> = vec![RECIPE_VERSION.as_bytes(), version.as_bytes(), &fragment];
+    if arch == Arch::Aarch64 {
+        parts.push(b"aarch64");
+    }
+    Ok(sha256_hex(&parts)[..16].to_string())
 }
 
-/// Builds (if needed) and installs the guest kernel; returns its path.
+/// Builds (if needed) and installs the x86-64 guest kernel; returns its path.
 pub fn build() -> Result<PathBuf> {
-    let key = cache_key()?;
+    build_for(Arch::X86_64)
+}
+
+/// Builds (if needed) and installs the guest kernel for `arch`; returns its path.
+pub fn build_for(arch: Arch) -> Result<PathBuf> {
+    if arch == Arch::Aarch64 && !crate::util::have_command("aarch64-linux-gnu-gcc") {
+        step("kernel: installing the arm64 cross compiler (gcc-aarch64-linux-gnu)");
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "gcc-aarch64-linux-gnu"])
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    let key = cache_key(arch)?;
     let out_dir = cache_dir().join("kernel").join(&key);
-    let vmlinux = out_dir.join("vmlinux");
-    if vmlinux.is_file() {
+    let name = arch.image().0;
+    let built = out_dir.join(name);
+    if built.is_file() {
         eprintln!("kernel: cached build {key} is up to date");
     } else {
         let started = std::time::Instant::now();
-        compile(&out_dir)?;
+        compile(arch, &out_dir)?;
         eprintln!(
             "kernel: built {key} in {:.0} s",
             started.elapsed().as_secs_f64()
         );
     }
-    let installed = installed_kernel();
-    if std::fs::read(&installed).ok().as_deref() != Some(&std::fs::read(&vmlinux)?[..]) {
-        copy_atomic(&vmlinux, &installed)?;
+    let installed = arch.installed();
+    if std::fs::read(&installed).ok().as_deref() != Some(&std::fs::read(&built)?[..]) {
+        copy_atomic(&built, &installed)?;
     }
     eprintln!("kernel: {}", installed.display());
     Ok(installed)
 }
 
-fn compile(out_dir: &Path) -> Result<()> {
+fn compile(arch: Arch, out_dir: &Path) -> Result<()> {
     let version = source_version()?;
     let work = cache_dir().join("kernel");
     let src = work.join(format!("src-{version}"));
-    let obj = work.join("obj");
+    let obj = work.join(match arch {
+        Arch::X86_64 => "obj",
+        Arch::Aarch64 => "obj-aarch64",
+    });
     if !src.join("Makefile").is_file() {
         step(&format!("kernel: unpacking {SOURCE_TARBALL}"));
         let tmp = work.join(format!(".src-unpack-{}", std::process::id()));
@@ -81,26 +150,37 @@ fn compile(out_dir: &Path) -> Result<()> {
     let make = |args: &[&str]| {
         let mut c = Command::new("make");
         c.arg("-C").arg(&src).arg(format!("O={}", obj.display()));
+        c.args(arch.make_vars());
         c.args(args);
         c
     };
-    step("kernel: configuring (allnoconfig + xtask/kernel/microvm-x86_64.config)");
+    let fragment = arch.fragment();
+    step(&format!(
+        "kernel: configuring (allnoconfig + {})",
+        fragment.display()
+    ));
     run(make(&["-s", "allnoconfig"]).stdout(Stdio::null()))?;
-    run(Command::new(src.join("scripts/kconfig/merge_config.sh"))
+    let mut merge = Command::new(src.join("scripts/kconfig/merge_config.sh"));
+    if arch == Arch::Aarch64 {
+        merge.env("ARCH", "arm64");
+        merge.env("CROSS_COMPILE", "aarch64-linux-gnu-");
+    }
+    run(merge
         .current_dir(&obj)
         .args(["-m", "-O"])
         .arg(&obj)
         .arg(obj.join(".config"))
-        .arg(fragment_path())
+        .arg(&fragment)
         .stdout(Stdio::null()))?;
     run(make(&["-s", "olddefconfig"]).stdout(Stdio::null()))?;
-    verify_config(&obj.join(".config"))?;
+    verify_config(&fragment, &obj.join(".config"))?;
 
     step(&format!(
-        "kernel: compiling with {} jobs (about 4 minutes on 2 cores)",
+        "kernel: compiling {} with {} jobs (about 4 minutes on 2 cores)",
+        arch.image().0,
         nproc()
     ));
-    let mut child = make(&[&format!("-j{}", nproc()), "vmlinux"])
+    let mut child = make(&[&format!("-j{}", nproc()), arch.image().0])
         .stdout(Stdio::piped())
         .spawn()
         .context("cannot start make")?;
@@ -121,15 +201,15 @@ fn compile(out_dir: &Path) -> Result<()> {
     if !status.success() {
         bail!("kernel build failed ({status}); see the compiler output above");
     }
-    copy_atomic(&obj.join("vmlinux"), &out_dir.join("vmlinux"))?;
+    copy_atomic(&obj.join(arch.image().1), &out_dir.join(arch.image().0))?;
     copy_atomic(&obj.join(".config"), &out_dir.join("config"))?;
     Ok(())
 }
 
 /// Every `CONFIG_X=y` and `# CONFIG_X is not set` in the fragment must survive olddefconfig;
 /// a silently dropped option is a guest that lacks a feature we think it has.
-fn verify_config(config: &Path) -> Result<()> {
-    let fragment = std::fs::read_to_string(fragment_path())?;
+fn verify_config(fragment: &Path, config: &Path) -> Result<()> {
+    let fragment = std::fs::read_to_string(fragment)?;
     let config = std::fs::read_to_string(config)?;
     let lines: std::collections::HashSet<&str> = config.lines().collect();
     let mut dropped = Vec::new();

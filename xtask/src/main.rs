@@ -49,7 +49,11 @@ enum Cmd {
     /// Install the Debian packages and rustup targets the build and tests need
     Deps,
     /// Build the guest kernel from Debian's linux-source-6.1 (cached by config hash)
-    Kernel,
+    Kernel {
+        /// x86_64 (the default) or aarch64 (cross-built, installed as Image-aarch64)
+        #[arg(long, default_value = "x86_64")]
+        arch: String,
+    },
     /// Build the initramfs: guest-init as /init plus busybox
     Initramfs,
     /// Set up everything and run the busybox image: `cargo xtask run [RUN-FLAGS] -- COMMAND...`
@@ -131,7 +135,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Deps => deps::ensure().map(|_| 0),
-        Cmd::Kernel => kernel::build().map(|_| 0),
+        Cmd::Kernel { arch } => kernel::Arch::parse(&arch)
+            .and_then(kernel::build_for)
+            .map(|_| 0),
         Cmd::Initramfs => initramfs::build().map(|_| 0),
         Cmd::Image { name } => match name.as_str() {
             "redis" => images::redis(),

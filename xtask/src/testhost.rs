@@ -407,15 +407,9 @@ pub fn run_command_lines(command: &[String], opts: &Options) -> Result<(i32, Vec
     if let Some(limit) = opts.silence_limit {
         let (last, wedged, pid) = (last_output.clone(), wedged.clone(), child.id());
         let monitor_for_watchdog = monitor.clone();
-        let cpus = opts.cpus;
-        let mut nudged_at = std::time::Instant::now();
         std::thread::spawn(move || loop {
             std::thread::sleep(std::time::Duration::from_secs(5));
             let quiet = last.lock().map(|t| t.elapsed()).unwrap_or_default();
-            if quiet > NUDGE_AFTER && nudged_at.elapsed() > NUDGE_AFTER {
-                nudge_cpus(&monitor_for_watchdog, cpus);
-                nudged_at = std::time::Instant::now();
-            }
             if quiet > limit {
                 wedged.store(true, std::sync::atomic::Ordering::SeqCst);
                 dump_cpus(&monitor_for_watchdog);
@@ -579,35 +573,6 @@ pub fn kernel_package_of(apt_cache_depends: &str) -> Option<String> {
             p.starts_with("linux-image-") && p.chars().nth(12).is_some_and(|c| c.is_ascii_digit())
         })
         .map(|p| p.trim_end_matches("-unsigned").to_string())
-}
-
-/// How long the emulated machine may be silent before its vCPUs are nudged ([`nudge_cpus`]).
-const NUDGE_AFTER: std::time::Duration = std::time::Duration::from_secs(15);
-
-/// Makes every emulated vCPU thread leave its translated code once (QEMU runs the monitor's
-/// `info registers` on the vCPU's own thread, which kicks it), so it sees interrupts that are
-/// pending. QEMU 7.2's TCG sometimes misses the kick of a timer interrupt: the emulated host's
-/// CPU then spins with the local APIC timer's vector pending in IRR and interrupts enabled, for
-/// minutes (a 200-restore loop wedged 295 s this way), and the monitor's CPU dump brought it
-/// back at once. A harmless query every 15 s of silence does the same before it costs a test.
-fn nudge_cpus(monitor: &Path, cpus: usize) {
-    use std::io::Read;
-    use std::os::unix::net::UnixStream;
-    let Ok(mut s) = UnixStream::connect(monitor) else {
-        return;
-    };
-    let _ = s.set_read_timeout(Some(std::time::Duration::from_millis(500)));
-    let mut commands = String::new();
-    for cpu in 0..cpus.max(1) {
-        commands.push_str(&format!("cpu {cpu}\ninfo registers\n"));
-    }
-    let _ = s.write_all(commands.as_bytes());
-    let mut buf = [0u8; 65536];
-    while let Ok(n) = s.read(&mut buf) {
-        if n == 0 {
-            break;
-        }
-    }
 }
 
 /// Prints where each CPU of a stuck emulated machine is (registers, the instructions at its
