@@ -249,3 +249,93 @@ pub fn run_command(command: &[String], opts: &Options) -> Result<i32> {
         }
     }
 }
+
+const KERNEL_OK: &str = "supermachine-arm64-guest-kernel-ok";
+
+/// Boots the arm64 guest kernel `image` directly under QEMU's `virt` machine (TCG, 2 CPUs:
+/// PSCI, the GICv3, the architected timer, a PL011 console) with a busybox initramfs whose init
+/// prints a marker and the CPU count and powers off: proof the recipe makes a kernel that boots
+/// to userspace on arm64, before any VMM of ours runs it.
+pub fn check_guest_kernel(image: &Path) -> Result<()> {
+    ensure_tools()?;
+    let busybox = ensure_busybox()?;
+    let init = format!(
+        "#!/bin/busybox sh\n/bin/busybox --install -s /bin\nmount -t proc proc /proc\n\
+         echo \"{KERNEL_OK} $(uname -m) $(nproc)\"\npoweroff -f\n"
+    );
+    let mut w = Writer::new(Vec::new());
+    for d in ["bin", "proc", "dev"] {
+        w.directory(d, 0o755)?;
+    }
+    w.char_device("dev/console", 0o600, 5, 1)?;
+    w.file("bin/busybox", 0o755, &std::fs::read(&busybox)?)?;
+    w.file("init", 0o755, init.as_bytes())?;
+    let initrd = dir().join(format!("kernel-check-{}.cpio", std::process::id()));
+    write_atomic(&initrd, &w.finish()?)?;
+    let mut child = Command::new("qemu-system-aarch64")
+        .args([
+            "-M",
+            "virt,gic-version=3",
+            "-cpu",
+            "max",
+            "-smp",
+            "2",
+            "-m",
+            "256",
+        ])
+        .args([
+            "-nographic",
+            "-no-reboot",
+            "-nodefaults",
+            "-serial",
+            "stdio",
+        ])
+        .arg("-kernel")
+        .arg(image)
+        .arg("-initrd")
+        .arg(&initrd)
+        .args(["-append", "console=ttyAMA0 panic=-1 quiet"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("cannot start qemu-system-aarch64")?;
+    let stdout = child.stdout.take().context("no qemu stdout")?;
+    let pid = child.id();
+    // A kernel that hangs must fail the check, not the run.
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if finished.recv_timeout(std::time::Duration::from_secs(180))
+            == Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+        {
+            // SAFETY: signalling our own QEMU child, which is reaped only after `done` is sent
+            // (so its pid cannot belong to another process yet).
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
+    });
+    let mut lines = Vec::new();
+    let mut ok = None;
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
+        if let Some(rest) = line.trim().strip_prefix(KERNEL_OK) {
+            ok = Some(rest.trim().to_string());
+        }
+        lines.push(line);
+        if lines.len() > 60 {
+            lines.remove(0);
+        }
+    }
+    let _ = done.send(());
+    let _ = child.wait();
+    let _ = std::fs::remove_file(&initrd);
+    match ok {
+        Some(what) if what == "aarch64 2" => {
+            eprintln!("kernel: the arm64 guest kernel boots to init on 2 CPUs");
+            Ok(())
+        }
+        _ => {
+            for l in &lines {
+                eprintln!("  {l}");
+            }
+            bail!("the arm64 guest kernel did not boot to init under QEMU (its console above)")
+        }
+    }
+}

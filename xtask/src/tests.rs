@@ -136,6 +136,10 @@ pub fn run_all(force_local: bool) -> Result<()> {
         bail!("the emulated arm64 host did not run its command (status {code}, expected 7)");
     }
 
+    step("the arm64 guest kernel builds (cargo xtask kernel --arch aarch64) and boots to init");
+    let image = crate::kernel::build_for(crate::kernel::Arch::Aarch64)?;
+    crate::testhost_arm64::check_guest_kernel(&image)?;
+
     step("integration tests that boot Linux guests");
     let supermachine = build_supermachine(false)?;
     let guest_tests = test_binary("guest")?;
