@@ -22,6 +22,18 @@ pub enum InitramfsPart {
     Bytes(Vec<u8>),
 }
 
+/// A memory-mapped device the guest must be told about (on arm64 it goes into the device
+/// tree; x86 guests learn theirs from the command line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeclaredDevice {
+    /// Its base address.
+    pub addr: u64,
+    /// The size of its window.
+    pub len: u64,
+    /// Its interrupt line (an SPI number on arm64).
+    pub irq: u32,
+}
+
 /// What a VM is made of.
 #[derive(Debug, Clone)]
 pub struct VmResources {
@@ -81,6 +93,7 @@ pub struct VmBuilder {
     vm: Box<dyn ArchVm>,
     memory: GuestMemory,
     buses: IoBuses,
+    declared: Vec<DeclaredDevice>,
 }
 
 impl VmBuilder {
@@ -99,6 +112,7 @@ impl VmBuilder {
             vm,
             memory,
             buses: IoBuses::default(),
+            declared: Vec::new(),
         })
     }
 
@@ -124,6 +138,7 @@ impl VmBuilder {
             vm,
             memory,
             buses: IoBuses::default(),
+            declared: Vec::new(),
         })
     }
 
@@ -172,6 +187,11 @@ impl VmBuilder {
         cmdline.push_str(params);
     }
 
+    /// Tells the guest about an MMIO device at boot (the arm64 device tree lists it).
+    pub fn declare_mmio_device(&mut self, device: DeclaredDevice) {
+        self.declared.push(device);
+    }
+
     /// The backend VM, for device wiring such as [`Vm::register_ioevent`](crate::Vm::register_ioevent).
     pub fn vm(&self) -> &dyn ArchVm {
         self.vm.as_ref()
@@ -207,7 +227,7 @@ impl VmBuilder {
         for id in 0..count {
             vcpus.push(self.vm.create_vcpu(id, count)?);
         }
-        host::load_guest(&self.memory, &self.resources, &mut vcpus)?;
+        host::load_guest(&self.memory, &self.resources, &mut vcpus, &self.declared)?;
         Ok(BuiltVm {
             vm: self.vm,
             vcpus,

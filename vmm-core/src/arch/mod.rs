@@ -18,7 +18,8 @@ pub mod x86_64;
 #[cfg(target_arch = "x86_64")]
 pub use self::x86_64 as host;
 
-#[cfg(target_arch = "aarch64")]
+// Pure data and logic (layout, device tree, Image loading): also built for tests elsewhere.
+#[cfg(any(target_arch = "aarch64", test))]
 pub mod aarch64;
 #[cfg(target_arch = "aarch64")]
 pub use self::aarch64 as host;

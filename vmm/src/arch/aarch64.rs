@@ -1,13 +1,11 @@
 //! arm64: the 16550 UART and the exit-status register on the MMIO bus (no port I/O), virtio-mmio
-//! slots with SPIs. A booting kernel learns about devices from the device tree, which is not
-//! written yet (booting arm64 guests is the arm64 issue's), so `declare_virtio` records nothing.
+//! slots with SPIs, declared to the guest in the device tree.
 
 use std::sync::{Arc, Mutex};
 
 use devices::legacy::{ExitStatusPort, SerialConsole};
 use vmm_core::arch::aarch64::layout::{
-    EXIT_STATUS_ADDR, MMIO_START, RAM_START, UART_ADDR, UART_SPI, VIRTIO_MMIO_START,
-    VIRTIO_SPI_START,
+    EXIT_STATUS_ADDR, RAM_START, UART_ADDR, UART_SPI, VIRTIO_MMIO_START, VIRTIO_SPI_START,
 };
 use vmm_core::{VmBuilder, VmControl};
 
@@ -39,7 +37,6 @@ pub fn add_legacy_devices(
 /// is no such slot.
 pub fn virtio_slot(slot: usize, slot_size: u64) -> Result<(u64, u32), usize> {
     let max = ((RAM_START - VIRTIO_MMIO_START) / slot_size).min(64) as usize;
-    debug_assert!(VIRTIO_MMIO_START > MMIO_START);
     if slot >= max {
         return Err(max);
     }
@@ -49,7 +46,11 @@ pub fn virtio_slot(slot: usize, slot_size: u64) -> Result<(u64, u32), usize> {
     ))
 }
 
-/// Devices are declared in the device tree (not written yet): nothing to do here.
+/// Lists a virtio-mmio device in the device tree the guest boots with.
 pub fn declare_virtio(builder: &mut VmBuilder, addr: u64, irq: u32) {
-    let _ = (builder, addr, irq);
+    builder.declare_mmio_device(vmm_core::builder::DeclaredDevice {
+        addr,
+        len: devices::virtio::MMIO_SLOT_SIZE,
+        irq,
+    });
 }

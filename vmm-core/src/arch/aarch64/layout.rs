@@ -38,18 +38,11 @@ pub const UART_SPI: u32 = 0;
 /// The first SPI for virtio-mmio devices, as an offset from [`SPI_BASE`].
 pub const VIRTIO_SPI_START: u32 = 1;
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn regions_do_not_overlap() {
-        assert!(GICR_BASE > 0);
-        assert_eq!(
-            GICR_BASE + GICR_SIZE_PER_CPU * u64::from(MAX_VCPUS),
-            GICD_BASE
-        );
-        assert!(GICD_BASE + GICD_SIZE <= MMIO_START);
-        assert!(VIRTIO_MMIO_START < RAM_START);
-    }
-}
+// The regions do not overlap: checked when this compiles.
+const _: () = {
+    assert!(GICR_BASE > 0);
+    assert!(GICR_BASE + GICR_SIZE_PER_CPU * MAX_VCPUS as u64 == GICD_BASE);
+    assert!(GICD_BASE + GICD_SIZE <= MMIO_START);
+    assert!(UART_ADDR < EXIT_STATUS_ADDR && EXIT_STATUS_ADDR < VIRTIO_MMIO_START);
+    assert!(VIRTIO_MMIO_START < RAM_START);
+};

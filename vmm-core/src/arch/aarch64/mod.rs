@@ -2,13 +2,14 @@
 //! the extension traits a backend implements ([`HypervisorAArch64`], [`VmAArch64`],
 //! [`VcpuAArch64`]): one-reg access by ID, vCPU init with PSCI, the GICv3.
 //!
-//! **Status:** the shape is here so the neutral builder and runner compile for arm64 and the
-//! KVM and HVF backends have their traits; loading a kernel (the arm64 boot protocol and the
-//! device tree) is not written yet, so [`load_guest`] refuses with
-//! [`BuildError::Unsupported`](crate::BuildError::Unsupported).
+//! **Status:** the layout, the device tree, `Image` loading and the boot vCPU's registers are
+//! here (unit-tested on every host); no backend implements the traits yet (issue 20).
 
+pub mod boot;
+pub mod fdt;
 pub mod hypervisor;
 pub mod layout;
+pub mod regs;
 pub mod state;
 
 pub use hypervisor::{HypervisorAArch64, VcpuAArch64, VmAArch64, VmOptions};
@@ -29,20 +30,39 @@ pub fn ram_ranges(size: u64) -> Vec<(vm_memory::GuestAddress, usize)> {
     vec![(vm_memory::GuestAddress(layout::RAM_START), size as usize)]
 }
 
-/// Errors preparing an arm64 guest to boot.
-#[derive(Debug, thiserror::Error)]
-pub enum BootError {
-    /// The boot code for this architecture is not written yet.
-    #[error("booting an arm64 guest: {0} is not implemented yet")]
-    NotImplemented(&'static str),
-}
+pub use boot::BootError;
 
-/// Loads the guest: not implemented on arm64 yet.
+/// Loads the `Image` and initramfs of `resources`, writes the device tree (memory, CPUs, GIC,
+/// timer, UART, the declared virtio-mmio `devices`) and sets the boot vCPU's registers
+/// (`vcpus[0]`: PC at the kernel, `x0` = the device tree, EL1h with interrupts masked); the
+/// others wait powered off for PSCI `CPU_ON`.
+#[cfg(target_arch = "aarch64")]
 pub fn load_guest(
     memory: &crate::GuestMemory,
     resources: &crate::VmResources,
     vcpus: &mut [Box<dyn VcpuAArch64>],
+    devices: &[crate::builder::DeclaredDevice],
 ) -> Result<(), crate::BuildError> {
-    let _ = (memory, resources, vcpus);
-    Err(crate::BuildError::Unsupported)
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let ram = memory
+        .iter()
+        .map(|r| (r.start_addr().0, r.len()))
+        .next()
+        .ok_or(BootError::TooLarge { what: "the kernel" })?;
+    let kernel = boot::load_image(memory, &resources.kernel)?;
+    let fdt = boot::configure_boot(
+        memory,
+        &kernel,
+        ram,
+        &resources.cmdline,
+        &resources.initramfs,
+        resources.vcpus,
+        devices,
+    )?;
+    if let Some(boot_cpu) = vcpus.first_mut() {
+        boot_cpu.set_one_reg(regs::PSTATE, regs::PSTATE_BOOT)?;
+        boot_cpu.set_one_reg(regs::PC, u128::from(kernel.entry))?;
+        boot_cpu.set_one_reg(regs::X0, u128::from(fdt))?;
+    }
+    Ok(())
 }

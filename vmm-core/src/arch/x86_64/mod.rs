@@ -39,12 +39,16 @@ pub enum BootError {}
 
 /// Loads the kernel and initramfs of `resources` into `memory`, writes the boot structures and
 /// sets the boot vCPU's registers (`vcpus[0]`).
+/// (The virtio-mmio `devices` are declared on the command line already: x86 guests have no
+/// device tree.)
 #[cfg(unix)]
 pub fn load_guest(
     memory: &crate::GuestMemory,
     resources: &crate::VmResources,
     vcpus: &mut [Box<dyn VcpuX86_64>],
+    devices: &[crate::builder::DeclaredDevice],
 ) -> Result<(), crate::BuildError> {
+    let _ = devices;
     let kernel = boot::load_kernel(memory, &resources.kernel)?;
     let state = boot::configure_boot(
         memory,
@@ -69,7 +73,8 @@ pub fn load_guest(
     memory: &crate::GuestMemory,
     resources: &crate::VmResources,
     vcpus: &mut [Box<dyn VcpuX86_64>],
+    devices: &[crate::builder::DeclaredDevice],
 ) -> Result<(), crate::BuildError> {
-    let _ = (memory, resources, vcpus);
+    let _ = (memory, resources, vcpus, devices);
     Err(crate::BuildError::Unsupported)
 }
