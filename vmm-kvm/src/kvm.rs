@@ -1,24 +1,22 @@
 //! KVM hypervisor, VM and vCPU objects.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Once};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 
 use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
-    KVM_PIT_SPEAKER_DUMMY, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
-    KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, KVM_SYSTEM_EVENT_CRASH,
+    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_core::arch::x86_64::regs::{SpecialRegisters, StandardRegisters, CR0_PG};
 use vmm_core::arch::x86_64::{HypervisorX86_64, VcpuX86_64, VmOptions, VmX86_64};
 use vmm_core::{
     BorrowedDescriptor, GuestMemory, Hypervisor, HypervisorError, IoHandler, IrqChip, IrqChipKind,
-    IrqTrigger, Vcpu, VcpuExit, VcpuKicker, Vm,
+    Vcpu, VcpuExit, VcpuKicker, Vm,
 };
-use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
+use crate::common::{err, install_kick_handler, register_memory, KvmIrqChip, KvmKicker};
 use crate::x86_64::{cpuid, regs, state};
 use vmm_core::arch::x86_64::state::{VcpuState, VmState};
 
@@ -26,10 +24,6 @@ use vmm_core::arch::x86_64::state::{VcpuState, VmState};
 /// the MMIO window, where no RAM is.
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
-
-fn err(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> HypervisorError {
-    move |e| HypervisorError::call(op, e)
-}
 
 /// An open `/dev/kvm`.
 pub struct KvmHypervisor {
@@ -127,25 +121,6 @@ impl HypervisorX86_64 for KvmHypervisor {
     }
 }
 
-fn register_memory(fd: &VmFd, memory: &GuestMemory) -> Result<(), HypervisorError> {
-    for (slot, region) in memory.iter().enumerate() {
-        let host = region
-            .get_host_address(vm_memory::MemoryRegionAddress(0))
-            .map_err(|e| HypervisorError::call("guest memory host address", e))?;
-        let mr = kvm_userspace_memory_region {
-            slot: slot as u32,
-            flags: 0,
-            guest_phys_addr: region.start_addr().raw_value(),
-            memory_size: region.len(),
-            userspace_addr: host as u64,
-        };
-        // SAFETY: the region is a live mapping of `memory_size` bytes owned by `memory`, and
-        // the VM keeps a clone of `memory`, so the mapping outlives the memory slot.
-        unsafe { fd.set_user_memory_region(mr) }.map_err(err("KVM_SET_USER_MEMORY_REGION"))?;
-    }
-    Ok(())
-}
-
 /// A KVM VM.
 pub struct KvmVm {
     fd: Arc<VmFd>,
@@ -153,34 +128,6 @@ pub struct KvmVm {
     cpuid: CpuId,
     memory: GuestMemory,
     msr_indices: Arc<Vec<u32>>,
-}
-
-struct KvmIrq(EventFd);
-
-impl IrqTrigger for KvmIrq {
-    fn trigger(&self) -> std::io::Result<()> {
-        self.0.write(1)
-    }
-}
-
-/// KVM's in-kernel PIC pair, IOAPIC and PIT: devices raise lines through irqfds.
-struct KvmIrqChip {
-    fd: Arc<VmFd>,
-}
-
-impl IrqChip for KvmIrqChip {
-    fn kind(&self) -> IrqChipKind {
-        IrqChipKind::InKernel
-    }
-
-    fn line(&self, gsi: u32) -> Result<Arc<dyn IrqTrigger>, HypervisorError> {
-        let evt = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
-            .map_err(|e| HypervisorError::call("eventfd", e))?;
-        self.fd
-            .register_irqfd(&evt, gsi)
-            .map_err(err("KVM_IRQFD"))?;
-        Ok(Arc::new(KvmIrq(evt)))
-    }
 }
 
 impl Vm for KvmVm {
@@ -194,14 +141,7 @@ impl Vm for KvmVm {
         addr: u64,
         datamatch: u32,
     ) -> Result<bool, HypervisorError> {
-        use std::os::fd::{AsRawFd, FromRawFd};
-        // SAFETY: `fd` is a valid open descriptor for the duration of this call; ManuallyDrop
-        // keeps the temporary EventFd from closing the caller's descriptor.
-        let evt = std::mem::ManuallyDrop::new(unsafe { EventFd::from_raw_fd(fd.as_raw_fd()) });
-        self.fd
-            .register_ioevent(&evt, &kvm_ioctls::IoEventAddress::Mmio(addr), datamatch)
-            .map_err(err("KVM_IOEVENTFD"))?;
-        Ok(true)
+        crate::common::register_ioevent(&self.fd, fd, addr, datamatch)
     }
 }
 
@@ -244,41 +184,6 @@ pub struct KvmVcpu {
     /// The pthread running this vCPU (0 before the first `run`), for kicks.
     thread: Arc<AtomicU64>,
     msr_indices: Arc<Vec<u32>>,
-}
-
-fn kick_signal() -> i32 {
-    SIGRTMIN()
-}
-
-extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    // Nothing to do: delivery alone makes KVM_RUN return EINTR.
-}
-
-fn install_kick_handler() -> Result<(), HypervisorError> {
-    static ONCE: Once = Once::new();
-    let mut result = Ok(());
-    ONCE.call_once(|| {
-        result = register_signal_handler(kick_signal(), on_kick)
-            .map_err(|e| HypervisorError::call("install vCPU kick signal handler", e));
-    });
-    result
-}
-
-struct KvmKicker {
-    thread: Arc<AtomicU64>,
-}
-
-impl VcpuKicker for KvmKicker {
-    fn kick(&self) {
-        let tid = self.thread.load(Ordering::Acquire);
-        if tid != 0 {
-            // SAFETY: `tid` was recorded by the vCPU thread itself from pthread_self(); the
-            // runner keeps that thread's JoinHandle unjoined while kicking, so the id is valid.
-            unsafe {
-                libc::pthread_kill(tid as libc::pthread_t, kick_signal());
-            }
-        }
-    }
 }
 
 impl KvmVcpu {
@@ -329,11 +234,7 @@ impl Vcpu for KvmVcpu {
     }
 
     fn run(&mut self, io: &dyn IoHandler) -> Result<VcpuExit, HypervisorError> {
-        if self.thread.load(Ordering::Relaxed) == 0 {
-            // SAFETY: pthread_self has no preconditions.
-            let me = unsafe { libc::pthread_self() };
-            self.thread.store(me as u64, Ordering::Release);
-        }
+        crate::common::note_vcpu_thread(&self.thread);
         let exit = match self.fd.run() {
             Ok(KvmExit::IoIn(port, data)) => {
                 io.pio_read(port, data);

@@ -3,9 +3,11 @@
 //! The Linux KVM backend: implements `vmm-core`'s [`Hypervisor`](vmm_core::Hypervisor),
 //! [`Vm`](vmm_core::Vm) and [`Vcpu`](vmm_core::Vcpu) on `kvm-ioctls`.
 //!
-//! Owns: opening `/dev/kvm`, the in-kernel irqchip and PIT, memory slots, irqfds, vCPU creation
-//! with a CPU model (`KVM_GET_SUPPORTED_CPUID` with the topology filled in, boot MSRs, FPU and
-//! LAPIC defaults), conversion between `vmm-core`'s neutral registers and KVM's, and turning
+//! Owns: opening `/dev/kvm`, memory slots, irqfds and ioeventfds, kicks (`common`); on x86-64
+//! the in-kernel irqchip and PIT, vCPU creation with a CPU model (`KVM_GET_SUPPORTED_CPUID` with
+//! the topology filled in, boot MSRs, FPU and LAPIC defaults), conversion between `vmm-core`'s
+//! neutral registers and KVM's, snapshots; on arm64 the vGICv3, vCPU init with PSCI 0.2 and
+//! one-reg access (booting there is not proven yet, snapshots not written); and turning
 //! `KVM_RUN` exits into neutral [`VcpuExit`](vmm_core::VcpuExit)s.
 //!
 //! Does not own: guest layout, boot structures or devices (`vmm-core`, `devices`).
@@ -32,10 +34,19 @@
 //! ```
 #![deny(missing_docs)]
 
+#[cfg(all(target_os = "linux", target_arch = "aarch64"))]
+mod aarch64;
+#[cfg(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
+mod common;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 mod kvm;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 mod x86_64;
 
+#[cfg(all(target_os = "linux", target_arch = "aarch64"))]
+pub use aarch64::{KvmHypervisor, KvmVcpu, KvmVm};
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub use kvm::{KvmHypervisor, KvmVcpu, KvmVm};

@@ -18,23 +18,31 @@ pub fn backend_name() -> &'static str {
 }
 
 /// Opens this platform's hypervisor: the backend its cargo feature selects (`kvm` on Linux
-/// x86-64). The first call also raises this process's open-files limit (see
+/// x86-64 and arm64). The first call also raises this process's open-files limit (see
 /// [`raise_open_files_limit`]).
 pub fn open_hypervisor() -> Result<Box<dyn ArchHypervisor>, BootError> {
     static RAISED: std::sync::Once = std::sync::Once::new();
     RAISED.call_once(|| {
         raise_open_files_limit();
     });
-    #[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
+    #[cfg(all(
+        feature = "kvm",
+        target_os = "linux",
+        any(target_arch = "x86_64", target_arch = "aarch64")
+    ))]
     {
         Ok(Box::new(vmm_kvm::KvmHypervisor::new()?))
     }
-    #[cfg(not(all(feature = "kvm", target_os = "linux", target_arch = "x86_64")))]
+    #[cfg(not(all(
+        feature = "kvm",
+        target_os = "linux",
+        any(target_arch = "x86_64", target_arch = "aarch64")
+    )))]
     {
         Err(BootError::Hypervisor(
             vmm_core::HypervisorError::Unavailable(
-                "this build has no hypervisor backend for this platform (KVM on Linux x86-64 \
-                 needs the `kvm` feature; arm64 and macOS are not supported yet)"
+                "this build has no hypervisor backend for this platform (KVM on Linux x86-64 and \
+                 arm64 needs the `kvm` feature; macOS and Windows are not supported yet)"
                     .into(),
             ),
         ))

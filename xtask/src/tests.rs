@@ -95,9 +95,11 @@ pub fn run_all(force_local: bool) -> Result<()> {
         "kvm",
     ]))?;
 
-    step("the arm64 split compiles: vmm-core, devices and vmm for aarch64-unknown-linux-gnu");
+    step("the arm64 split compiles: vmm-core, vmm-kvm, devices and vmm for aarch64-unknown-linux-gnu");
     run(cargo().args([
         "check",
+        "-p",
+        "vmm-kvm",
         "-p",
         "vmm-core",
         "-p",
