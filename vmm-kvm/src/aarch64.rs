@@ -22,10 +22,11 @@ use vmm_core::arch::aarch64::{
 };
 use vmm_core::{
     BorrowedDescriptor, GuestMemory, Hypervisor, HypervisorError, IoHandler, IrqChip, IrqChipKind,
-    Vcpu, VcpuExit, VcpuKicker, Vm,
+    IrqTrigger, Vcpu, VcpuExit, VcpuKicker, Vm,
 };
 
-use crate::common::{err, install_kick_handler, register_memory, KvmIrqChip, KvmKicker};
+use crate::common::{err, install_kick_handler, register_memory, KvmKicker};
+use vmm_sys_util::eventfd::EventFd;
 
 /// Interrupt lines the vGIC gets: the 32 private ones and 96 SPIs.
 const GIC_NR_IRQS: u32 = 128;
@@ -89,10 +90,10 @@ impl HypervisorAArch64 for KvmHypervisor {
         let gic = create_vgic(&fd)?;
         let fd = Arc::new(fd);
         Ok(Box::new(KvmVm {
-            irq_chip: KvmIrqChip { fd: fd.clone() },
             gic: Arc::new(Vgic {
                 fd: gic,
-                ready: Mutex::new(false),
+                vm: fd.clone(),
+                state: Mutex::new(VgicState::default()),
             }),
             fd,
         }))
@@ -133,18 +134,30 @@ fn set_attr<T>(device: &DeviceFd, group: u32, attr: u64, value: &T) -> Result<()
         .map_err(err("KVM_SET_DEVICE_ATTR (vGIC)"))
 }
 
-/// The vGIC and whether it has been initialised.
+/// The vGIC: the interrupt controller devices raise their lines on.
+///
+/// KVM on arm64 accepts irqfds only once the vGIC is initialised, and initialises it only once
+/// every vCPU exists, while devices take their lines before the vCPUs are made: so a line's
+/// eventfd is registered when the vGIC is initialised (by the first vCPU to run), and an
+/// interrupt raised before then waits in the eventfd and is delivered at registration.
 struct Vgic {
     fd: DeviceFd,
-    ready: Mutex<bool>,
+    vm: Arc<VmFd>,
+    state: Mutex<VgicState>,
+}
+
+#[derive(Default)]
+struct VgicState {
+    ready: bool,
+    /// Lines taken before the vGIC was initialised: (eventfd, SPI number from the first SPI).
+    pending: Vec<(EventFd, u32)>,
 }
 
 impl Vgic {
-    /// `KVM_DEV_ARM_VGIC_CTRL_INIT`, once, after every vCPU was created: the first vCPU to run
-    /// does it.
+    /// `KVM_DEV_ARM_VGIC_CTRL_INIT`, once, after every vCPU was created, then the lines' irqfds.
     fn init_once(&self) -> Result<(), HypervisorError> {
-        let mut ready = self.ready.lock().unwrap_or_else(|e| e.into_inner());
-        if !*ready {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if !state.ready {
             let attr = kvm_device_attr {
                 group: KVM_DEV_ARM_VGIC_GRP_CTRL,
                 attr: u64::from(KVM_DEV_ARM_VGIC_CTRL_INIT),
@@ -154,22 +167,57 @@ impl Vgic {
             self.fd
                 .set_device_attr(&attr)
                 .map_err(err("KVM_DEV_ARM_VGIC_CTRL_INIT"))?;
-            *ready = true;
+            for (evt, gsi) in state.pending.drain(..) {
+                self.vm
+                    .register_irqfd(&evt, gsi)
+                    .map_err(err("KVM_IRQFD"))?;
+            }
+            state.ready = true;
         }
         Ok(())
+    }
+}
+
+struct SpiLine(EventFd);
+
+impl IrqTrigger for SpiLine {
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+impl IrqChip for Vgic {
+    fn kind(&self) -> IrqChipKind {
+        IrqChipKind::InKernel
+    }
+
+    fn line(&self, gsi: u32) -> Result<Arc<dyn IrqTrigger>, HypervisorError> {
+        let evt = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+            .map_err(|e| HypervisorError::call("eventfd", e))?;
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.ready {
+            self.vm
+                .register_irqfd(&evt, gsi)
+                .map_err(err("KVM_IRQFD"))?;
+        } else {
+            let kept = evt
+                .try_clone()
+                .map_err(|e| HypervisorError::call("eventfd", e))?;
+            state.pending.push((kept, gsi));
+        }
+        Ok(Arc::new(SpiLine(evt)))
     }
 }
 
 /// A KVM VM on arm64.
 pub struct KvmVm {
     fd: Arc<VmFd>,
-    irq_chip: KvmIrqChip,
     gic: Arc<Vgic>,
 }
 
 impl Vm for KvmVm {
     fn irq_chip(&self) -> &dyn IrqChip {
-        &self.irq_chip
+        self.gic.as_ref()
     }
 
     fn register_ioevent(

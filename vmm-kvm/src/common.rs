@@ -8,9 +8,7 @@ use std::sync::{Arc, Once};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
-use vmm_core::{
-    BorrowedDescriptor, GuestMemory, HypervisorError, IrqChip, IrqChipKind, IrqTrigger, VcpuKicker,
-};
+use vmm_core::{BorrowedDescriptor, GuestMemory, HypervisorError, VcpuKicker};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
@@ -51,35 +49,6 @@ pub(crate) fn register_ioevent(
     vm.register_ioevent(&evt, &kvm_ioctls::IoEventAddress::Mmio(addr), datamatch)
         .map_err(err("KVM_IOEVENTFD"))?;
     Ok(true)
-}
-
-struct KvmIrq(EventFd);
-
-impl IrqTrigger for KvmIrq {
-    fn trigger(&self) -> std::io::Result<()> {
-        self.0.write(1)
-    }
-}
-
-/// The in-kernel interrupt controllers (x86: PIC pair, IOAPIC and PIT; arm64: the vGIC): devices
-/// raise lines through irqfds.
-pub(crate) struct KvmIrqChip {
-    pub(crate) fd: Arc<VmFd>,
-}
-
-impl IrqChip for KvmIrqChip {
-    fn kind(&self) -> IrqChipKind {
-        IrqChipKind::InKernel
-    }
-
-    fn line(&self, gsi: u32) -> Result<Arc<dyn IrqTrigger>, HypervisorError> {
-        let evt = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
-            .map_err(|e| HypervisorError::call("eventfd", e))?;
-        self.fd
-            .register_irqfd(&evt, gsi)
-            .map_err(err("KVM_IRQFD"))?;
-        Ok(Arc::new(KvmIrq(evt)))
-    }
 }
 
 fn kick_signal() -> i32 {

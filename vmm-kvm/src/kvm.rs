@@ -13,10 +13,11 @@ use vmm_core::arch::x86_64::regs::{SpecialRegisters, StandardRegisters, CR0_PG};
 use vmm_core::arch::x86_64::{HypervisorX86_64, VcpuX86_64, VmOptions, VmX86_64};
 use vmm_core::{
     BorrowedDescriptor, GuestMemory, Hypervisor, HypervisorError, IoHandler, IrqChip, IrqChipKind,
-    Vcpu, VcpuExit, VcpuKicker, Vm,
+    IrqTrigger, Vcpu, VcpuExit, VcpuKicker, Vm,
 };
+use vmm_sys_util::eventfd::EventFd;
 
-use crate::common::{err, install_kick_handler, register_memory, KvmIrqChip, KvmKicker};
+use crate::common::{err, install_kick_handler, register_memory, KvmKicker};
 use crate::x86_64::{cpuid, regs, state};
 use vmm_core::arch::x86_64::state::{VcpuState, VmState};
 
@@ -118,6 +119,35 @@ impl HypervisorX86_64 for KvmHypervisor {
             memory: memory.clone(),
             msr_indices: self.msr_indices.clone(),
         }))
+    }
+}
+
+struct KvmIrq(EventFd);
+
+impl IrqTrigger for KvmIrq {
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// KVM's in-kernel PIC pair, IOAPIC and PIT on x86-64: devices raise lines through irqfds.
+/// (arm64's vGIC has its own, see `aarch64.rs`.)
+struct KvmIrqChip {
+    fd: Arc<VmFd>,
+}
+
+impl IrqChip for KvmIrqChip {
+    fn kind(&self) -> IrqChipKind {
+        IrqChipKind::InKernel
+    }
+
+    fn line(&self, gsi: u32) -> Result<Arc<dyn IrqTrigger>, HypervisorError> {
+        let evt = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+            .map_err(|e| HypervisorError::call("eventfd", e))?;
+        self.fd
+            .register_irqfd(&evt, gsi)
+            .map_err(err("KVM_IRQFD"))?;
+        Ok(Arc::new(KvmIrq(evt)))
     }
 }
 
