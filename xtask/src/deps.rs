@@ -38,6 +38,8 @@ const RUST_TARGETS: &[&str] = &[
     "aarch64-apple-darwin",
     "x86_64-pc-windows-msvc",
     "aarch64-unknown-linux-gnu",
+    // Static arm64 programs for the emulated arm64 host (linked with gcc-aarch64-linux-gnu).
+    "aarch64-unknown-linux-musl",
 ];
 
 pub fn ensure() -> Result<()> {

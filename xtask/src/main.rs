@@ -98,6 +98,9 @@ enum Cmd {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Build the arm64 guest kernel and our VMM for arm64, and boot the guest with it on KVM in
+    /// the emulated arm64 host (2 vCPUs, its exit status carried out)
+    Arm64Check,
     /// Run every test: unit, local KVM, guest boots (emulated host if needed), cross checks
     Test {
         /// Run guest tests directly on this machine's KVM even if the probe says it cannot
@@ -185,6 +188,11 @@ fn main() -> ExitCode {
         Cmd::Test { local } => tests::run_all(local).map(|_| 0),
         Cmd::Fuzz { seconds } => fuzz::run_all(seconds).map(|_| 0),
         Cmd::Bench { which } => bench::run(which).map(|_| 0),
+        Cmd::Arm64Check => kernel::build_for(kernel::Arch::Aarch64).and_then(|image| {
+            testhost_arm64::check_guest_kernel(&image)?;
+            testhost_arm64::check_vmm_boot(&image)?;
+            Ok(0)
+        }),
         Cmd::HoldKvm => testhost::hold_kvm().map(|_| 0),
         Cmd::IsolatedTests {
             timeout,

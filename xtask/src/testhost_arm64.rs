@@ -160,6 +160,11 @@ fn ensure_initrd(pkg: &Path, busybox: &Path) -> Result<PathBuf> {
 
 /// Runs `command` in the emulated arm64 machine; returns its exit status.
 pub fn run_command(command: &[String], opts: &Options) -> Result<i32> {
+    run_command_lines(command, opts).map(|(code, _)| code)
+}
+
+/// [`run_command`], also returning the lines the command printed.
+pub fn run_command_lines(command: &[String], opts: &Options) -> Result<(i32, Vec<String>)> {
     if command.is_empty() {
         bail!("testhost: no command given");
     }
@@ -234,18 +239,22 @@ pub fn run_command(command: &[String], opts: &Options) -> Result<i32> {
         .spawn()
         .context("cannot start qemu-system-aarch64 (apt-get install qemu-system-arm)")?;
     let stdout = child.stdout.take().context("no qemu stdout")?;
-    let Console { exit, tail, .. } = read_console(stdout, |_| true);
+    let Console {
+        exit,
+        tail,
+        printed,
+    } = read_console(stdout, |_| true);
     let _ = child.wait();
     let _ = std::fs::remove_file(&script);
     let _ = std::fs::remove_file(script.with_extension("keep"));
     match exit {
-        Some(code) => Ok(code),
+        Some(code) => Ok((code, printed)),
         None => {
             eprintln!("testhost (arm64): the emulated machine ended without the command's status; its console:");
             for l in &tail {
                 eprintln!("  {l}");
             }
-            Ok(crate::testhost::CRASHED)
+            Ok((crate::testhost::CRASHED, printed))
         }
     }
 }
@@ -338,4 +347,84 @@ pub fn check_guest_kernel(image: &Path) -> Result<()> {
             bail!("the arm64 guest kernel did not boot to init under QEMU (its console above)")
         }
     }
+}
+
+const GUEST_OK: &str = "supermachine-arm64-guest";
+/// The status the test guest reports through the exit register.
+const GUEST_STATUS: i32 = 42;
+
+/// Boots the arm64 guest kernel `image` under our VMM (the machine layer's `boot` example,
+/// built static for arm64) on KVM in the emulated arm64 host, with 2 vCPUs and a busybox
+/// initramfs whose init prints the machine it sees and reports status 42 through the VMM's
+/// exit register: the arm64 backend, device tree, GIC, UART and exit path end to end.
+pub fn check_vmm_boot(image: &Path) -> Result<()> {
+    let target = "aarch64-unknown-linux-musl";
+    step("arm64: building the machine layer's boot example for aarch64-unknown-linux-musl");
+    run(crate::util::cargo()
+        .args([
+            "build",
+            "-p",
+            "vmm",
+            "--example",
+            "boot",
+            "--target",
+            target,
+        ])
+        .args(["--no-default-features", "--features", "kvm"])
+        .env(
+            "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER",
+            "aarch64-linux-gnu-gcc",
+        ))?;
+    let boot = crate::util::target_dir()
+        .join(target)
+        .join("debug/examples/boot");
+    let busybox = ensure_busybox()?;
+    let init = format!(
+        "#!/bin/busybox sh\n/bin/busybox --install -s /bin\n\
+         mount -t proc proc /proc; mount -t devtmpfs dev /dev\n\
+         echo \"{GUEST_OK} $(uname -m) $(nproc)\"\n\
+         devmem {:#x} 32 {GUEST_STATUS}\npoweroff -f\n",
+        vmm_core::arch::aarch64::layout::EXIT_STATUS_ADDR
+    );
+    let mut w = Writer::new(Vec::new());
+    for d in ["bin", "proc", "dev"] {
+        w.directory(d, 0o755)?;
+    }
+    w.char_device("dev/console", 0o600, 5, 1)?;
+    w.file("bin/busybox", 0o755, &std::fs::read(&busybox)?)?;
+    w.file("init", 0o755, init.as_bytes())?;
+    let initrd = crate::util::target_dir().join("arm64-check-initramfs.cpio");
+    write_atomic(&initrd, &w.finish()?)?;
+    let command: Vec<String> = [
+        boot.to_string_lossy().into_owned(),
+        image.to_string_lossy().into_owned(),
+        initrd.to_string_lossy().into_owned(),
+        "--cpus".into(),
+        "2".into(),
+        "--memory".into(),
+        "256".into(),
+        "--".into(),
+        "quiet".into(),
+    ]
+    .into();
+    let (code, lines) = run_command_lines(
+        &command,
+        &Options {
+            cpus: 2,
+            memory_mib: 2048,
+            ..Default::default()
+        },
+    )?;
+    let saw = lines
+        .iter()
+        .any(|l| l.trim() == format!("{GUEST_OK} aarch64 2"));
+    if code != GUEST_STATUS || !saw {
+        bail!(
+            "the arm64 guest did not boot under our VMM as expected (status {code}, want \
+             {GUEST_STATUS}; its line {})",
+            if saw { "came" } else { "did not come" }
+        );
+    }
+    eprintln!("arm64: our VMM booted the arm64 guest on 2 vCPUs and got its status {code}");
+    Ok(())
 }

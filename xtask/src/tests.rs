@@ -142,6 +142,9 @@ pub fn run_all(force_local: bool) -> Result<()> {
     let image = crate::kernel::build_for(crate::kernel::Arch::Aarch64)?;
     crate::testhost_arm64::check_guest_kernel(&image)?;
 
+    step("arm64: our VMM boots the arm64 guest on KVM in the emulated arm64 host (2 vCPUs, its status)");
+    crate::testhost_arm64::check_vmm_boot(&image)?;
+
     step("integration tests that boot Linux guests");
     let supermachine = build_supermachine(false)?;
     let guest_tests = test_binary("guest")?;
