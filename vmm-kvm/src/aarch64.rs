@@ -12,7 +12,6 @@ use kvm_bindings::{
     kvm_create_device, kvm_device_attr, kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_V3, kvm_vcpu_init,
     RegList, KVM_ARM_VCPU_POWER_OFF, KVM_ARM_VCPU_PSCI_0_2, KVM_DEV_ARM_VGIC_CTRL_INIT,
     KVM_DEV_ARM_VGIC_GRP_ADDR, KVM_DEV_ARM_VGIC_GRP_CTRL, KVM_DEV_ARM_VGIC_GRP_NR_IRQS,
-    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
     KVM_VGIC_V3_ADDR_TYPE_DIST, KVM_VGIC_V3_ADDR_TYPE_REDIST,
 };
 use kvm_ioctls::{DeviceFd, Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
@@ -291,37 +290,14 @@ impl Vcpu for KvmVcpu {
     fn run(&mut self, io: &dyn IoHandler) -> Result<VcpuExit, HypervisorError> {
         crate::common::note_vcpu_thread(&self.thread);
         self.gic.init_once()?;
-        let exit = match self.fd.run() {
-            Ok(KvmExit::MmioRead(addr, data)) => {
-                io.mmio_read(addr, data);
-                VcpuExit::Mmio
-            }
-            Ok(KvmExit::MmioWrite(addr, data)) => {
-                io.mmio_write(addr, data);
-                VcpuExit::Mmio
-            }
-            Ok(KvmExit::Hlt) => VcpuExit::Hlt,
-            Ok(KvmExit::Shutdown) => VcpuExit::Shutdown,
-            Ok(KvmExit::Intr) => VcpuExit::Interrupted,
-            Ok(KvmExit::SystemEvent(kind, _)) => match kind {
-                KVM_SYSTEM_EVENT_SHUTDOWN => VcpuExit::PowerOff,
-                KVM_SYSTEM_EVENT_RESET => VcpuExit::Reset,
-                KVM_SYSTEM_EVENT_CRASH => VcpuExit::Shutdown,
-                other => VcpuExit::Unknown(format!("KVM system event {other}")),
-            },
-            Ok(KvmExit::FailEntry(reason, cpu)) => VcpuExit::FailEntry(format!(
-                "hardware entry failure reason {reason:#x} on host CPU {cpu}"
-            )),
-            Ok(KvmExit::InternalError) => VcpuExit::InternalError {
+        let exit = match crate::common::common_exit(self.fd.run(), io)? {
+            Ok(exit) => exit,
+            Err(KvmExit::InternalError) => VcpuExit::InternalError {
                 reason: "KVM internal error".into(),
                 rip: None,
                 instruction: Vec::new(),
             },
-            Ok(other) => VcpuExit::Unknown(format!("{other:?}")),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                VcpuExit::Interrupted
-            }
-            Err(e) => return Err(HypervisorError::call("KVM_RUN", e)),
+            Err(other) => VcpuExit::Unknown(format!("{other:?}")),
         };
         Ok(exit)
     }

@@ -5,10 +5,13 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Once};
 
-use kvm_bindings::kvm_userspace_memory_region;
-use kvm_ioctls::VmFd;
+use kvm_bindings::{
+    kvm_userspace_memory_region, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{VcpuExit as KvmExit, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
-use vmm_core::{BorrowedDescriptor, GuestMemory, HypervisorError, VcpuKicker};
+use vmm_core::{BorrowedDescriptor, GuestMemory, HypervisorError, IoHandler, VcpuExit, VcpuKicker};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
@@ -94,4 +97,39 @@ pub(crate) fn note_vcpu_thread(thread: &AtomicU64) {
         let me = unsafe { libc::pthread_self() };
         thread.store(me as u64, Ordering::Release);
     }
+}
+
+/// Turns a `KVM_RUN` result into the neutral exit where every architecture does the same: MMIO
+/// (completed through `io`), halts, shutdowns, kicks, system events (power-off, reset), entry
+/// failures and errors. What is left (`Err`: port I/O, internal errors, the unknown) is the
+/// architecture's to handle.
+pub(crate) fn common_exit<'a>(
+    result: Result<KvmExit<'a>, kvm_ioctls::Error>,
+    io: &dyn IoHandler,
+) -> Result<Result<VcpuExit, KvmExit<'a>>, HypervisorError> {
+    Ok(Ok(match result {
+        Ok(KvmExit::MmioRead(addr, data)) => {
+            io.mmio_read(addr, data);
+            VcpuExit::Mmio
+        }
+        Ok(KvmExit::MmioWrite(addr, data)) => {
+            io.mmio_write(addr, data);
+            VcpuExit::Mmio
+        }
+        Ok(KvmExit::Hlt) => VcpuExit::Hlt,
+        Ok(KvmExit::Shutdown) => VcpuExit::Shutdown,
+        Ok(KvmExit::Intr) => VcpuExit::Interrupted,
+        Ok(KvmExit::SystemEvent(kind, _)) => match kind {
+            KVM_SYSTEM_EVENT_SHUTDOWN => VcpuExit::PowerOff,
+            KVM_SYSTEM_EVENT_RESET => VcpuExit::Reset,
+            KVM_SYSTEM_EVENT_CRASH => VcpuExit::Shutdown,
+            other => VcpuExit::Unknown(format!("KVM system event {other}")),
+        },
+        Ok(KvmExit::FailEntry(reason, cpu)) => VcpuExit::FailEntry(format!(
+            "hardware entry failure reason {reason:#x} on host CPU {cpu}"
+        )),
+        Ok(other) => return Ok(Err(other)),
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => VcpuExit::Interrupted,
+        Err(e) => return Err(HypervisorError::call("KVM_RUN", e)),
+    }))
 }

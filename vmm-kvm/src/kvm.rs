@@ -3,10 +3,7 @@
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
-use kvm_bindings::{
-    kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, KVM_SYSTEM_EVENT_CRASH,
-    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
-};
+use kvm_bindings::{kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_core::arch::x86_64::regs::{SpecialRegisters, StandardRegisters, CR0_PG};
@@ -265,41 +262,18 @@ impl Vcpu for KvmVcpu {
 
     fn run(&mut self, io: &dyn IoHandler) -> Result<VcpuExit, HypervisorError> {
         crate::common::note_vcpu_thread(&self.thread);
-        let exit = match self.fd.run() {
-            Ok(KvmExit::IoIn(port, data)) => {
+        let exit = match crate::common::common_exit(self.fd.run(), io)? {
+            Ok(exit) => exit,
+            Err(KvmExit::IoIn(port, data)) => {
                 io.pio_read(port, data);
                 VcpuExit::Io
             }
-            Ok(KvmExit::IoOut(port, data)) => {
+            Err(KvmExit::IoOut(port, data)) => {
                 io.pio_write(port, data);
                 VcpuExit::Io
             }
-            Ok(KvmExit::MmioRead(addr, data)) => {
-                io.mmio_read(addr, data);
-                VcpuExit::Mmio
-            }
-            Ok(KvmExit::MmioWrite(addr, data)) => {
-                io.mmio_write(addr, data);
-                VcpuExit::Mmio
-            }
-            Ok(KvmExit::Hlt) => VcpuExit::Hlt,
-            Ok(KvmExit::Shutdown) => VcpuExit::Shutdown,
-            Ok(KvmExit::Intr) => VcpuExit::Interrupted,
-            Ok(KvmExit::SystemEvent(kind, _)) => match kind {
-                KVM_SYSTEM_EVENT_SHUTDOWN => VcpuExit::PowerOff,
-                KVM_SYSTEM_EVENT_RESET => VcpuExit::Reset,
-                KVM_SYSTEM_EVENT_CRASH => VcpuExit::Shutdown,
-                other => VcpuExit::Unknown(format!("KVM system event {other}")),
-            },
-            Ok(KvmExit::FailEntry(reason, cpu)) => VcpuExit::FailEntry(format!(
-                "hardware entry failure reason {reason:#x} on host CPU {cpu}"
-            )),
-            Ok(KvmExit::InternalError) => self.internal_error(),
-            Ok(other) => VcpuExit::Unknown(format!("{other:?}")),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                VcpuExit::Interrupted
-            }
-            Err(e) => return Err(HypervisorError::call("KVM_RUN", e)),
+            Err(KvmExit::InternalError) => self.internal_error(),
+            Err(other) => VcpuExit::Unknown(format!("{other:?}")),
         };
         Ok(exit)
     }
