@@ -284,7 +284,7 @@ pub fn kept_paths(paths: &[PathBuf]) -> Vec<PathBuf> {
     kept
 }
 
-pub fn shell_quote(s: &str) -> String {
+fn shell_quote(s: &str) -> String {
     if !s.is_empty()
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"/._-=:,+@%".contains(&b))
@@ -293,6 +293,32 @@ pub fn shell_quote(s: &str) -> String {
     } else {
         format!("'{}'", s.replace('\'', r"'\''"))
     }
+}
+
+/// The shell script an emulated host runs: into `cwd` (125 if it is not there), the
+/// environment variables `passed` selects, `prelude`, then `command` quoted.
+pub fn command_script(
+    cwd: &Path,
+    passed: impl Fn(&str) -> bool,
+    prelude: &str,
+    command: &[String],
+) -> String {
+    let mut text = format!("cd {} || exit 125\n", shell_quote(&cwd.to_string_lossy()));
+    for (k, v) in std::env::vars() {
+        if passed(&k) {
+            text.push_str(&format!("export {k}={}\n", shell_quote(&v)));
+        }
+    }
+    text.push_str(prelude);
+    text.push_str(
+        &command
+            .iter()
+            .map(|a| shell_quote(a))
+            .collect::<Vec<_>>()
+            .join(" "),
+    );
+    text.push('\n');
+    text
 }
 
 /// Runs `command` in the emulated host; returns its exit status.
@@ -312,23 +338,10 @@ pub fn run_command_lines(command: &[String], opts: &Options) -> Result<(i32, Vec
     let scripts = PathBuf::from("/var/tmp/supermachine-testhost");
     std::fs::create_dir_all(&scripts)?;
     let script = scripts.join(format!("cmd-{}.sh", std::process::id()));
-    let mut text = format!(
-        "cd {} || exit 125\n",
-        shell_quote(&opts.cwd.to_string_lossy())
-    );
-    for (k, v) in std::env::vars() {
-        let passed = matches!(k.as_str(), "HOME" | "PATH" | "TERM" | "CI")
-            || k.starts_with("SUPERMACHINE_")
-            || k.starts_with("RUST_")
-            || k.starts_with("CARGO");
-        if passed {
-            text.push_str(&format!("export {k}={}\n", shell_quote(&v)));
-        }
-    }
     // See `hold_kvm`: before the command creates any VM of its own, and with the other CPUs
     // offline, so that creating it patches the scheduler while no other CPU runs it.
     let xtask = std::env::current_exe()?;
-    text.push_str(&format!(
+    let hold_kvm = format!(
         "if [ -c /dev/kvm ]; then\n\
          \x20 off=; for c in /sys/devices/system/cpu/cpu[0-9]*/online; do\n\
          \x20   [ \"$(cat $c 2>/dev/null)\" = 1 ] && echo 0 > $c 2>/dev/null && off=\"$off $c\"\n\
@@ -337,15 +350,18 @@ pub fn run_command_lines(command: &[String], opts: &Options) -> Result<(i32, Vec
          \x20 for c in $off; do echo 1 > $c; done\n\
          fi\n",
         shell_quote(&xtask.to_string_lossy())
-    ));
-    text.push_str(
-        &command
-            .iter()
-            .map(|a| shell_quote(a))
-            .collect::<Vec<_>>()
-            .join(" "),
     );
-    text.push('\n');
+    let text = command_script(
+        &opts.cwd,
+        |k| {
+            matches!(k, "HOME" | "PATH" | "TERM" | "CI")
+                || k.starts_with("SUPERMACHINE_")
+                || k.starts_with("RUST_")
+                || k.starts_with("CARGO")
+        },
+        &hold_kvm,
+        command,
+    );
     write_atomic(&script, text.as_bytes())?;
     let keep: String = kept_paths(&[
         opts.cwd.clone(),

@@ -17,8 +17,8 @@ use anyhow::{bail, Context, Result};
 use guest_init::newc::Writer;
 
 use crate::testhost::{
-    fetch_package, kept_paths, kernel_package_of, module_order_of, package_kernel, read_console,
-    shell_quote, Console, Options,
+    command_script, fetch_package, kept_paths, kernel_package_of, module_order_of, package_kernel,
+    read_console, Console, Options,
 };
 use crate::util::{cache_dir, have_command, output, run, step, write_atomic};
 
@@ -176,23 +176,12 @@ pub fn run_command_lines(command: &[String], opts: &Options) -> Result<(i32, Vec
     let scripts = PathBuf::from("/var/tmp/supermachine-testhost");
     std::fs::create_dir_all(&scripts)?;
     let script = scripts.join(format!("arm64-cmd-{}.sh", std::process::id()));
-    let mut text = format!(
-        "cd {} || exit 125\n",
-        shell_quote(&opts.cwd.to_string_lossy())
+    let text = command_script(
+        &opts.cwd,
+        |k| matches!(k, "HOME" | "TERM" | "CI") || k.starts_with("SUPERMACHINE_"),
+        "",
+        command,
     );
-    for (k, v) in std::env::vars() {
-        if matches!(k.as_str(), "HOME" | "TERM" | "CI") || k.starts_with("SUPERMACHINE_") {
-            text.push_str(&format!("export {k}={}\n", shell_quote(&v)));
-        }
-    }
-    text.push_str(
-        &command
-            .iter()
-            .map(|a| shell_quote(a))
-            .collect::<Vec<_>>()
-            .join(" "),
-    );
-    text.push('\n');
     write_atomic(&script, text.as_bytes())?;
     let keep: String = kept_paths(&[
         opts.cwd.clone(),
