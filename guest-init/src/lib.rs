@@ -31,6 +31,10 @@ pub const CONFIG_PATH: &str = "/etc/supermachine/init.json";
 /// The x86 I/O port a 32-bit write to which powers the guest off with that exit status.
 pub const EXIT_STATUS_PORT: u16 = 0x00f4;
 
+/// On arm64 (no port I/O): the guest physical address of the VMM's exit-status register
+/// (`vmm-core`'s arm64 layout keeps the same value), written through `/dev/mem`.
+pub const EXIT_STATUS_ADDR_AARCH64: u64 = 0x4000_1000;
+
 /// Exit status when the command could not be found (as a shell and Docker report it).
 pub const EXIT_NOT_FOUND: i32 = 127;
 /// Exit status when the command exists but cannot be executed.

@@ -213,7 +213,40 @@ fn report_exit_status(status: i32) {
     }
 }
 
-#[cfg(not(target_arch = "x86_64"))]
+#[cfg(target_arch = "aarch64")]
+fn report_exit_status(status: i32) {
+    let addr = guest_init::EXIT_STATUS_ADDR_AARCH64;
+    let page = addr & !0xfff;
+    // SAFETY: opening a device node with a NUL-terminated path.
+    let fd = unsafe { libc::open(c"/dev/mem".as_ptr(), libc::O_RDWR | libc::O_SYNC) };
+    if fd < 0 {
+        return;
+    }
+    // SAFETY: mapping one page of /dev/mem (the VMM's MMIO register page); checked below.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            page as libc::off_t,
+        )
+    };
+    // SAFETY: closing the descriptor we opened; the mapping stays valid without it.
+    unsafe { libc::close(fd) };
+    if map == libc::MAP_FAILED {
+        return;
+    }
+    // SAFETY: the mapping is one page long and the register lies inside it, 4-byte aligned; the
+    // VMM's device ends the VM on this write.
+    unsafe {
+        let reg = map.cast::<u8>().add((addr - page) as usize).cast::<u32>();
+        std::ptr::write_volatile(reg, status as u32);
+    }
+}
+
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 fn report_exit_status(_status: i32) {}
 
 /// The kernel prints nothing when PID 1 faults (only "Attempted to kill init!"): say which
