@@ -415,5 +415,75 @@ pub fn check_vmm_boot(image: &Path) -> Result<()> {
         );
     }
     eprintln!("arm64: our VMM booted the arm64 guest on 2 vCPUs and got its status {code}");
+    check_guest_init(&boot, image, &busybox)
+}
+
+/// The same boot with `guest-init` (built static for arm64) as PID 1: it runs a command given
+/// after `--` on the kernel command line and reports its status (7) through the exit register.
+fn check_guest_init(boot: &Path, image: &Path, busybox: &Path) -> Result<()> {
+    let target = "aarch64-unknown-linux-musl";
+    step("arm64: guest-init as PID 1 runs a command and reports its status");
+    run(crate::util::cargo()
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "guest-init",
+            "--bin",
+            "guest-init",
+        ])
+        .args(["--target", target])
+        .env(
+            "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER",
+            "aarch64-linux-gnu-gcc",
+        ))?;
+    let init = crate::util::target_dir()
+        .join(target)
+        .join("release/guest-init");
+    let mut w = Writer::new(Vec::new());
+    for d in ["bin", "proc", "dev", "sys", "tmp"] {
+        w.directory(d, 0o755)?;
+    }
+    w.char_device("dev/console", 0o600, 5, 1)?;
+    w.file("bin/busybox", 0o755, &std::fs::read(busybox)?)?;
+    w.symlink("bin/sh", "busybox")?;
+    w.file("init", 0o755, &std::fs::read(&init)?)?;
+    w.file(
+        "check.sh",
+        0o755,
+        format!("#!/bin/sh\necho \"{GUEST_OK} init $(/bin/busybox uname -m)\"\nexit 7\n")
+            .as_bytes(),
+    )?;
+    let initrd = crate::util::target_dir().join("arm64-check-guest-init.cpio");
+    write_atomic(&initrd, &w.finish()?)?;
+    let command: Vec<String> = [
+        boot.to_string_lossy().into_owned(),
+        image.to_string_lossy().into_owned(),
+        initrd.to_string_lossy().into_owned(),
+        "--".into(),
+        "quiet".into(),
+        "--".into(),
+        "/check.sh".into(),
+    ]
+    .into();
+    let (code, lines) = run_command_lines(
+        &command,
+        &Options {
+            cpus: 2,
+            memory_mib: 2048,
+            ..Default::default()
+        },
+    )?;
+    let saw = lines
+        .iter()
+        .any(|l| l.trim() == format!("{GUEST_OK} init aarch64"));
+    if code != 7 || !saw {
+        bail!(
+            "guest-init on arm64 did not run the command and report its status (status {code}, \
+             want 7; its line {})",
+            if saw { "came" } else { "did not come" }
+        );
+    }
+    eprintln!("arm64: guest-init ran the command and reported its status {code}");
     Ok(())
 }
