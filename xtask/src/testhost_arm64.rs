@@ -261,15 +261,12 @@ pub fn check_guest_kernel(image: &Path) -> Result<()> {
         "#!/bin/busybox sh\n/bin/busybox --install -s /bin\nmount -t proc proc /proc\n\
          echo \"{KERNEL_OK} $(uname -m) $(nproc)\"\npoweroff -f\n"
     );
-    let mut w = Writer::new(Vec::new());
-    for d in ["bin", "proc", "dev"] {
-        w.directory(d, 0o755)?;
-    }
-    w.char_device("dev/console", 0o600, 5, 1)?;
-    w.file("bin/busybox", 0o755, &std::fs::read(&busybox)?)?;
-    w.file("init", 0o755, init.as_bytes())?;
-    let initrd = dir().join(format!("kernel-check-{}.cpio", std::process::id()));
-    write_atomic(&initrd, &w.finish()?)?;
+    let initrd = test_initramfs(
+        &format!("arm64-kernel-check-{}.cpio", std::process::id()),
+        &busybox,
+        init.as_bytes(),
+        &[],
+    )?;
     let mut child = Command::new("qemu-system-aarch64")
         .args([
             "-M",
@@ -339,34 +336,109 @@ pub fn check_guest_kernel(image: &Path) -> Result<()> {
 }
 
 const GUEST_OK: &str = "supermachine-arm64-guest";
-/// The status the test guest reports through the exit register.
+/// The status the busybox test guest reports through the exit register.
 const GUEST_STATUS: i32 = 42;
+/// The status guest-init's test command exits with.
+const INIT_STATUS: i32 = 7;
+const MUSL: &str = "aarch64-unknown-linux-musl";
 
-/// Boots the arm64 guest kernel `image` under our VMM (the machine layer's `boot` example,
-/// built static for arm64) on KVM in the emulated arm64 host, with 2 vCPUs and a busybox
-/// initramfs whose init prints the machine it sees and reports status 42 through the VMM's
-/// exit register: the arm64 backend, device tree, GIC, UART and exit path end to end.
-pub fn check_vmm_boot(image: &Path) -> Result<()> {
-    let target = "aarch64-unknown-linux-musl";
-    step("arm64: building the machine layer's boot example for aarch64-unknown-linux-musl");
+/// Builds a static arm64 program of the workspace with `cargo build ARGS --target
+/// aarch64-unknown-linux-musl` (linked by `aarch64-linux-gnu-gcc`); `release` picks the profile
+/// directory it lands in.
+fn build_arm64(args: &[&str], release: bool, name: &str) -> Result<PathBuf> {
     run(crate::util::cargo()
-        .args([
-            "build",
-            "-p",
-            "vmm",
-            "--example",
-            "boot",
-            "--target",
-            target,
-        ])
-        .args(["--no-default-features", "--features", "kvm"])
+        .arg("build")
+        .args(args)
+        .args(["--target", MUSL])
         .env(
             "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER",
             "aarch64-linux-gnu-gcc",
         ))?;
-    let boot = crate::util::target_dir()
-        .join(target)
-        .join("debug/examples/boot");
+    Ok(crate::util::target_dir()
+        .join(MUSL)
+        .join(if release { "release" } else { "debug" })
+        .join(name))
+}
+
+/// A test initramfs: busybox (also as `/bin/sh`), `/init`, and `extra` files (path, mode,
+/// bytes), written under the target directory as `name` (shared with the emulated host).
+fn test_initramfs(
+    name: &str,
+    busybox: &Path,
+    init: &[u8],
+    extra: &[(&str, &[u8])],
+) -> Result<PathBuf> {
+    let mut w = Writer::new(Vec::new());
+    for d in ["bin", "proc", "dev", "sys", "tmp"] {
+        w.directory(d, 0o755)?;
+    }
+    w.char_device("dev/console", 0o600, 5, 1)?;
+    w.file("bin/busybox", 0o755, &std::fs::read(busybox)?)?;
+    w.symlink("bin/sh", "busybox")?;
+    w.file("init", 0o755, init)?;
+    for (path, bytes) in extra {
+        w.file(path, 0o755, bytes)?;
+    }
+    let initrd = crate::util::target_dir().join(name);
+    write_atomic(&initrd, &w.finish()?)?;
+    Ok(initrd)
+}
+
+/// Runs `boot IMAGE INITRD ARGS…` in the emulated arm64 host and checks the guest printed
+/// `line` and ended with `status`.
+fn boot_and_expect(
+    boot: &Path,
+    image: &Path,
+    initrd: &Path,
+    args: &[&str],
+    line: &str,
+    status: i32,
+) -> Result<()> {
+    let mut command = vec![
+        boot.to_string_lossy().into_owned(),
+        image.to_string_lossy().into_owned(),
+        initrd.to_string_lossy().into_owned(),
+    ];
+    command.extend(args.iter().map(|a| a.to_string()));
+    let (code, lines) = run_command_lines(
+        &command,
+        &Options {
+            cpus: 2,
+            memory_mib: 2048,
+            ..Default::default()
+        },
+    )?;
+    let saw = lines.iter().any(|l| l.trim() == line);
+    if code != status || !saw {
+        bail!(
+            "the arm64 guest did not run as expected under our VMM (status {code}, want {status}; \
+             its line {line:?} {})",
+            if saw { "came" } else { "did not come" }
+        );
+    }
+    Ok(())
+}
+
+/// Boots the arm64 guest kernel `image` under our VMM (the machine layer's `boot` example,
+/// built static for arm64) on KVM in the emulated arm64 host, with 2 vCPUs: first with a
+/// busybox init that prints the machine it sees and reports status 42 through the VMM's exit
+/// register, then with `guest-init` as PID 1 running a command whose status (7) it reports.
+/// The arm64 backend, device tree, GIC, UART and exit path end to end.
+pub fn check_vmm_boot(image: &Path) -> Result<()> {
+    step("arm64: building the machine layer's boot example for aarch64-unknown-linux-musl");
+    let boot = build_arm64(
+        &[
+            "-p",
+            "vmm",
+            "--example",
+            "boot",
+            "--no-default-features",
+            "--features",
+            "kvm",
+        ],
+        false,
+        "examples/boot",
+    )?;
     let busybox = ensure_busybox()?;
     let init = format!(
         "#!/bin/busybox sh\n/bin/busybox --install -s /bin\n\
@@ -375,115 +447,40 @@ pub fn check_vmm_boot(image: &Path) -> Result<()> {
          devmem {:#x} 32 {GUEST_STATUS}\npoweroff -f\n",
         vmm_core::arch::aarch64::layout::EXIT_STATUS_ADDR
     );
-    let mut w = Writer::new(Vec::new());
-    for d in ["bin", "proc", "dev"] {
-        w.directory(d, 0o755)?;
-    }
-    w.char_device("dev/console", 0o600, 5, 1)?;
-    w.file("bin/busybox", 0o755, &std::fs::read(&busybox)?)?;
-    w.file("init", 0o755, init.as_bytes())?;
-    let initrd = crate::util::target_dir().join("arm64-check-initramfs.cpio");
-    write_atomic(&initrd, &w.finish()?)?;
-    let command: Vec<String> = [
-        boot.to_string_lossy().into_owned(),
-        image.to_string_lossy().into_owned(),
-        initrd.to_string_lossy().into_owned(),
-        "--cpus".into(),
-        "2".into(),
-        "--memory".into(),
-        "256".into(),
-        "--".into(),
-        "quiet".into(),
-    ]
-    .into();
-    let (code, lines) = run_command_lines(
-        &command,
-        &Options {
-            cpus: 2,
-            memory_mib: 2048,
-            ..Default::default()
-        },
+    let initrd = test_initramfs("arm64-check-initramfs.cpio", &busybox, init.as_bytes(), &[])?;
+    boot_and_expect(
+        &boot,
+        image,
+        &initrd,
+        &["--cpus", "2", "--memory", "256", "--", "quiet"],
+        &format!("{GUEST_OK} aarch64 2"),
+        GUEST_STATUS,
     )?;
-    let saw = lines
-        .iter()
-        .any(|l| l.trim() == format!("{GUEST_OK} aarch64 2"));
-    if code != GUEST_STATUS || !saw {
-        bail!(
-            "the arm64 guest did not boot under our VMM as expected (status {code}, want \
-             {GUEST_STATUS}; its line {})",
-            if saw { "came" } else { "did not come" }
-        );
-    }
-    eprintln!("arm64: our VMM booted the arm64 guest on 2 vCPUs and got its status {code}");
-    check_guest_init(&boot, image, &busybox)
-}
+    eprintln!("arm64: our VMM booted the arm64 guest on 2 vCPUs and got its status {GUEST_STATUS}");
 
-/// The same boot with `guest-init` (built static for arm64) as PID 1: it runs a command given
-/// after `--` on the kernel command line and reports its status (7) through the exit register.
-fn check_guest_init(boot: &Path, image: &Path, busybox: &Path) -> Result<()> {
-    let target = "aarch64-unknown-linux-musl";
     step("arm64: guest-init as PID 1 runs a command and reports its status");
-    run(crate::util::cargo()
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "guest-init",
-            "--bin",
-            "guest-init",
-        ])
-        .args(["--target", target])
-        .env(
-            "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER",
-            "aarch64-linux-gnu-gcc",
-        ))?;
-    let init = crate::util::target_dir()
-        .join(target)
-        .join("release/guest-init");
-    let mut w = Writer::new(Vec::new());
-    for d in ["bin", "proc", "dev", "sys", "tmp"] {
-        w.directory(d, 0o755)?;
-    }
-    w.char_device("dev/console", 0o600, 5, 1)?;
-    w.file("bin/busybox", 0o755, &std::fs::read(busybox)?)?;
-    w.symlink("bin/sh", "busybox")?;
-    w.file("init", 0o755, &std::fs::read(&init)?)?;
-    w.file(
-        "check.sh",
-        0o755,
-        format!("#!/bin/sh\necho \"{GUEST_OK} init $(/bin/busybox uname -m)\"\nexit 7\n")
-            .as_bytes(),
+    let guest_init = build_arm64(
+        &["--release", "-p", "guest-init", "--bin", "guest-init"],
+        true,
+        "guest-init",
     )?;
-    let initrd = crate::util::target_dir().join("arm64-check-guest-init.cpio");
-    write_atomic(&initrd, &w.finish()?)?;
-    let command: Vec<String> = [
-        boot.to_string_lossy().into_owned(),
-        image.to_string_lossy().into_owned(),
-        initrd.to_string_lossy().into_owned(),
-        "--".into(),
-        "quiet".into(),
-        "--".into(),
-        "/check.sh".into(),
-    ]
-    .into();
-    let (code, lines) = run_command_lines(
-        &command,
-        &Options {
-            cpus: 2,
-            memory_mib: 2048,
-            ..Default::default()
-        },
+    let script = format!(
+        "#!/bin/sh\necho \"{GUEST_OK} init $(/bin/busybox uname -m)\"\nexit {INIT_STATUS}\n"
+    );
+    let initrd = test_initramfs(
+        "arm64-check-guest-init.cpio",
+        &busybox,
+        &std::fs::read(&guest_init)?,
+        &[("check.sh", script.as_bytes())],
     )?;
-    let saw = lines
-        .iter()
-        .any(|l| l.trim() == format!("{GUEST_OK} init aarch64"));
-    if code != 7 || !saw {
-        bail!(
-            "guest-init on arm64 did not run the command and report its status (status {code}, \
-             want 7; its line {})",
-            if saw { "came" } else { "did not come" }
-        );
-    }
-    eprintln!("arm64: guest-init ran the command and reported its status {code}");
+    boot_and_expect(
+        &boot,
+        image,
+        &initrd,
+        &["--", "quiet", "--", "/check.sh"],
+        &format!("{GUEST_OK} init aarch64"),
+        INIT_STATUS,
+    )?;
+    eprintln!("arm64: guest-init ran the command and reported its status {INIT_STATUS}");
     Ok(())
 }
