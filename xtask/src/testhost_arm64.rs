@@ -5,9 +5,10 @@
 //! Unlike the x86 test host, this machine's programs cannot run inside (another
 //! architecture): the emulated machine's userland is Debian's static arm64 busybox, and the
 //! command is a busybox shell line or a static aarch64 program. This machine's directories
-//! (`/work`, `/root`, `/var`, `/home`, `/opt`, `/srv`) are shared over 9p at their own paths, so
-//! paths mean the same inside; `/tmp` is a fresh tmpfs holding only the paths the command needs
-//! from the host's (a checkout under `/tmp`). Cached under
+//! (`/work`, `/root`, `/var`, `/home`, `/opt`, `/srv` and the top-level directories of the
+//! checkout and of the command's directory) are shared over 9p at their own paths, so paths mean
+//! the same inside; `/tmp` is a fresh tmpfs holding only the paths the command needs from the
+//! host's (a checkout under `/tmp`). Cached under
 //! `~/.cache/supermachine/testhost-arm64`; `cargo xtask testhost --arch aarch64 -- CMD`.
 
 use std::path::{Path, PathBuf};
@@ -27,8 +28,15 @@ use crate::util::{cache_dir, have_command, output, run, step, write_atomic};
 /// into Debian's arm64 kernel.
 const MODULES: &[&str] = &["virtio_mmio", "9pnet_virtio", "9p"];
 
-/// The host directories shared at their own paths.
+/// The host directories always shared at their own paths; the top-level directories of the
+/// command's working directory, the workspace and the target directory join them per command
+/// (a checkout at `/check/…` in CI).
 const SHARED: &[&str] = &["work", "root", "var", "home", "opt", "srv"];
+
+/// Top-level directories that are the emulated machine's own, never shared.
+const OWN: &[&str] = &[
+    "bin", "dev", "host", "mods", "proc", "sys", "tmp", "run", "",
+];
 
 const L1_INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -36,11 +44,11 @@ export PATH=/bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 for m in $(cat /mods/order); do insmod /mods/$m 2>/dev/null; done
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=1048576,cache=loose hostroot /host || { echo "testhost: 9p mount failed"; poweroff -f; }
-for d in $(cat /shared); do
+cmd=$(sed -n 's/.*sm_cmd=\([^ ]*\).*/\1/p' /proc/cmdline)
+for d in $(cat "/host${cmd%.sh}.shared"); do
   [ -d "/host/$d" ] || continue
   mkdir -p "/$d"; mount --bind "/host/$d" "/$d"
 done
-cmd=$(sed -n 's/.*sm_cmd=\([^ ]*\).*/\1/p' /proc/cmdline)
 # A fresh /tmp (sockets do not work on 9p), with the paths the command needs from the host's
 # (a checkout under /tmp) bound in: the `.keep` file lists them.
 mount -t tmpfs tmpfs /tmp
@@ -122,7 +130,6 @@ fn ensure_initrd(pkg: &Path, busybox: &Path) -> Result<PathBuf> {
     let hash = L1_INIT
         .bytes()
         .chain(MODULES.join(",").into_bytes())
-        .chain(SHARED.join(",").into_bytes())
         .fold(0xcbf29ce484222325u64, |h, b| {
             (h ^ b as u64).wrapping_mul(0x100000001b3)
         });
@@ -152,10 +159,27 @@ fn ensure_initrd(pkg: &Path, busybox: &Path) -> Result<PathBuf> {
         names.push('\n');
     }
     w.file("mods/order", 0o644, names.as_bytes())?;
-    w.file("shared", 0o644, SHARED.join("\n").as_bytes())?;
     w.file("init", 0o755, L1_INIT.as_bytes())?;
     write_atomic(&initrd, &w.finish()?)?;
     Ok(initrd)
+}
+
+/// The host's top-level directories the emulated machine mounts at their own paths: [`SHARED`]
+/// and the first component of each of `paths` (absolute), but never the machine's own.
+fn shared_dirs(paths: &[PathBuf]) -> Vec<String> {
+    let mut dirs: Vec<String> = SHARED.iter().map(|d| d.to_string()).collect();
+    for path in paths {
+        let path = path.canonicalize().unwrap_or_else(|_| path.clone());
+        let Some(std::path::Component::Normal(top)) = path.components().nth(1) else {
+            continue;
+        };
+        let top = top.to_string_lossy().into_owned();
+        let plain = !top.contains(char::is_whitespace);
+        if plain && !OWN.contains(&top.as_str()) && !dirs.contains(&top) {
+            dirs.push(top);
+        }
+    }
+    dirs
 }
 
 /// Runs `command` in the emulated arm64 machine; returns its exit status.
@@ -193,6 +217,15 @@ pub fn run_command_lines(command: &[String], opts: &Options) -> Result<(i32, Vec
     .map(|p| format!("{}\n", p.display()))
     .collect();
     write_atomic(&script.with_extension("keep"), keep.as_bytes())?;
+    let shared = shared_dirs(&[
+        opts.cwd.clone(),
+        crate::util::workspace_root(),
+        crate::util::target_dir(),
+    ]);
+    write_atomic(
+        &script.with_extension("shared"),
+        shared.join("\n").as_bytes(),
+    )?;
 
     let loglevel = std::env::var("SUPERMACHINE_TESTHOST_LOGLEVEL").unwrap_or_else(|_| "1".into());
     let append = format!(
@@ -236,6 +269,7 @@ pub fn run_command_lines(command: &[String], opts: &Options) -> Result<(i32, Vec
     let _ = child.wait();
     let _ = std::fs::remove_file(&script);
     let _ = std::fs::remove_file(script.with_extension("keep"));
+    let _ = std::fs::remove_file(script.with_extension("shared"));
     match exit {
         Some(code) => Ok((code, printed)),
         None => {
