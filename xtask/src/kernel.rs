@@ -74,7 +74,7 @@ impl Arch {
 fn source_version() -> Result<String> {
     Ok(
         output(Command::new("dpkg-query").args(["-W", "-f=${Version}", SOURCE_PACKAGE]))
-            .context("linux-source-6.1 is not installed (cargo xtask deps installs it)")?
+            .context("linux-source-6.1 is not installed (cargo xtask deps installs it; apt-get install linux-source-6.1)")?
             .trim()
             .to_string(),
     )
@@ -99,6 +99,8 @@ pub fn build() -> Result<PathBuf> {
 
 /// Builds (if needed) and installs the guest kernel for `arch`; returns its path.
 pub fn build_for(arch: Arch) -> Result<PathBuf> {
+    // The source package and the build tools, on a fresh machine (a no-op once installed).
+    crate::deps::ensure()?;
     if arch == Arch::Aarch64 && !crate::util::have_command("aarch64-linux-gnu-gcc") {
         step("kernel: installing the arm64 cross compiler (gcc-aarch64-linux-gnu)");
         run(Command::new("apt-get")
