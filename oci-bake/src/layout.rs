@@ -8,12 +8,24 @@ use crate::digest::Digest;
 use crate::manifest::ContainerConfig;
 
 /// Writes `layers` (uncompressed tars, bottom first) with `config` as image `tag` of a new OCI
-/// layout at `dir` (replacing an existing one). Returns the manifest digest.
+/// layout at `dir` (replacing an existing one), for this host's platform. Returns the manifest
+/// digest.
 pub fn write_layout(
     dir: &Path,
     tag: &str,
     layers: &[Vec<u8>],
     config: &ContainerConfig,
+) -> std::io::Result<Digest> {
+    write_layout_for(dir, tag, layers, config, crate::manifest::host_platform())
+}
+
+/// [`write_layout`] for `platform` (`os`, `architecture` in OCI's names: `("linux", "arm64")`).
+pub fn write_layout_for(
+    dir: &Path,
+    tag: &str,
+    layers: &[Vec<u8>],
+    config: &ContainerConfig,
+    platform: (&str, &str),
 ) -> std::io::Result<Digest> {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir.join("blobs/sha256"))?;
@@ -33,7 +45,7 @@ pub fn write_layout(
             "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
             "digest": d.to_string(), "size": size}));
     }
-    let (os, arch) = crate::manifest::host_platform();
+    let (os, arch) = platform;
     let config_doc = serde_json::json!({
         "architecture": arch, "os": os,
         "config": config,
@@ -59,11 +71,17 @@ pub fn write_layout(
 /// A one-layer image of Debian's `busybox-static`: `/bin/busybox` with every applet linked,
 /// `/etc/passwd` and `/etc/group` (root and `user` 1000), `Cmd ["sh"]`.
 pub fn busybox_layer(busybox: &Path) -> std::io::Result<Vec<u8>> {
-    let mut binary = Vec::new();
-    std::fs::File::open(busybox)?.read_to_end(&mut binary)?;
     let list = std::process::Command::new(busybox)
         .arg("--list-full")
         .output()?;
+    busybox_layer_with(busybox, &String::from_utf8_lossy(&list.stdout))
+}
+
+/// [`busybox_layer`] with the applet list given (`busybox --list-full`'s output), for a busybox
+/// of another architecture that cannot run here.
+pub fn busybox_layer_with(busybox: &Path, applets: &str) -> std::io::Result<Vec<u8>> {
+    let mut binary = Vec::new();
+    std::fs::File::open(busybox)?.read_to_end(&mut binary)?;
     let mut b = tar::Builder::new(Vec::new());
     let mut add = |path: &str,
                    mode: u32,
@@ -99,7 +117,7 @@ pub fn busybox_layer(busybox: &Path) -> std::io::Result<Vec<u8>> {
         add(d, mode, tar::EntryType::Directory, &[], None)?;
     }
     add("bin/busybox", 0o755, tar::EntryType::Regular, &binary, None)?;
-    for applet in String::from_utf8_lossy(&list.stdout).lines().map(str::trim) {
+    for applet in applets.lines().map(str::trim) {
         let applet = applet.trim_start_matches('/');
         if applet.is_empty() || applet == "bin/busybox" {
             continue;

@@ -23,6 +23,26 @@ pub fn busybox() -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// The busybox image for arm64 (Debian's `busybox-static:arm64`, platform `linux/arm64`) at
+/// `target/images/busybox-arm64`.
+pub fn busybox_arm64() -> Result<PathBuf> {
+    let dir = target_dir().join("images/busybox-arm64");
+    let busybox = crate::testhost_arm64::ensure_busybox()?;
+    // Debian builds both architectures' busybox from one configuration: this machine's lists
+    // the applets (the arm64 one cannot run here).
+    let applets = output(Command::new("/bin/busybox").arg("--list-full"))
+        .context("cannot run /bin/busybox (apt-get install busybox-static)")?;
+    let layer = oci_bake::layout::busybox_layer_with(&busybox, &applets)?;
+    oci_bake::layout::write_layout_for(
+        &dir,
+        "latest",
+        &[layer],
+        &oci_bake::layout::busybox_config(),
+        ("linux", "arm64"),
+    )?;
+    Ok(dir)
+}
+
 fn busybox_layer() -> Result<Vec<u8>> {
     oci_bake::layout::busybox_layer(Path::new("/bin/busybox"))
         .context("cannot read /bin/busybox (apt-get install busybox-static)")

@@ -56,7 +56,11 @@ enum Cmd {
         arch: String,
     },
     /// Build the initramfs: guest-init as /init plus busybox
-    Initramfs,
+    Initramfs {
+        /// x86_64 (the default) or aarch64 (cross-built, installed as initramfs-aarch64.cpio)
+        #[arg(long, default_value = "x86_64")]
+        arch: String,
+    },
     /// Set up everything and run the busybox image: `cargo xtask run [RUN-FLAGS] -- COMMAND...`
     Run {
         /// `supermachine run` flags, then `--` and the command
@@ -64,10 +68,11 @@ enum Cmd {
         args: Vec<String>,
     },
     /// Build a test image as an OCI layout at target/images/NAME: `busybox` (Debian's
-    /// busybox-static) or `redis` (busybox plus Debian's redis-server and redis-benchmark)
+    /// busybox-static), `busybox-arm64` (the same for linux/arm64) or `redis` (busybox plus
+    /// Debian's redis-server and redis-benchmark)
     Image {
         /// Which image
-        #[arg(default_value = "busybox", value_parser = ["busybox", "redis"])]
+        #[arg(default_value = "busybox", value_parser = ["busybox", "busybox-arm64", "redis"])]
         name: String,
     },
     /// Set up everything and boot a guest: `cargo xtask boot -- /bin/sh -c 'nproc; exit 3'`
@@ -147,9 +152,12 @@ fn main() -> ExitCode {
             }
             Ok(0)
         }),
-        Cmd::Initramfs => initramfs::build().map(|_| 0),
+        Cmd::Initramfs { arch } => {
+            kernel::Arch::parse(&arch).and_then(|arch| initramfs::build_for(arch).map(|_| 0))
+        }
         Cmd::Image { name } => match name.as_str() {
             "redis" => images::redis(),
+            "busybox-arm64" => images::busybox_arm64(),
             _ => images::busybox(),
         }
         .map(|p| {

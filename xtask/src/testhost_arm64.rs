@@ -111,7 +111,7 @@ fn ensure_kernel() -> Result<(PathBuf, PathBuf)> {
 }
 
 /// Debian's static arm64 busybox, once.
-fn ensure_busybox() -> Result<PathBuf> {
+pub fn ensure_busybox() -> Result<PathBuf> {
     let busybox = dir().join("busybox");
     if busybox.is_file() {
         return Ok(busybox);
@@ -392,6 +392,18 @@ fn build_arm64(args: &[&str], release: bool, name: &str) -> Result<PathBuf> {
         .join(MUSL)
         .join(if release { "release" } else { "debug" })
         .join(name))
+}
+
+/// Builds the guest programs (`guest-init`, `sm-blkbench`, `sm-netbench`) static for arm64;
+/// returns the directory they are in.
+pub fn guest_binaries() -> Result<PathBuf> {
+    step("initramfs (arm64): building guest-init, sm-blkbench and sm-netbench (static, musl)");
+    let init = build_arm64(
+        &["--release", "-p", "guest-init", "--bins"],
+        true,
+        "guest-init",
+    )?;
+    Ok(init.parent().map(Path::to_path_buf).unwrap_or_default())
 }
 
 /// A test initramfs: busybox (also as `/bin/sh`), `/init`, and `extra` files (path, mode,

@@ -35,7 +35,15 @@ pub fn installed_kernel() -> PathBuf {
 }
 
 pub fn installed_initramfs() -> PathBuf {
-    guest_dir().join("initramfs.cpio")
+    installed_initramfs_for(crate::kernel::Arch::X86_64)
+}
+
+/// The initramfs for `arch`'s guests, named as the CLI built for `arch` looks for it.
+pub fn installed_initramfs_for(arch: crate::kernel::Arch) -> PathBuf {
+    guest_dir().join(match arch {
+        crate::kernel::Arch::X86_64 => "initramfs.cpio",
+        crate::kernel::Arch::Aarch64 => "initramfs-aarch64.cpio",
+    })
 }
 
 pub fn target_dir() -> PathBuf {

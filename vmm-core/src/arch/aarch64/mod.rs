@@ -7,6 +7,7 @@
 
 pub mod boot;
 pub mod fdt;
+pub mod gic;
 pub mod hypervisor;
 pub mod layout;
 pub mod regs;

@@ -32,8 +32,11 @@ pub struct GicState {
     pub distributor: Vec<(u32, u32)>,
     /// Each vCPU's redistributor registers, as (offset, value).
     pub redistributors: Vec<Vec<(u32, u32)>>,
-    /// Each vCPU's CPU-interface system registers (ICC_*), as (one-reg ID, value).
-    pub cpu_interfaces: Vec<Vec<(u64, u64)>>,
+    /// Each vCPU's CPU-interface system registers (ICC_*), as (the `op0:op1:CRn:CRm:op2`
+    /// encoding of [`gic::SysReg::instr`](super::gic::SysReg::instr), value).
+    pub cpu_interfaces: Vec<Vec<(u16, u64)>>,
+    /// The input levels of the SPIs, as (first interrupt ID of a group of 32, bitmap).
+    pub line_levels: Vec<(u32, u32)>,
 }
 
 /// The VM-wide state.

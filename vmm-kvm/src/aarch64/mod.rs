@@ -2,33 +2,30 @@
 //! the boot one powered off until the guest's `CPU_ON`), registers by one-reg ID, MMIO exits
 //! and PSCI system events turned into neutral exits.
 //!
-//! Status: compiles and is checked in CI for `aarch64-unknown-linux-gnu`; booting a guest with
-//! it in the emulated arm64 host, and vCPU/vGIC snapshots, are the next steps (issue 20).
+//! Snapshots: every register of the vCPU's list (`KVM_GET_REG_LIST` + one-reg) and its power
+//! state; the vGIC's registers through its device attributes ([`vgic`]).
 
-use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+mod vgic;
+
+use std::sync::atomic::AtomicU8;
 
 use kvm_bindings::{
-    kvm_create_device, kvm_device_attr, kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_V3, kvm_vcpu_init,
-    RegList, KVM_ARM_VCPU_POWER_OFF, KVM_ARM_VCPU_PSCI_0_2, KVM_DEV_ARM_VGIC_CTRL_INIT,
-    KVM_DEV_ARM_VGIC_GRP_ADDR, KVM_DEV_ARM_VGIC_GRP_CTRL, KVM_DEV_ARM_VGIC_GRP_NR_IRQS,
-    KVM_VGIC_V3_ADDR_TYPE_DIST, KVM_VGIC_V3_ADDR_TYPE_REDIST,
+    kvm_mp_state, kvm_vcpu_init, RegList, KVM_ARM_VCPU_POWER_OFF, KVM_ARM_VCPU_PSCI_0_2,
 };
-use kvm_ioctls::{DeviceFd, Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
-use vmm_core::arch::aarch64::layout::{GICD_BASE, GICR_BASE};
+use kvm_ioctls::{Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
 use vmm_core::arch::aarch64::{
-    HypervisorAArch64, VcpuAArch64, VcpuState, VmAArch64, VmOptions, VmState,
+    HypervisorAArch64, OneReg, VcpuAArch64, VcpuState, VmAArch64, VmOptions, VmState,
 };
 use vmm_core::{
     BorrowedDescriptor, GuestMemory, Hypervisor, HypervisorError, IoHandler, IrqChip, IrqChipKind,
-    IrqTrigger, Vcpu, VcpuExit, VcpuKicker, Vm,
+    Vcpu, VcpuExit, VcpuKicker, Vm,
 };
 
 use crate::common::{err, install_kick_handler, register_memory, KvmKicker};
-use vmm_sys_util::eventfd::EventFd;
-
-/// Interrupt lines the vGIC gets: the 32 private ones and 96 SPIs.
-const GIC_NR_IRQS: u32 = 128;
+use vgic::Vgic;
 
 /// An open `/dev/kvm`.
 pub struct KvmHypervisor {
@@ -86,125 +83,12 @@ impl HypervisorAArch64 for KvmHypervisor {
         }
         let fd = self.kvm.create_vm().map_err(err("KVM_CREATE_VM"))?;
         register_memory(&fd, memory)?;
-        let gic = create_vgic(&fd)?;
         let fd = Arc::new(fd);
         Ok(Box::new(KvmVm {
-            gic: Arc::new(Vgic {
-                fd: gic,
-                vm: fd.clone(),
-                state: Mutex::new(VgicState::default()),
-            }),
+            gic: Arc::new(Vgic::new(fd.clone())?),
+            vcpus: AtomicU8::new(0),
             fd,
         }))
-    }
-}
-
-/// Creates the vGICv3 and places its distributor and redistributors (as the device tree says).
-/// It is initialised later, once every vCPU exists ([`Vgic::init_once`]).
-fn create_vgic(vm: &VmFd) -> Result<DeviceFd, HypervisorError> {
-    let mut device = kvm_create_device {
-        type_: kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_V3,
-        fd: 0,
-        flags: 0,
-    };
-    let gic = vm
-        .create_device(&mut device)
-        .map_err(err("KVM_CREATE_DEVICE (vGICv3)"))?;
-    for (kind, addr) in [
-        (KVM_VGIC_V3_ADDR_TYPE_DIST, GICD_BASE),
-        (KVM_VGIC_V3_ADDR_TYPE_REDIST, GICR_BASE),
-    ] {
-        set_attr(&gic, KVM_DEV_ARM_VGIC_GRP_ADDR, u64::from(kind), &addr)?;
-    }
-    set_attr(&gic, KVM_DEV_ARM_VGIC_GRP_NR_IRQS, 0, &GIC_NR_IRQS)?;
-    Ok(gic)
-}
-
-/// Sets a device attribute whose value is the plain-old-data at `value`.
-fn set_attr<T>(device: &DeviceFd, group: u32, attr: u64, value: &T) -> Result<(), HypervisorError> {
-    let attr = kvm_device_attr {
-        group,
-        attr,
-        addr: value as *const T as u64,
-        flags: 0,
-    };
-    device
-        .set_device_attr(&attr)
-        .map_err(err("KVM_SET_DEVICE_ATTR (vGIC)"))
-}
-
-/// The vGIC: the interrupt controller devices raise their lines on.
-///
-/// KVM on arm64 accepts irqfds only once the vGIC is initialised, and initialises it only once
-/// every vCPU exists, while devices take their lines before the vCPUs are made: so a line's
-/// eventfd is registered when the vGIC is initialised (by the first vCPU to run), and an
-/// interrupt raised before then waits in the eventfd and is delivered at registration.
-struct Vgic {
-    fd: DeviceFd,
-    vm: Arc<VmFd>,
-    state: Mutex<VgicState>,
-}
-
-#[derive(Default)]
-struct VgicState {
-    ready: bool,
-    /// Lines taken before the vGIC was initialised: (eventfd, SPI number from the first SPI).
-    pending: Vec<(EventFd, u32)>,
-}
-
-impl Vgic {
-    /// `KVM_DEV_ARM_VGIC_CTRL_INIT`, once, after every vCPU was created, then the lines' irqfds.
-    fn init_once(&self) -> Result<(), HypervisorError> {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if !state.ready {
-            let attr = kvm_device_attr {
-                group: KVM_DEV_ARM_VGIC_GRP_CTRL,
-                attr: u64::from(KVM_DEV_ARM_VGIC_CTRL_INIT),
-                addr: 0,
-                flags: 0,
-            };
-            self.fd
-                .set_device_attr(&attr)
-                .map_err(err("KVM_DEV_ARM_VGIC_CTRL_INIT"))?;
-            for (evt, gsi) in state.pending.drain(..) {
-                self.vm
-                    .register_irqfd(&evt, gsi)
-                    .map_err(err("KVM_IRQFD"))?;
-            }
-            state.ready = true;
-        }
-        Ok(())
-    }
-}
-
-struct SpiLine(EventFd);
-
-impl IrqTrigger for SpiLine {
-    fn trigger(&self) -> std::io::Result<()> {
-        self.0.write(1)
-    }
-}
-
-impl IrqChip for Vgic {
-    fn kind(&self) -> IrqChipKind {
-        IrqChipKind::InKernel
-    }
-
-    fn line(&self, gsi: u32) -> Result<Arc<dyn IrqTrigger>, HypervisorError> {
-        let evt = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
-            .map_err(|e| HypervisorError::call("eventfd", e))?;
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if state.ready {
-            self.vm
-                .register_irqfd(&evt, gsi)
-                .map_err(err("KVM_IRQFD"))?;
-        } else {
-            let kept = evt
-                .try_clone()
-                .map_err(|e| HypervisorError::call("eventfd", e))?;
-            state.pending.push((kept, gsi));
-        }
-        Ok(Arc::new(SpiLine(evt)))
     }
 }
 
@@ -212,6 +96,8 @@ impl IrqChip for Vgic {
 pub struct KvmVm {
     fd: Arc<VmFd>,
     gic: Arc<Vgic>,
+    /// How many vCPUs the VM has (for the vGIC's per-CPU state).
+    vcpus: AtomicU8,
 }
 
 impl Vm for KvmVm {
@@ -231,7 +117,7 @@ impl Vm for KvmVm {
 
 impl VmAArch64 for KvmVm {
     fn create_vcpu(&self, id: u8, count: u8) -> Result<Box<dyn VcpuAArch64>, HypervisorError> {
-        let _ = count;
+        self.vcpus.store(count, Ordering::Relaxed);
         let fd = self
             .fd
             .create_vcpu(u64::from(id))
@@ -255,17 +141,15 @@ impl VmAArch64 for KvmVm {
     }
 
     fn save_state(&self) -> Result<VmState, HypervisorError> {
-        Err(no_snapshots())
+        Ok(VmState {
+            gic: self.gic.save(self.vcpus.load(Ordering::Relaxed))?,
+        })
     }
 
     fn restore_state(&self, state: &VmState) -> Result<(), HypervisorError> {
-        let _ = state;
-        Err(no_snapshots())
+        self.gic
+            .restore(&state.gic, self.vcpus.load(Ordering::Relaxed))
     }
-}
-
-fn no_snapshots() -> HypervisorError {
-    HypervisorError::MissingCapability("snapshots of arm64 VMs (not written yet)".into())
 }
 
 /// A KVM vCPU on arm64.
@@ -337,11 +221,48 @@ impl VcpuAArch64 for KvmVcpu {
     }
 
     fn save_state(&mut self) -> Result<VcpuState, HypervisorError> {
-        Err(no_snapshots())
+        let mut regs = Vec::new();
+        for id in self.reg_list()? {
+            if reg_size(id) > 16 {
+                // SVE's vector registers: never enabled at vCPU init, so never listed.
+                return Err(HypervisorError::call(
+                    "KVM_GET_ONE_REG",
+                    format!("register {id:#x} is wider than 128 bits"),
+                ));
+            }
+            regs.push(OneReg {
+                id,
+                value: self.one_reg(id)?,
+            });
+        }
+        let mp_state = self
+            .fd
+            .get_mp_state()
+            .map_err(err("KVM_GET_MP_STATE"))?
+            .mp_state;
+        Ok(VcpuState {
+            id: self.id,
+            regs,
+            mp_state,
+        })
     }
 
     fn restore_state(&mut self, state: &VcpuState) -> Result<(), HypervisorError> {
-        let _ = state;
-        Err(no_snapshots())
+        // In the order KVM listed them at the save (it lists the core registers first, the
+        // timer's counter after the control registers that give it meaning).
+        for reg in &state.regs {
+            self.set_one_reg(reg.id, reg.value).map_err(|e| match e {
+                HypervisorError::Call { op, detail } => HypervisorError::Call {
+                    op,
+                    detail: format!("register {:#x}: {detail}", reg.id),
+                },
+                other => other,
+            })?;
+        }
+        self.fd
+            .set_mp_state(kvm_mp_state {
+                mp_state: state.mp_state,
+            })
+            .map_err(err("KVM_SET_MP_STATE"))
     }
 }
