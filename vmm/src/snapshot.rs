@@ -44,6 +44,9 @@ pub enum SnapshotError {
 /// What must match between the machine that took a snapshot and the one restoring it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Identity {
+    /// The host architecture (`x86_64`, `aarch64`): first, so a state of another architecture,
+    /// whose register layout this build cannot decode, still says where it came from.
+    pub arch: String,
     /// The supermachine version that wrote it.
     pub supermachine: String,
     /// The host CPU ([`host_cpu`]: vendor, family, model, stepping, feature bits hashed).
@@ -58,6 +61,7 @@ impl Identity {
     /// This host and build, with the given kernel and initramfs.
     pub fn here(kernel: Option<&Path>, initramfs: Option<&Path>) -> Identity {
         Identity {
+            arch: std::env::consts::ARCH.into(),
             supermachine: env!("CARGO_PKG_VERSION").into(),
             host_cpu: host_cpu(),
             kernel: kernel.and_then(file_identity),
@@ -68,8 +72,8 @@ impl Identity {
 
 /// The layout of [`MachineState`]; a state written with another is refused. 4: the host CPU
 /// identity comes from CPUID (a state of 3 would only fail the CPU check, less clearly). 6: the
-/// workload became an opaque payload of the facade.
-pub const MACHINE_STATE_VERSION: u32 = 6;
+/// workload became an opaque payload of the facade. 7: the identity names the architecture.
+pub const MACHINE_STATE_VERSION: u32 = 7;
 
 /// What a virtio device in a snapshot is, so restore can make it again.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -283,6 +287,14 @@ pub struct LoadedSnapshot {
     pub memory: GuestMemory,
 }
 
+fn other_arch(arch: &str) -> String {
+    format!(
+        "it was taken on an {arch} host and this host is {} (snapshots hold one architecture's \
+         registers; bake it again here)",
+        std::env::consts::ARCH
+    )
+}
+
 /// Reads `dir`, checks it can run here (`kernel`, `initramfs`: the files it must have been
 /// taken with, if the caller has them), and maps its memory.
 pub fn load(
@@ -296,15 +308,21 @@ pub fn load(
     };
     let state: MachineState = match snapshot::read_state(dir) {
         Ok(state) => state,
-        // Intact (the checksum holds) but not this layout: most likely another build's. The
-        // layout version is the payload's first field.
+        // Intact (the checksum holds) but not this layout: most likely another build's or
+        // architecture's. The layout version is the payload's first field, the architecture the
+        // next.
         Err(e @ snapshot::SnapshotError::Corrupt { .. }) => {
             return Err(match snapshot::read_state_prefix::<u32>(dir) {
                 Ok(version) if version != MACHINE_STATE_VERSION => incompatible(format!(
                     "its state layout is version {version}, this build reads \
                      {MACHINE_STATE_VERSION} (bake it again)"
                 )),
-                _ => e.into(),
+                _ => match snapshot::read_state_prefix::<(u32, Identity)>(dir) {
+                    Ok((_, identity)) if identity.arch != std::env::consts::ARCH => {
+                        incompatible(other_arch(&identity.arch))
+                    }
+                    _ => e.into(),
+                },
             })
         }
         Err(e) => return Err(e.into()),
@@ -314,6 +332,9 @@ pub fn load(
             "its state layout is version {}, this build reads {MACHINE_STATE_VERSION} (bake it again)",
             state.version
         )));
+    }
+    if state.identity.arch != std::env::consts::ARCH {
+        return Err(incompatible(other_arch(&state.identity.arch)));
     }
     let here = host_cpu();
     if state.identity.host_cpu != here {
@@ -514,7 +535,33 @@ mod tests {
     fn the_host_cpu_identity_is_stable_and_names_the_model() {
         let id = host_cpu();
         assert_eq!(id, read_host_cpu());
-        assert!(id.contains(" family ") && id.contains(" model "), "{id}");
+        if cfg!(target_arch = "x86_64") {
+            assert!(id.contains(" family ") && id.contains(" model "), "{id}");
+        }
+    }
+
+    #[test]
+    fn a_state_of_another_architecture_is_refused_as_such() {
+        let dir = std::env::temp_dir().join(format!("sm-arch-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        // This layout's version and identity, then registers this build cannot decode.
+        let mut identity = Identity::here(None, None);
+        identity.arch = "s390x".into();
+        let written = snapshot::SnapshotWriter::create(&dir)
+            .unwrap()
+            .commit(&(
+                MACHINE_STATE_VERSION,
+                identity,
+                String::from("its registers"),
+            ))
+            .unwrap();
+        let e = load(&written, None, None).err().unwrap().to_string();
+        assert!(
+            e.contains("taken on an s390x host")
+                && e.contains(&format!("this host is {}", std::env::consts::ARCH)),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

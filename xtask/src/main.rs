@@ -12,6 +12,7 @@
 //! - `bench toy|boot|blk`: VMM overhead on the toy guest, Linux boot time, virtio-blk I/O; each
 //!   next to QEMU
 
+mod arm64_cli;
 mod bench;
 mod bench_agent;
 mod bench_net;
@@ -61,7 +62,9 @@ enum Cmd {
         #[arg(long, default_value = "x86_64")]
         arch: String,
     },
-    /// Set up everything and run the busybox image: `cargo xtask run [RUN-FLAGS] -- COMMAND...`
+    /// Set up everything and run the busybox image: `cargo xtask run [RUN-FLAGS] -- COMMAND...`;
+    /// `--arch aarch64` runs the arm64 busybox image with the arm64 CLI in the emulated arm64
+    /// host
     Run {
         /// `supermachine run` flags, then `--` and the command
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -103,8 +106,9 @@ enum Cmd {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
-    /// Build the arm64 guest kernel and our VMM for arm64, and boot the guest with it on KVM in
-    /// the emulated arm64 host (2 vCPUs, its exit status carried out)
+    /// Build the arm64 guest kernel and our VMM for arm64, boot the guest with it on KVM in the
+    /// emulated arm64 host (2 vCPUs, its exit status carried out), then check the arm64 CLI
+    /// there (run, -d -p + exec, bake, restore)
     Arm64Check,
     /// Run every test: unit, local KVM, guest boots (emulated host if needed), cross checks
     Test {
@@ -199,6 +203,7 @@ fn main() -> ExitCode {
         Cmd::Arm64Check => kernel::build_for(kernel::Arch::Aarch64).and_then(|image| {
             testhost_arm64::check_guest_kernel(&image)?;
             testhost_arm64::check_vmm_boot(&image)?;
+            arm64_cli::check_cli()?;
             Ok(0)
         }),
         Cmd::HoldKvm => testhost::hold_kvm().map(|_| 0),

@@ -144,6 +144,7 @@ pub fn run_all(force_local: bool) -> Result<()> {
 
     step("arm64: our VMM boots the arm64 guest on KVM in the emulated arm64 host (2 vCPUs, its status)");
     crate::testhost_arm64::check_vmm_boot(&image)?;
+    crate::arm64_cli::check_cli()?;
 
     step("integration tests that boot Linux guests");
     let supermachine = build_supermachine(false)?;
@@ -270,14 +271,17 @@ pub fn run_image(_parsed: &[String]) -> Result<i32> {
         .skip_while(|a| a != "run")
         .skip(1)
         .collect();
-    let args = &args[..];
+    let (flags, command) = match args.iter().position(|a| a == "--") {
+        Some(i) => (&args[..i], &args[i + 1..]),
+        None => (&args[..], &[][..]),
+    };
+    let (arch, flags) = crate::arm64_cli::take_arch(flags)?;
+    if arch == crate::kernel::Arch::Aarch64 {
+        return crate::arm64_cli::run_image(&flags, command);
+    }
     prepare_guest()?;
     let image = crate::images::busybox()?;
     let supermachine = build_supermachine(true)?;
-    let (flags, command) = match args.iter().position(|a| a == "--") {
-        Some(i) => (&args[..i], &args[i + 1..]),
-        None => (args, &[][..]),
-    };
     let mut full = vec![
         supermachine.to_string_lossy().into_owned(),
         "run".to_string(),
