@@ -127,6 +127,13 @@ serve() {
   check "$3: exec output" [ "$("$SM" exec "$1" uname -m)" = aarch64 ]
 }
 serve web 18080 "run -d"
+filtered() {
+  for s in /proc/[0-9]*/status; do
+    grep -q '^Name:.*supermachine' "$s" && grep -q '^Seccomp:[[:space:]]*2' "$s" && return 0
+  done
+  return 1
+}
+check "the detached VMM runs under its system-call filter" filtered
 "$SM" stop web >/dev/null
 
 # Bake the server (ready once it answers; the ready command leaves a mark in the snapshot),
