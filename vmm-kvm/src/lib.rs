@@ -6,8 +6,8 @@
 //! Owns: opening `/dev/kvm`, memory slots, irqfds and ioeventfds, kicks (`common`); on x86-64
 //! the in-kernel irqchip and PIT, vCPU creation with a CPU model (`KVM_GET_SUPPORTED_CPUID` with
 //! the topology filled in, boot MSRs, FPU and LAPIC defaults), conversion between `vmm-core`'s
-//! neutral registers and KVM's, snapshots; on arm64 the vGICv3, vCPU init with PSCI 0.2 and
-//! one-reg access (booting there is not proven yet, snapshots not written); and turning
+//! neutral registers and KVM's, snapshots; on arm64 the vGICv3, vCPU init with PSCI 0.2,
+//! one-reg access, vCPU and vGIC snapshots (checked in an emulated arm64 host); and turning
 //! `KVM_RUN` exits into neutral [`VcpuExit`](vmm_core::VcpuExit)s.
 //!
 //! Does not own: guest layout, boot structures or devices (`vmm-core`, `devices`).

@@ -113,6 +113,14 @@ check "run: stderr kept out of stdout" not grep -q to-stderr /tmp/out
 n=$("$SM" run --cpus 2 "$IMG" -- nproc 2>/dev/null)
 check "run --cpus 2: the guest sees 2 (got $n)" [ "$n" = 2 ]
 
+# A shared directory (virtio-fs) both ways, and the default user-mode network's address.
+mkdir -p /tmp/share; echo from-host > /tmp/share/in
+"$SM" run -v /tmp/share:/mnt "$IMG" -- sh -c 'cat /mnt/in; echo from-guest > /mnt/out' >/tmp/out 2>&1
+check "-v: the guest reads the host's file" grep -qx from-host /tmp/out
+check "-v: the host reads the guest's file" grep -qx from-guest /tmp/share/out
+"$SM" run "$IMG" -- ip -4 addr show eth0 >/tmp/out 2>&1
+check "the default network: eth0 is 10.0.2.15" grep -q 'inet 10.0.2.15/24' /tmp/out
+
 # A detached server behind a published port; exec into it.
 SERVER='mkdir -p /www && echo served > /www/index.html && exec httpd -f -p 8080 -h /www'
 serve() {

@@ -2,8 +2,9 @@
 //! the extension traits a backend implements ([`HypervisorAArch64`], [`VmAArch64`],
 //! [`VcpuAArch64`]): one-reg access by ID, vCPU init with PSCI, the GICv3.
 //!
-//! **Status:** the layout, the device tree, `Image` loading and the boot vCPU's registers are
-//! here (unit-tested on every host); no backend implements the traits yet (issue 20).
+//! The layout, the device tree, `Image` loading, the boot vCPU's registers and the GICv3
+//! register catalogue are pure logic, unit-tested on every host; `vmm-kvm` implements the
+//! traits on arm64 Linux.
 
 pub mod boot;
 pub mod fdt;
