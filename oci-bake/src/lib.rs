@@ -83,6 +83,16 @@ pub enum PullError {
     /// The root filesystem could not be built.
     #[error(transparent)]
     Rootfs(#[from] rootfs::RootfsError),
+    /// The image is for another platform than the one asked for (its binaries would not run).
+    #[error("{image} is an image for {found}; this host runs {wanted} guests (pull one built for {wanted})")]
+    Platform {
+        /// The image.
+        image: String,
+        /// Its configuration's `os/architecture`.
+        found: String,
+        /// The platform asked for.
+        wanted: String,
+    },
     /// The image configuration is not valid JSON of the expected shape.
     #[error("image configuration {digest}: {detail}")]
     Config {
@@ -103,6 +113,7 @@ pub fn pull(store: &Store, image: &ImageRef, opts: &PullOptions) -> Result<Image
             digest: fetched.config.clone(),
             detail: e.to_string(),
         })?;
+    check_platform(&fetched.name, &config, &opts.platform)?;
     let layers: Vec<digest::Digest> = fetched.layers.iter().map(|(d, _)| d.clone()).collect();
     let rootfs = rootfs::bake(store, &layers, &opts.limits)?;
     let record = ImageRecord {
@@ -122,8 +133,68 @@ pub fn pull(store: &Store, image: &ImageRef, opts: &PullOptions) -> Result<Image
     Ok(record)
 }
 
+/// Refuses an image whose configuration names another OS or architecture than `wanted` (an
+/// image chosen by tag from a single-platform layout or manifest is not filtered by its
+/// index). An image that names none is accepted.
+fn check_platform(
+    image: &str,
+    config: &manifest::ImageConfigFile,
+    wanted: &(String, String),
+) -> Result<(), PullError> {
+    // Docker's names and the kernel's both occur in the wild.
+    let canonical = |arch: &str| match arch {
+        "x86_64" | "x86-64" => "amd64".to_string(),
+        "aarch64" => "arm64".to_string(),
+        other => other.to_string(),
+    };
+    let arch_differs =
+        !config.architecture.is_empty() && canonical(&config.architecture) != canonical(&wanted.1);
+    let os_differs = !config.os.is_empty() && config.os != wanted.0;
+    if arch_differs || os_differs {
+        return Err(PullError::Platform {
+            image: image.to_string(),
+            found: format!("{}/{}", config.os, config.architecture),
+            wanted: format!("{}/{}", wanted.0, wanted.1),
+        });
+    }
+    Ok(())
+}
+
 /// The record of an already pulled image, by the reference a user typed.
 pub fn find(store: &Store, image: &str) -> Result<Option<ImageRecord>, PullError> {
     let r: ImageRef = image.parse()?;
     Ok(store.image(&source::canonical_name(&r))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(os: &str, architecture: &str) -> manifest::ImageConfigFile {
+        manifest::ImageConfigFile {
+            architecture: architecture.into(),
+            os: os.into(),
+            config: None,
+        }
+    }
+
+    #[test]
+    fn an_image_for_another_platform_is_refused_by_name() {
+        let amd64 = ("linux".to_string(), "amd64".to_string());
+        let e = check_platform("oci:x:latest", &config("linux", "arm64"), &amd64)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("oci:x:latest is an image for linux/arm64")
+                && e.contains("this host runs linux/amd64 guests"),
+            "{e}"
+        );
+        assert!(check_platform("w", &config("windows", "amd64"), &amd64).is_err());
+        // The same platform under another name, or none given: accepted.
+        assert!(check_platform("a", &config("linux", "x86_64"), &amd64).is_ok());
+        assert!(check_platform("b", &config("linux", "amd64"), &amd64).is_ok());
+        assert!(check_platform("c", &config("", ""), &amd64).is_ok());
+        let arm64 = ("linux".to_string(), "arm64".to_string());
+        assert!(check_platform("d", &config("linux", "aarch64"), &arm64).is_ok());
+    }
 }
