@@ -190,6 +190,27 @@ fn is_loopback(host: &str) -> bool {
     name == "localhost" || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
+/// Whether a bearer challenge's `realm` may be asked for a token: https, or plain http to
+/// this machine or to a host the user marked insecure.
+fn realm_is_acceptable(realm: &str, insecure: bool) -> bool {
+    match scheme_of(realm) {
+        "https" => true,
+        "http" => insecure || is_loopback(host_of(realm)),
+        _ => false,
+    }
+}
+
+/// Whether a request to `url`, reached from the registry's `origin` (by redirects), may carry
+/// the registry's credentials: only to the same host over the same scheme, so neither another
+/// host nor a downgrade from https to http ever sees them.
+fn may_send_credentials(origin: &str, url: &str) -> bool {
+    scheme_of(origin) == scheme_of(url) && host_of(origin) == host_of(url)
+}
+
+fn scheme_of(url: &str) -> &str {
+    url.split_once("://").map(|(s, _)| s).unwrap_or("")
+}
+
 fn host_of(url: &str) -> &str {
     url.split("://")
         .nth(1)
@@ -290,6 +311,22 @@ impl Client {
                 registry: r.registry.clone(),
                 detail: "bearer challenge without a realm".into(),
             })?;
+        // The token service gets the registry's credentials: only over https, unless it is on
+        // this machine or the registry itself is one the user called insecure.
+        let insecure = self
+            .options
+            .insecure_registries
+            .iter()
+            .any(|h| h == &r.registry || h == host_of(realm));
+        if !realm_is_acceptable(realm, insecure) {
+            return Err(RegistryError::Unauthorized {
+                registry: r.registry.clone(),
+                detail: format!(
+                    "its token service {realm} is not https (refusing to send credentials or \
+                     trust a token over plain http)"
+                ),
+            });
+        }
         let scope = challenge
             .params
             .get("scope")
@@ -341,13 +378,13 @@ impl Client {
         url: &str,
         accept: Option<&str>,
     ) -> Result<Response, RegistryError> {
-        let registry_host = host_of(url).to_string();
+        let origin = url.to_string();
         let mut url = url.to_string();
         let mut attempt = 0;
         let mut redirects = 0;
         let mut authed_once = false;
         loop {
-            let same_host = host_of(&url) == registry_host;
+            let same_host = may_send_credentials(&origin, &url);
             let mut req = self.agent.get(&url);
             if let Some(a) = accept {
                 req = req.set("Accept", a);
@@ -535,6 +572,33 @@ mod tests {
         );
         assert!(c.contains_key("127.0.0.1:5000"));
         assert!(!c.contains_key("bad"));
+    }
+
+    #[test]
+    fn credentials_never_follow_a_redirect_to_another_host_or_to_plain_http() {
+        let origin = "https://r.example/v2/a/blobs/sha256:1";
+        assert!(may_send_credentials(origin, "https://r.example/v2/other"));
+        assert!(!may_send_credentials(
+            origin,
+            "http://r.example/v2/a/blobs/sha256:1"
+        ));
+        assert!(!may_send_credentials(origin, "https://cdn.example/blob"));
+        assert!(!may_send_credentials(origin, "https://r.example:8443/v2/a"));
+        assert!(may_send_credentials(
+            "http://127.0.0.1:5000/v2/a",
+            "http://127.0.0.1:5000/v2/b"
+        ));
+    }
+
+    #[test]
+    fn a_token_realm_must_be_https_unless_local_or_marked_insecure() {
+        assert!(realm_is_acceptable("https://auth.example/token", false));
+        assert!(!realm_is_acceptable("http://auth.example/token", false));
+        assert!(realm_is_acceptable("http://auth.example/token", true));
+        assert!(realm_is_acceptable("http://127.0.0.1:5001/token", false));
+        assert!(realm_is_acceptable("http://localhost/token", false));
+        assert!(!realm_is_acceptable("ftp://auth.example/token", false));
+        assert!(!realm_is_acceptable("Registry Realm", false));
     }
 
     #[test]
