@@ -106,6 +106,8 @@ pub enum PullError {
 /// Pulls `image` into `store`: blobs, root filesystem image, record. A second pull of the same
 /// image finds everything in place and does no work beyond reading the manifest.
 pub fn pull(store: &Store, image: &ImageRef, opts: &PullOptions) -> Result<ImageRecord, PullError> {
+    // Shared with other pulls; a prune waits until this one's record names what it wrote.
+    let _lock = store.lock(false)?;
     let fetched = source::fetch(store, image, opts)?;
     let config_bytes = store.read_blob(&fetched.config, source::MAX_DOCUMENT)?;
     let config: manifest::ImageConfigFile =

@@ -146,6 +146,37 @@ impl Store {
         Ok(Store { root })
     }
 
+    /// Takes the store's lock, shared (`exclusive` false: pulls, which add files no record
+    /// names yet) or exclusive (prune, which deletes what no record names); held until the
+    /// guard drops. Waits for the other kind to be released.
+    pub fn lock(&self, exclusive: bool) -> Result<StoreLock, StoreError> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.root.join("lock");
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_err("cannot open", &path))?;
+        let how = if exclusive {
+            libc::LOCK_EX
+        } else {
+            libc::LOCK_SH
+        };
+        loop {
+            // SAFETY: flock on a descriptor this function owns; no memory is involved.
+            if unsafe { libc::flock(file.as_raw_fd(), how) } == 0 {
+                return Ok(StoreLock { _file: file });
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(io_err("cannot lock", &path)(e));
+            }
+        }
+    }
+
     /// The store's root.
     pub fn root(&self) -> &Path {
         &self.root
@@ -365,9 +396,11 @@ impl Store {
         }
     }
 
-    /// Deletes blobs and root filesystems no image refers to, and stale temporary files;
-    /// returns (files removed, bytes freed).
+    /// Deletes blobs and root filesystems no image refers to, and stale temporary files and
+    /// staging directories; returns (entries removed, bytes freed). Holds the store's lock
+    /// exclusively, so a pull in progress (whose files no record names yet) loses nothing.
     pub fn prune(&self) -> Result<(usize, u64), StoreError> {
+        let _lock = self.lock(true)?;
         let images = self.images()?;
         let mut keep_blobs = std::collections::HashSet::new();
         let mut keep_rootfs = std::collections::HashSet::new();
@@ -386,8 +419,17 @@ impl Store {
                 if keep(&name) {
                     continue;
                 }
-                let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
-                if fs::remove_file(entry.path()).is_ok() {
+                // Not following symlinks: a link is removed, never what it points to.
+                let Ok(meta) = fs::symlink_metadata(entry.path()) else {
+                    continue;
+                };
+                let (gone, size) = if meta.is_dir() {
+                    let size = tree_size(&entry.path());
+                    (fs::remove_dir_all(entry.path()).is_ok(), size)
+                } else {
+                    (fs::remove_file(entry.path()).is_ok(), meta.len())
+                };
+                if gone {
                     removed += 1;
                     freed += size;
                 }
@@ -407,6 +449,27 @@ impl Store {
         })?;
         Ok((removed, freed))
     }
+}
+
+/// The store's lock, held while this lives (see [`Store::lock`]).
+#[derive(Debug)]
+pub struct StoreLock {
+    _file: File,
+}
+
+/// Bytes of the regular files under `dir` (symlinks not followed).
+fn tree_size(dir: &Path) -> u64 {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match fs::symlink_metadata(e.path()) {
+            Ok(m) if m.is_dir() => tree_size(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 #[cfg(test)]
@@ -494,5 +557,43 @@ mod tests {
         s.prune().unwrap();
         assert!(!s.has_blob(&layer));
         fs::remove_dir_all(s.root()).ok();
+    }
+
+    #[test]
+    fn prune_removes_stale_staging_directories_and_waits_for_pulls() {
+        let s = store();
+        // A staging tree left by a pull that died (pid 0x7fff_fffe is never a live process),
+        // with a symlink out of the store that must not be followed.
+        let stale = s.root().join("tmp/staging.2147483646.0");
+        fs::create_dir_all(stale.join("usr/bin")).unwrap();
+        fs::write(stale.join("usr/bin/tool"), b"12345").unwrap();
+        let outside = s.root().with_extension("outside");
+        fs::write(&outside, b"keep me").unwrap();
+        std::os::unix::fs::symlink(&outside, stale.join("link")).unwrap();
+        // Ours, still running: kept.
+        let live = s.temp_path("staging");
+        fs::create_dir_all(&live).unwrap();
+        let (removed, freed) = s.prune().unwrap();
+        assert_eq!(removed, 1);
+        assert!(freed >= 5, "{freed}");
+        assert!(!stale.exists() && live.exists());
+        assert_eq!(fs::read(&outside).unwrap(), b"keep me");
+
+        // A pull holds the lock shared: prune waits for it.
+        let pulling = s.lock(false).unwrap();
+        let root = s.root().to_path_buf();
+        let pruned = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = pruned.clone();
+        let pruner = std::thread::spawn(move || {
+            Store::open(root).unwrap().prune().unwrap();
+            flag.store(true, Ordering::SeqCst);
+        });
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(!pruned.load(Ordering::SeqCst), "prune ran during a pull");
+        drop(pulling);
+        pruner.join().unwrap();
+        assert!(pruned.load(Ordering::SeqCst));
+        fs::remove_dir_all(s.root()).ok();
+        fs::remove_file(&outside).ok();
     }
 }
