@@ -317,6 +317,15 @@ impl Registry {
             .map(str::to_string)
             .unwrap_or_else(|| format!("vm-{}", &id[..6]));
         let link = self.root.join("names").join(&name);
+        // Reclaiming a dead VM's name is read-check-remove-create: serialised, or two runs
+        // taking the name at once could each remove the other's fresh link and both "win".
+        let _lock = match self.names_lock() {
+            Ok(lock) => lock,
+            Err(e) => {
+                let _ = std::fs::remove_dir(&dir.path);
+                return Err(e);
+            }
+        };
         loop {
             match std::os::unix::fs::symlink(&id, &link) {
                 Ok(()) => break,
@@ -374,11 +383,39 @@ impl Registry {
         }
     }
 
+    /// The lock that serialises changes to `names/` (held while the returned file is open).
+    fn names_lock(&self) -> Result<std::fs::File, VmRegistryError> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.root.join("names.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(io(&path))?;
+        loop {
+            // SAFETY: flock on a descriptor owned here; no memory is involved.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
+                return Ok(file);
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(io(&path)(e));
+            }
+        }
+    }
+
     /// Forgets a VM: its directory and its name.
     pub fn remove(&self, dir: &VmDir, id: &str, name: &str) -> Result<(), VmRegistryError> {
         let link = self.root.join("names").join(name);
-        if std::fs::read_link(&link).is_ok_and(|t| t == Path::new(id)) {
-            let _ = std::fs::remove_file(&link);
+        {
+            let _lock = self.names_lock()?;
+            if std::fs::read_link(&link).is_ok_and(|t| t == Path::new(id)) {
+                let _ = std::fs::remove_file(&link);
+            }
         }
         std::fs::remove_dir_all(&dir.path).map_err(io(&dir.path))
     }
@@ -449,6 +486,41 @@ mod tests {
             reg.create(Some("a/b")),
             Err(VmRegistryError::BadName(_))
         ));
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn a_dead_vms_name_goes_to_exactly_one_of_many_racing_runs() {
+        let (reg, root) = registry("name-race");
+        for round in 0..60 {
+            // The name points at a VM that is gone (its directory removed).
+            let name = format!("race{round}");
+            std::os::unix::fs::symlink("000000000000", root.join("names").join(&name)).unwrap();
+            let winners: Vec<bool> = std::thread::scope(|s| {
+                let runs: Vec<_> = (0..8)
+                    .map(|_| {
+                        let reg = Registry::at(root.clone()).unwrap();
+                        let name = name.clone();
+                        s.spawn(move || match reg.create(Some(&name)) {
+                            Ok((id, _, dir)) => {
+                                dir.save(&record(&id, &name, 1, 0)).unwrap();
+                                true
+                            }
+                            Err(VmRegistryError::NameInUse { .. }) => false,
+                            Err(e) => panic!("{e}"),
+                        })
+                    })
+                    .collect();
+                runs.into_iter().map(|r| r.join().unwrap()).collect()
+            });
+            assert_eq!(
+                winners.iter().filter(|&&w| w).count(),
+                1,
+                "round {round}: {winners:?}"
+            );
+            // Every VM directory left is the name's holder's: the losers left nothing.
+            assert_eq!(reg.list().iter().filter(|(_, r)| r.name == name).count(), 1);
+        }
         std::fs::remove_dir_all(root).unwrap();
     }
 
