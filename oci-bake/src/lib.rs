@@ -117,7 +117,12 @@ pub fn pull(store: &Store, image: &ImageRef, opts: &PullOptions) -> Result<Image
         })?;
     check_platform(&fetched.name, &config, &opts.platform)?;
     let layers: Vec<digest::Digest> = fetched.layers.iter().map(|(d, _)| d.clone()).collect();
-    let rootfs = rootfs::bake(store, &layers, &opts.limits)?;
+    let diff_ids = config
+        .rootfs
+        .as_ref()
+        .map(|r| r.diff_ids.clone())
+        .unwrap_or_default();
+    let rootfs = rootfs::bake(store, &layers, &diff_ids, &opts.limits)?;
     let record = ImageRecord {
         name: fetched.name,
         manifest: fetched.manifest,
@@ -177,6 +182,7 @@ mod tests {
             architecture: architecture.into(),
             os: os.into(),
             config: None,
+            rootfs: None,
         }
     }
 

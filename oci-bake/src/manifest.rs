@@ -93,6 +93,20 @@ pub struct ImageConfigFile {
     /// The run configuration.
     #[serde(default)]
     pub config: Option<ContainerConfig>,
+    /// The layers' uncompressed digests.
+    #[serde(default)]
+    pub rootfs: Option<RootFs>,
+}
+
+/// The `rootfs` object of an image configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootFs {
+    /// `layers`.
+    #[serde(rename = "type", default)]
+    pub kind: String,
+    /// Each layer's uncompressed digest, bottom first.
+    #[serde(default)]
+    pub diff_ids: Vec<crate::digest::Digest>,
 }
 
 /// The `config` object of an image configuration (Docker's field names).

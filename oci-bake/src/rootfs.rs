@@ -27,6 +27,24 @@ pub enum RootfsError {
     /// Writing the image failed.
     #[error("cannot write the root filesystem image: {0}")]
     Write(String),
+    /// The image configuration's `rootfs.diff_ids` do not list one digest per layer.
+    #[error("the image configuration lists {diff_ids} uncompressed layer digests (rootfs.diff_ids) for {layers} layers")]
+    DiffIdCount {
+        /// Digests in the configuration.
+        diff_ids: usize,
+        /// Layers in the manifest.
+        layers: usize,
+    },
+    /// A layer's uncompressed content is not what the image configuration says it is.
+    #[error("layer {digest} does not hold what the image configuration says: its uncompressed digest is {found}, the configuration's diff_id is {expected}")]
+    DiffIdMismatch {
+        /// The layer blob.
+        digest: Digest,
+        /// Its uncompressed digest.
+        found: Digest,
+        /// The configuration's `diff_id` for it.
+        expected: Digest,
+    },
     /// Reading a layer blob failed.
     #[error("cannot read layer {digest}: {source}")]
     ReadLayer {
@@ -57,23 +75,56 @@ fn open_layer(store: &Store, digest: &Digest) -> Result<Box<dyn io::Read>, Rootf
     decompress(f).map_err(err)
 }
 
-/// Applies `layers` (bottom first) from the store into a tree.
-pub fn merge(store: &Store, layers: &[Digest], limits: &Limits) -> Result<Tree, RootfsError> {
+/// Applies `layers` (bottom first) from the store into a tree, checking that each layer's
+/// uncompressed content has the digest `diff_ids` gives for it (as containerd does: the image
+/// configuration, which the manifest pins, commits to the layers' content).
+pub fn merge(
+    store: &Store,
+    layers: &[Digest],
+    diff_ids: &[Digest],
+    limits: &Limits,
+) -> Result<Tree, RootfsError> {
+    if diff_ids.len() != layers.len() {
+        return Err(RootfsError::DiffIdCount {
+            diff_ids: diff_ids.len(),
+            layers: layers.len(),
+        });
+    }
     let mut tree = Tree::new();
-    for (i, d) in layers.iter().enumerate() {
-        tree.apply_layer(i, open_layer(store, d)?, limits)?;
+    for (i, (d, expected)) in layers.iter().zip(diff_ids).enumerate() {
+        let mut tar = crate::digest::HashingReader::new(open_layer(store, d)?);
+        tree.apply_layer(i, &mut tar, limits)?;
+        // The tar reader stops at the end-of-archive blocks: what follows counts too.
+        io::copy(&mut tar, &mut io::sink()).map_err(|source| RootfsError::ReadLayer {
+            digest: d.clone(),
+            source,
+        })?;
+        let found = tar.finish();
+        if found != *expected {
+            return Err(RootfsError::DiffIdMismatch {
+                digest: d.clone(),
+                found,
+                expected: expected.clone(),
+            });
+        }
     }
     Ok(tree)
 }
 
-/// Builds (if not cached) the root filesystem of `layers`; returns its key.
-pub fn bake(store: &Store, layers: &[Digest], limits: &Limits) -> Result<String, RootfsError> {
+/// Builds (if not cached) the root filesystem of `layers`, whose uncompressed digests must be
+/// `diff_ids`; returns its key.
+pub fn bake(
+    store: &Store,
+    layers: &[Digest],
+    diff_ids: &[Digest],
+    limits: &Limits,
+) -> Result<String, RootfsError> {
     let key = key(layers);
     let dest = store.rootfs_path(&key);
     if dest.is_file() {
         return Ok(key);
     }
-    let tree = merge(store, layers, limits)?;
+    let tree = merge(store, layers, diff_ids, limits)?;
     let staging = store.temp_path("staging");
     let result = write_image(store, layers, &tree, &staging, &dest);
     let _ = fs::remove_dir_all(&staging);
@@ -218,7 +269,15 @@ mod tests {
                 E::File("home/user/notes", b"hi", 1000, 0o600),
             ]))
             .unwrap();
-        let k = bake(&store, &[l0.clone(), l1.clone()], &Limits::default()).unwrap();
+        // Plain tars: each layer's uncompressed digest is its blob's.
+        let diff_ids = [l0.clone(), l1.clone()];
+        let k = bake(
+            &store,
+            &[l0.clone(), l1.clone()],
+            &diff_ids,
+            &Limits::default(),
+        )
+        .unwrap();
         let list = listing(&store.rootfs_path(&k)).unwrap();
         let text = list.join("\n");
         assert!(text.contains("/bin/busybox 4755 0:0 file"), "{text}");
@@ -240,7 +299,10 @@ mod tests {
             .unwrap()
             .modified()
             .unwrap();
-        assert_eq!(bake(&store, &[l0, l1], &Limits::default()).unwrap(), k);
+        assert_eq!(
+            bake(&store, &[l0, l1], &diff_ids, &Limits::default()).unwrap(),
+            k
+        );
         assert_eq!(
             fs::metadata(store.rootfs_path(&k))
                 .unwrap()
@@ -248,6 +310,44 @@ mod tests {
                 .unwrap(),
             modified
         );
+        fs::remove_dir_all(root).ok();
+    }
+
+    #[test]
+    fn a_layer_whose_content_is_not_its_diff_id_is_refused() {
+        let root = std::env::temp_dir().join(format!("oci-diffid-{}", std::process::id()));
+        let store = Store::open(&root).unwrap();
+        let plain = layer(&[E::File("etc/motd", b"hello\n", 0, 0o644)]);
+        let gz = {
+            use std::io::Write;
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(&plain).unwrap();
+            e.finish().unwrap()
+        };
+        let blob = store.put_bytes(&gz).unwrap();
+        let other = Digest::of(b"another layer");
+        let e = bake(
+            &store,
+            &[blob.clone()],
+            &[other.clone()],
+            &Limits::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(&format!(
+                "its uncompressed digest is {}",
+                Digest::of(&plain)
+            )) && e.contains(&format!("the configuration's diff_id is {other}")),
+            "{e}"
+        );
+        // One digest per layer, no fewer.
+        let e = bake(&store, &[blob.clone()], &[], &Limits::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("lists 0 uncompressed layer digests"), "{e}");
+        // The right one (the gzip stream's content, not the blob's digest): baked.
+        assert!(bake(&store, &[blob], &[Digest::of(&plain)], &Limits::default()).is_ok());
         fs::remove_dir_all(root).ok();
     }
 }
