@@ -328,8 +328,8 @@ mod tests {
         let other = Digest::of(b"another layer");
         let e = bake(
             &store,
-            &[blob.clone()],
-            &[other.clone()],
+            std::slice::from_ref(&blob),
+            std::slice::from_ref(&other),
             &Limits::default(),
         )
         .unwrap_err()
