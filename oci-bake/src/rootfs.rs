@@ -342,7 +342,7 @@ mod tests {
             "{e}"
         );
         // One digest per layer, no fewer.
-        let e = bake(&store, &[blob.clone()], &[], &Limits::default())
+        let e = bake(&store, std::slice::from_ref(&blob), &[], &Limits::default())
             .unwrap_err()
             .to_string();
         assert!(e.contains("lists 0 uncompressed layer digests"), "{e}");
