@@ -12,6 +12,10 @@
 //! Does not own: guest layout, boot structures or devices (`vmm-core`, `devices`).
 #![deny(missing_docs)]
 
+pub mod psci;
+pub mod regmap;
+pub mod syndrome;
+
 use vmm_core::{Hypervisor, HypervisorError};
 
 /// The Apple Hypervisor.framework (HVF) hypervisor.
