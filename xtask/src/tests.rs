@@ -110,15 +110,23 @@ pub fn run_all(force_local: bool) -> Result<()> {
         "aarch64-unknown-linux-gnu",
     ]))?;
 
-    step("backends for other platforms compile (cargo check --target)");
-    run(cargo().args(["check", "-p", "vmm-hvf", "--target", "aarch64-apple-darwin"]))?;
-    run(cargo().args([
-        "check",
-        "-p",
-        "vmm-whp",
-        "--target",
-        "x86_64-pc-windows-msvc",
-    ]))?;
+    step("backends for other platforms compile, lint-clean (cargo clippy --target)");
+    for (krate, target) in [
+        ("vmm-hvf", "aarch64-apple-darwin"),
+        ("vmm-whp", "x86_64-pc-windows-msvc"),
+    ] {
+        run(cargo().args([
+            "clippy",
+            "-p",
+            krate,
+            "--target",
+            target,
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
+    }
 
     step("the emulated arm64 host boots and offers KVM (cargo xtask testhost --arch aarch64)");
     let code = crate::testhost_arm64::run_command(
