@@ -11,7 +11,15 @@ use anyhow::Result;
 use crate::util::{cargo, have_command, run, step, workspace_root};
 
 /// The fuzz targets (`fuzz/fuzz_targets/*.rs`).
-const TARGETS: &[&str] = &["blk_request", "vsock_packet"];
+const TARGETS: &[&str] = &[
+    "blk_request",
+    "vsock_packet",
+    "net_queue",
+    "oci_layer",
+    "oci_documents",
+    "agent_frames",
+    "snapshot_state",
+];
 
 pub fn run_all(seconds: u64) -> Result<()> {
     let installed = have_command("cargo-fuzz")
