@@ -62,6 +62,9 @@ mod other {
             ))
         }
 
+        /// Not on this platform yet (nothing to evict).
+        pub fn evict_idle(&self, _idle_for: std::time::Duration) {}
+
         /// Not on this platform yet.
         pub fn add_guarded(
             &self,

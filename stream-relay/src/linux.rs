@@ -5,6 +5,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Bytes read from one socket per read call.
 const CHUNK: usize = 64 << 10;
@@ -31,6 +32,8 @@ struct Pair {
     interest: [u32; 2],
     /// Dropped with the pair (the caller's hold on a resource the connection uses).
     _guard: Option<Box<dyn Send>>,
+    /// When either side last had an event.
+    last_active: Instant,
 }
 
 enum Step {
@@ -174,6 +177,8 @@ struct Shared {
     incoming: Mutex<Vec<Incoming>>,
     /// The handle was dropped: end once no pair is left.
     closing: AtomicBool,
+    /// Asked by [`Relay::evict_idle`]: close pairs with no event for this long.
+    evict: Mutex<Option<Duration>>,
 }
 
 /// A relay thread and the pairs of sockets it moves bytes between.
@@ -198,6 +203,7 @@ impl Relay {
             wake,
             incoming: Mutex::new(Vec::new()),
             closing: AtomicBool::new(false),
+            evict: Mutex::new(None),
         });
         shared.ctl(
             libc::EPOLL_CTL_ADD,
@@ -227,6 +233,14 @@ impl Relay {
         guard: impl Send + 'static,
     ) -> io::Result<()> {
         self.hand_over(a, b, Some(Box::new(guard)))
+    }
+
+    /// Closes (soon, on the relay's thread) every pair that has had no traffic either way for
+    /// `idle_for`, dropping their guards: what a caller at its connection limit does so that
+    /// clients holding idle connections cannot keep new ones out.
+    pub fn evict_idle(&self, idle_for: Duration) {
+        *self.shared.evict.lock().unwrap_or_else(|e| e.into_inner()) = Some(idle_for);
+        self.shared.wake();
     }
 
     fn hand_over(&self, a: OwnedFd, b: OwnedFd, guard: Option<Box<dyn Send>>) -> io::Result<()> {
@@ -295,6 +309,7 @@ impl Shared {
                 dir: Default::default(),
                 interest: [0; 2],
                 _guard: guard,
+                last_active: Instant::now(),
             };
             let registered = (0..2).all(|side| {
                 self.ctl(
@@ -347,12 +362,18 @@ impl Shared {
                 let token = ev.u64;
                 if token == WAKE {
                     self.adopt(&mut pairs, &mut next_id, &mut scratch);
+                    let evict = self.evict.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    if let Some(idle_for) = evict {
+                        // Dropping a pair closes its sockets and gives back its guard.
+                        pairs.retain(|_, p| p.last_active.elapsed() < idle_for);
+                    }
                     continue;
                 }
                 let id = token >> 1;
                 let Some(pair) = pairs.get_mut(&id) else {
                     continue; // Finished earlier in this batch.
                 };
+                pair.last_active = Instant::now();
                 let keep = match pair.step(&mut scratch) {
                     Ok(Step::Open) => self.sync_interest(id, pair).is_ok(),
                     Ok(Step::Finished) | Err(_) => false,
@@ -519,5 +540,52 @@ mod tests {
             );
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
+    }
+
+    #[test]
+    fn idle_pairs_are_evicted_on_request_and_busy_ones_kept() {
+        let relay = Relay::new("relay-evict").unwrap();
+        let dropped = Arc::new(AtomicBool::new(false));
+        struct Flag(Arc<AtomicBool>);
+        impl Drop for Flag {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let (mut idle_outer, idle_inner) = UnixStream::pair().unwrap();
+        let (idle_far, mut idle_far_outer) = UnixStream::pair().unwrap();
+        relay
+            .add_guarded(idle_inner.into(), idle_far.into(), Flag(dropped.clone()))
+            .unwrap();
+        let (mut busy, mut busy_server) = relayed(&relay);
+        std::thread::sleep(Duration::from_millis(400));
+        // The busy pair moves bytes just before the eviction; the idle one has not for 400 ms.
+        busy.write_all(b"ping").unwrap();
+        let mut got = [0u8; 4];
+        busy_server.read_exact(&mut got).unwrap();
+        relay.evict_idle(Duration::from_millis(300));
+        // The idle pair is closed: both outer ends see the end, and its guard is dropped.
+        idle_outer
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut byte = [0u8; 1];
+        assert_eq!(idle_outer.read(&mut byte).unwrap(), 0);
+        idle_far_outer
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        assert_eq!(idle_far_outer.read(&mut byte).unwrap(), 0);
+        // The guard drops right after the sockets close, on the relay's thread.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !dropped.load(Ordering::SeqCst) {
+            assert!(
+                Instant::now() < deadline,
+                "the evicted pair's guard was kept"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // The busy one still relays.
+        busy_server.write_all(b"pong").unwrap();
+        busy.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"pong");
     }
 }

@@ -180,11 +180,28 @@ struct InFlight {
 /// One connection's place among [`MAX_IN_FLIGHT`], given back on drop.
 struct Permit(std::sync::Arc<InFlight>);
 
+/// At the limit, connections idle this long are closed to make room: clients holding idle
+/// connections cannot keep new ones out, and below the limit nothing idle is ever cut.
+const IDLE_WHEN_FULL: Duration = Duration::from_secs(60);
+/// How often a connection waiting for a place asks for idle ones to go.
+const FULL_RETRY: Duration = Duration::from_secs(1);
+
 impl InFlight {
-    fn acquire(self: &std::sync::Arc<Self>) -> Permit {
+    /// Takes a place, waiting while all are taken; every [`FULL_RETRY`] of waiting calls
+    /// `when_full` (which evicts idle connections).
+    fn acquire(self: &std::sync::Arc<Self>, when_full: &dyn Fn()) -> Permit {
         let mut n = self.count.lock().unwrap_or_else(|e| e.into_inner());
         while *n >= MAX_IN_FLIGHT {
-            n = self.freed.wait(n).unwrap_or_else(|e| e.into_inner());
+            let (guard, waited) = self
+                .freed
+                .wait_timeout(n, FULL_RETRY)
+                .unwrap_or_else(|e| e.into_inner());
+            n = guard;
+            if waited.timed_out() && *n >= MAX_IN_FLIGHT {
+                drop(n);
+                when_full();
+                n = self.count.lock().unwrap_or_else(|e| e.into_inner());
+            }
         }
         *n += 1;
         Permit(self.clone())
@@ -283,8 +300,13 @@ impl PublishedPort {
                     };
                     // At most MAX_IN_FLIGHT connections are set up or open at once: the next
                     // ones wait in the listener's backlog, so clients holding connections
-                    // cannot make this process start threads without bound.
-                    let permit = in_flight.acquire();
+                    // cannot make this process start threads without bound; while full,
+                    // relayed connections idle for IDLE_WHEN_FULL make room.
+                    let permit = in_flight.acquire(&|| {
+                        if let Some(relay) = &relay {
+                            relay.evict_idle(IDLE_WHEN_FULL);
+                        }
+                    });
                     let (agent, gate) = (agent.clone(), gate.clone());
                     let relay = relay.clone();
                     let tls = tls.clone();
@@ -455,6 +477,25 @@ mod tests {
             "{} clients",
             held.len()
         );
+    }
+
+    #[test]
+    fn a_full_port_asks_for_idle_connections_to_go_and_takes_the_freed_place() {
+        let in_flight = std::sync::Arc::new(InFlight::default());
+        let held = std::sync::Arc::new(std::sync::Mutex::new(
+            (0..MAX_IN_FLIGHT)
+                .map(|_| in_flight.acquire(&|| panic!("not full yet")))
+                .collect::<Vec<_>>(),
+        ));
+        let asked = std::sync::atomic::AtomicUsize::new(0);
+        // Standing in for the relay: an eviction closes one idle connection.
+        let evict = || {
+            asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.lock().unwrap().pop();
+        };
+        let _permit = in_flight.acquire(&evict);
+        assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(*in_flight.count.lock().unwrap(), MAX_IN_FLIGHT);
     }
 
     #[test]
