@@ -183,6 +183,29 @@ fn shared_dirs(paths: &[PathBuf]) -> Vec<String> {
     dirs
 }
 
+/// QEMU's arm64 `machine` (`virt,…`) with `cpus` CPUs of the newest model, `memory_mib`,
+/// `image` booted with `initrd` and `append`, the serial line on stdout and nothing else.
+fn virt_machine(
+    machine: &str,
+    cpus: usize,
+    memory_mib: u32,
+    image: &Path,
+    initrd: &Path,
+    append: &str,
+) -> Command {
+    let mut qemu = Command::new("qemu-system-aarch64");
+    qemu.args(["-M", machine, "-cpu", "max"])
+        .args(["-smp", &cpus.to_string(), "-m", &memory_mib.to_string()])
+        .args(["-nographic", "-no-reboot", "-nodefaults"])
+        .args(["-serial", "stdio"])
+        .arg("-kernel")
+        .arg(image)
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", append]);
+    qemu
+}
+
 /// Runs `command` in the emulated arm64 machine; returns its exit status.
 pub fn run_command(command: &[String], opts: &Options) -> Result<i32> {
     run_command_lines(command, opts).map(|(code, _)| code)
@@ -234,33 +257,25 @@ pub fn run_command_lines(command: &[String], opts: &Options) -> Result<(i32, Vec
         script.display(),
         opts.kernel_args
     );
-    let mut child = Command::new("qemu-system-aarch64")
-        .args(["-M", "virt,virtualization=on,gic-version=3"])
-        .args(["-cpu", "max", "-accel", "tcg,thread=multi"])
-        .args(["-smp", &opts.cpus.to_string()])
-        .args(["-m", &opts.memory_mib.to_string()])
-        .args([
-            "-nographic",
-            "-no-reboot",
-            "-nodefaults",
-            "-serial",
-            "stdio",
-        ])
-        .arg("-kernel")
-        .arg(&image)
-        .arg("-initrd")
-        .arg(&initrd)
-        .args(["-append", append.trim_end()])
-        .args([
-            "-fsdev",
-            "local,id=hostfs,path=/,security_model=none,multidevs=remap",
-            "-device",
-            "virtio-9p-device,fsdev=hostfs,mount_tag=hostroot",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("cannot start qemu-system-aarch64 (apt-get install qemu-system-arm)")?;
+    let mut child = virt_machine(
+        "virt,virtualization=on,gic-version=3",
+        opts.cpus,
+        opts.memory_mib,
+        &image,
+        &initrd,
+        append.trim_end(),
+    )
+    .args(["-accel", "tcg,thread=multi"])
+    .args([
+        "-fsdev",
+        "local,id=hostfs,path=/,security_model=none,multidevs=remap",
+        "-device",
+        "virtio-9p-device,fsdev=hostfs,mount_tag=hostroot",
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .spawn()
+    .context("cannot start qemu-system-aarch64 (apt-get install qemu-system-arm)")?;
     let stdout = child.stdout.take().context("no qemu stdout")?;
     let Console {
         exit,
@@ -302,33 +317,18 @@ pub fn check_guest_kernel(image: &Path) -> Result<()> {
         init.as_bytes(),
         &[],
     )?;
-    let mut child = Command::new("qemu-system-aarch64")
-        .args([
-            "-M",
-            "virt,gic-version=3",
-            "-cpu",
-            "max",
-            "-smp",
-            "2",
-            "-m",
-            "256",
-        ])
-        .args([
-            "-nographic",
-            "-no-reboot",
-            "-nodefaults",
-            "-serial",
-            "stdio",
-        ])
-        .arg("-kernel")
-        .arg(image)
-        .arg("-initrd")
-        .arg(&initrd)
-        .args(["-append", "console=ttyAMA0 panic=-1 quiet"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("cannot start qemu-system-aarch64")?;
+    let mut child = virt_machine(
+        "virt,gic-version=3",
+        2,
+        256,
+        image,
+        &initrd,
+        "console=ttyAMA0 panic=-1 quiet",
+    )
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .spawn()
+    .context("cannot start qemu-system-aarch64")?;
     let stdout = child.stdout.take().context("no qemu stdout")?;
     let pid = child.id();
     // A kernel that hangs must fail the check, not the run.
