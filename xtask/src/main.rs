@@ -115,6 +115,9 @@ enum Cmd {
         /// Run guest tests directly on this machine's KVM even if the probe says it cannot
         #[arg(long)]
         local: bool,
+        /// Only these suites of guest-booting tests (repeatable), after building what they need
+        #[arg(long, value_enum)]
+        suite: Vec<tests::GuestSuite>,
     },
     /// Fuzz the device models (cargo-fuzz, libFuzzer + ASan) for SECONDS per target
     Fuzz {
@@ -197,7 +200,8 @@ fn main() -> ExitCode {
                 )),
             }
         }
-        Cmd::Test { local } => tests::run_all(local).map(|_| 0),
+        Cmd::Test { local, suite } if suite.is_empty() => tests::run_all(local).map(|_| 0),
+        Cmd::Test { local, suite } => tests::run_only(local, &suite).map(|_| 0),
         Cmd::Fuzz { seconds } => fuzz::run_all(seconds).map(|_| 0),
         Cmd::Bench { which } => bench::run(which).map(|_| 0),
         Cmd::Arm64Check => kernel::build_for(kernel::Arch::Aarch64).and_then(|image| {

@@ -442,10 +442,14 @@ pub fn run_command_lines(command: &[String], opts: &Options) -> Result<(i32, Vec
         // With one emulated CPU the same reports come from a machine that goes on (a long
         // stretch in the nested guest starves the watchdog thread: a 200-restore loop passed
         // after "CPU#0 stuck for 456s"), so there only the silence limit ends it.
-        if opts.silence_limit.is_some()
-            && opts.cpus > 1
-            && (line.contains("soft lockup") || line.contains("rcu_preempt detected stalls"))
-        {
+        let stall_report =
+            line.contains("soft lockup") || line.contains("rcu_preempt detected stalls");
+        if stall_report && opts.cpus == 1 {
+            // Not progress: the machine only reports that it stood still.
+            eprintln!("testhost: {}", line.trim());
+            return true;
+        }
+        if opts.silence_limit.is_some() && opts.cpus > 1 && stall_report {
             eprintln!("testhost: {}", line.trim());
             if !wedged.swap(true, std::sync::atomic::Ordering::SeqCst) {
                 // Give the kernel a moment to print the stuck task's stack (with a higher
