@@ -171,8 +171,11 @@ struct RunArgs {
     #[arg(long, value_name = "POLICY")]
     egress: Option<supermachine::network::EgressPolicy>,
     /// Volume: DIR:PATH shares an existing host directory (virtio-fs); FILE:PATH or NAME:PATH
-    /// is a block volume (created ext4 when missing); ":ro" for read-only
-    #[arg(short, long, value_name = "SRC:DST[:ro]")]
+    /// is a block volume (created ext4 when missing); ":ro" for read-only. On a shared
+    /// directory the guest cannot create device nodes and setuid/setgid bits are stripped;
+    /// ":special" (or ":ro,special"…) allows both — only for a guest you would let do so as
+    /// root on the host
+    #[arg(short, long, value_name = "SRC:DST[:ro][,special]")]
     volume: Vec<supermachine::volumes::VolumeSpec>,
     /// Size of volumes created on first use
     #[arg(long, value_name = "SIZE", default_value = "1g", value_parser = parse_memory)]
@@ -312,8 +315,9 @@ struct BootArgs {
     #[arg(long, value_name = "PATH[:ro]")]
     disk: Vec<supermachine::DiskSpec>,
     /// Share a host directory through virtio-fs (the command mounts it: mount -t virtiofs TAG
-    /// PATH); add :ro for read-only (repeatable)
-    #[arg(long, value_name = "DIR:TAG[:ro]")]
+    /// PATH); add :ro for read-only, :special to allow device nodes and setuid/setgid files
+    /// (refused by default), comma-separated (repeatable)
+    #[arg(long, value_name = "DIR:TAG[:ro][,special]")]
     share: Vec<supermachine::boot::ShareSpec>,
     /// Show only COMMAND's output: no kernel log, no init progress
     #[arg(long, short = 'q')]

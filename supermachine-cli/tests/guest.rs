@@ -2763,6 +2763,7 @@ fn tap_network_attaches_an_existing_tap_device() {
 
 #[test]
 fn a_shared_host_directory_is_live_both_ways_confined_and_read_only_on_request() {
+    use std::os::unix::fs::PermissionsExt;
     let env = RunEnv::new("share");
     // On the test host's own filesystem (not its 9p share of the build tree).
     let base = std::env::temp_dir().join(format!("sm-share-{}", std::process::id()));
@@ -2820,6 +2821,48 @@ fn a_shared_host_directory_is_live_both_ways_confined_and_read_only_on_request()
         "{err}"
     );
     assert_eq!(watcher.join().unwrap(), "written in the guest\n");
+    // Guest root cannot make device nodes or setuid files on the host by default; the
+    // `special` option allows both.
+    let special_script = "mknod /data/null-$1 c 1 3 && echo made || echo refused; \
+         echo x > /data/suid-$1 && chmod 6755 /data/suid-$1";
+    for (options, suffix) in [("", "default"), (":special", "special")] {
+        let share = format!("{}:/data{options}", dir.display());
+        let (code, out, err) = env.run(
+            &[
+                "-v",
+                &share,
+                &env.image,
+                "sh",
+                "-c",
+                special_script,
+                "sh",
+                suffix,
+            ],
+            None,
+        );
+        let out = String::from_utf8_lossy(&out);
+        assert_eq!(code, 0, "{out}\n{err}");
+        let mode = std::fs::metadata(dir.join(format!("suid-{suffix}")))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777;
+        let node = dir.join(format!("null-{suffix}"));
+        if options.is_empty() {
+            assert_eq!(out, "refused\n", "{err}");
+            assert!(!node.exists());
+            assert_eq!(mode, 0o755);
+        } else {
+            assert_eq!(out, "made\n", "{err}");
+            use std::os::unix::fs::FileTypeExt;
+            assert!(std::fs::metadata(&node)
+                .unwrap()
+                .file_type()
+                .is_char_device());
+            assert_eq!(mode, 0o6755);
+            std::fs::remove_file(&node).unwrap();
+        }
+    }
     // Read-only: writes fail in the guest and nothing changes on the host.
     let ro = format!("{}:/data:ro", dir.display());
     let (code, out, err) = env.run(

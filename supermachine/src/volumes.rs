@@ -16,7 +16,7 @@ pub enum VolumeSource {
     Named(String),
 }
 
-/// `-v SOURCE:TARGET[:ro]`.
+/// `-v SOURCE:TARGET[:OPTIONS]`, options a comma-separated list of `ro`, `rw` and `special`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeSpec {
     /// The data.
@@ -25,6 +25,9 @@ pub struct VolumeSpec {
     pub target: String,
     /// Read-only.
     pub read_only: bool,
+    /// `special`: on a shared directory, the guest may create device nodes and setuid/setgid
+    /// files (refused and stripped by default); block volumes refuse it.
+    pub special_files: bool,
 }
 
 /// Errors preparing volumes.
@@ -58,13 +61,16 @@ impl std::str::FromStr for VolumeSpec {
 
     fn from_str(s: &str) -> Result<Self, VolumeError> {
         let invalid = |why| VolumeError::Invalid(s.to_string(), why);
-        let (rest, read_only) = match s.strip_suffix(":ro") {
-            Some(r) => (r, true),
-            None => (s.strip_suffix(":rw").unwrap_or(s), false),
+        let (rest, options) = match s
+            .rsplit_once(':')
+            .and_then(|(r, o)| Some((r, vmm::parse_mount_options(o)?)))
+        {
+            Some((r, o)) if r.contains(':') => (r, o),
+            _ => (s, vmm::MountOptions::default()),
         };
         let (source, target) = rest
             .rsplit_once(':')
-            .ok_or_else(|| invalid("expected SOURCE:TARGET[:ro]"))?;
+            .ok_or_else(|| invalid("expected SOURCE:TARGET[:ro|rw][,special]"))?;
         if !target.starts_with('/') || target.split('/').any(|c| c == "..") {
             return Err(invalid("the target must be an absolute path without .."));
         }
@@ -78,7 +84,8 @@ impl std::str::FromStr for VolumeSpec {
         Ok(VolumeSpec {
             source,
             target: target.to_string(),
-            read_only,
+            read_only: options.read_only,
+            special_files: options.special_files,
         })
     }
 }
@@ -197,7 +204,15 @@ mod tests {
         assert_eq!((v.target.as_str(), v.read_only), ("/data", true));
         let v: VolumeSpec = "./rel.img:/x".parse().unwrap();
         assert_eq!(v.source, VolumeSource::HostFile("./rel.img".into()));
+        assert!(!v.special_files);
+        let v: VolumeSpec = "/srv/share:/data:rw,special".parse().unwrap();
+        assert_eq!(v.source, VolumeSource::HostFile("/srv/share".into()));
+        assert!(!v.read_only && v.special_files);
+        let v: VolumeSpec = "/srv/share:/data:special,ro".parse().unwrap();
+        assert!(v.read_only && v.special_files);
         for bad in [
+            "/srv/share:/data:bogus",
+            "/srv/share:/data:ro,bogus",
             "data",
             "data:relative",
             "data:/a/../b",

@@ -27,6 +27,8 @@
 //! ```
 #![deny(missing_docs)]
 
+#[cfg(all(target_os = "linux", feature = "nat"))]
+mod budget;
 pub mod dns;
 #[cfg(all(target_os = "linux", feature = "nat"))]
 mod nat;
@@ -34,6 +36,8 @@ pub mod policy;
 #[cfg(all(target_os = "linux", feature = "nat"))]
 mod rate;
 
+#[cfg(all(target_os = "linux", feature = "nat"))]
+pub use budget::{FlowBudget, FlowPermit};
 #[cfg(all(target_os = "linux", feature = "nat"))]
 pub use nat::{UserNet, UserNetConfig, UserNetError, UserNetStats};
 

@@ -29,6 +29,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
+use crate::budget::{FlowBudget, FlowPermit};
 use crate::dns;
 use crate::policy::EgressPolicy;
 
@@ -67,6 +68,9 @@ pub struct UserNetConfig {
     pub max_tcp_flows: usize,
     /// UDP flows at once; more are refused with ICMP unreachable.
     pub max_udp_flows: usize,
+    /// Flows all NATs sharing it may hold together (default: the process's, see
+    /// [`FlowBudget::process`]); a flow over it is refused as over `max_*_flows`.
+    pub budget: FlowBudget,
 }
 
 impl Default for UserNetConfig {
@@ -77,6 +81,7 @@ impl Default for UserNetConfig {
             // of 1024 descriptors.
             max_tcp_flows: 512,
             max_udp_flows: 128,
+            budget: FlowBudget::process(),
         }
     }
 }
@@ -123,10 +128,12 @@ struct Connecting {
     /// The guest's SYN, held until the connect completes.
     syn: Vec<u8>,
     started: Instant,
+    permit: FlowPermit,
 }
 
 struct TcpFlow {
     handle: SocketHandle,
+    _permit: FlowPermit,
     stream: TcpStream,
     /// What the epoll watches on the stream (`None`: not registered any more).
     interest: Option<EventSet>,
@@ -145,6 +152,7 @@ struct UdpFlow {
     guest: SocketAddrV4,
     socket: UdpSocket,
     last_used: Instant,
+    _permit: FlowPermit,
 }
 
 enum Token {
@@ -443,6 +451,10 @@ impl UserNet {
             self.limit_log(&format!("{max} TCP flows open, the limit"));
             return refuse(self);
         }
+        let Some(permit) = self.config.budget.try_acquire() else {
+            self.limit_log("the process's descriptor budget for guest flows is spent");
+            return refuse(self);
+        };
         let socket = match socket2::Socket::new(
             socket2::Domain::IPV4,
             socket2::Type::STREAM.nonblocking().cloexec(),
@@ -476,6 +488,7 @@ impl UserNet {
                 socket,
                 syn: syn.to_vec(),
                 started: Instant::now(),
+                permit,
             },
         );
     }
@@ -525,6 +538,7 @@ impl UserNet {
             key,
             TcpFlow {
                 handle,
+                _permit: c.permit,
                 stream,
                 interest: Some(interest),
                 host_eof: false,
@@ -558,6 +572,11 @@ impl UserNet {
                 self.unreachable(ip, ip_payload, Icmpv4DstUnreachable::CommProhibited);
                 return;
             }
+            let Some(permit) = self.config.budget.try_acquire() else {
+                self.limit_log("the process's descriptor budget for guest flows is spent");
+                self.unreachable(ip, ip_payload, Icmpv4DstUnreachable::CommProhibited);
+                return;
+            };
             let socket = match UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
                 .and_then(|s| s.set_nonblocking(true).map(|()| s))
             {
@@ -581,6 +600,7 @@ impl UserNet {
                     guest: key.guest,
                     socket,
                     last_used: Instant::now(),
+                    _permit: permit,
                 },
             );
         }

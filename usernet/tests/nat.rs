@@ -448,6 +448,44 @@ fn flow_limits_refuse_new_flows_and_free_up_as_flows_close() {
     drop(listener);
 }
 
+#[test]
+fn nats_sharing_a_budget_cannot_take_more_flows_together_than_it_allows() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let budget = usernet::FlowBudget::new(2);
+    let guest_with_budget = || {
+        let mut g = Guest::new(EgressPolicy::AllowAll);
+        g.nat = UserNet::new(UserNetConfig {
+            policy: EgressPolicy::AllowAll,
+            budget: budget.clone(),
+            ..Default::default()
+        })
+        .unwrap();
+        g
+    };
+    let mut busy = guest_with_budget();
+    let mut other = guest_with_budget();
+    let hs: Vec<_> = (0..2).map(|_| busy.connect(GATEWAY, port)).collect();
+    busy.until("two connections", |g| {
+        hs.iter()
+            .all(|&h| g.tcp(h).state() == tcp::State::Established)
+    });
+    // The other VM's NAT is far below its own limit, but the shared budget is spent.
+    let refused = other.connect(GATEWAY, port);
+    other.until("its connection to be refused", |g| {
+        g.tcp(refused).state() == tcp::State::Closed
+    });
+    assert_eq!(other.nat.stats().limited, 1);
+    busy.tcp(hs[0]).abort();
+    busy.until("the NAT to drop it", |g| g.nat.stats().tcp_open == 1);
+    assert_eq!(budget.used(), 1);
+    let again = other.connect(GATEWAY, port);
+    other.until("a connection once a flow closed", |g| {
+        g.tcp(again).state() == tcp::State::Established
+    });
+    drop(listener);
+}
+
 /// An ARP request from the guest's MAC and address for `target`.
 fn arp_request(target: std::net::Ipv4Addr) -> Vec<u8> {
     let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x56];

@@ -33,6 +33,14 @@ pub enum RunError {
     /// A vCPU thread could not be started.
     #[error("cannot start a vCPU thread: {0}")]
     Spawn(#[source] std::io::Error),
+    /// A vCPU thread's set-up (see [`VmControl::set_vcpu_thread_setup`]) failed.
+    #[error("vCPU {id}: setting up its thread: {detail}")]
+    ThreadSetup {
+        /// The vCPU.
+        id: u8,
+        /// What failed.
+        detail: String,
+    },
     /// The backend failed while running a vCPU.
     #[error("vCPU {id}: {source}")]
     Vcpu {
@@ -116,7 +124,12 @@ struct ControlState {
     capture: Mutex<Option<CaptureReply>>,
     pause: Mutex<PauseState>,
     pause_changed: Condvar,
+    vcpu_thread_setup: Mutex<Option<VcpuThreadSetup>>,
 }
+
+/// Run on each vCPU thread before its vCPU first runs (e.g. to narrow the thread's system
+/// calls); an error ends the VM before the guest runs.
+pub type VcpuThreadSetup = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 /// Shared by the runner, vCPU threads and devices: records how the VM ends.
 #[derive(Clone)]
@@ -134,6 +147,7 @@ impl Default for VmControl {
                 capture: Mutex::new(None),
                 pause: Mutex::new(PauseState::default()),
                 pause_changed: Condvar::new(),
+                vcpu_thread_setup: Mutex::new(None),
             }),
         }
     }
@@ -143,6 +157,15 @@ impl VmControl {
     /// A fresh control for one VM run.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Has [`run`] call `setup` on each vCPU thread before its vCPU first runs.
+    pub fn set_vcpu_thread_setup(&self, setup: VcpuThreadSetup) {
+        *self
+            .state
+            .vcpu_thread_setup
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(setup);
     }
 
     /// Ends the VM with `exit`, unless it is already ending.
@@ -310,7 +333,14 @@ pub fn run(vm: BuiltVm, control: &VmControl) -> Result<VmExit, RunError> {
     // Each vCPU thread reports its index here as it ends, so the runner waits on a channel
     // rather than polling: a sleep would cost a whole timer tick per vCPU.
     let (ended_tx, ended_rx) = std::sync::mpsc::channel::<usize>();
+    let setup = control
+        .state
+        .vcpu_thread_setup
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
     for (index, vcpu) in vcpus.into_iter().enumerate() {
+        let setup = setup.clone();
         let kicker = vcpu.kicker();
         let io = buses.clone();
         let ctl = control.clone();
@@ -318,7 +348,13 @@ pub fn run(vm: BuiltVm, control: &VmControl) -> Result<VmExit, RunError> {
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{}", vcpu.id()))
             .spawn(move || {
-                vcpu_loop(index, vcpu, &*io, &ctl);
+                match setup.map_or(Ok(()), |f| f()) {
+                    Ok(()) => vcpu_loop(index, vcpu, &*io, &ctl),
+                    Err(detail) => ctl.finish(Err(RunError::ThreadSetup {
+                        id: vcpu.id(),
+                        detail,
+                    })),
+                }
                 let _ = ended.send(index);
             });
         match handle {

@@ -138,6 +138,9 @@ pub fn boot(opts: MachineConfig) -> Result<BootOutcome, BootError> {
         })
     });
     crate::seccomp::install_if_enabled()?;
+    if let Some(setup) = crate::seccomp::vcpu_thread_setup() {
+        control.set_vcpu_thread_setup(setup);
+    }
     let exit = vmm_core::runner::run(vm, &control);
     devices.stop();
     let exit = exit?;
@@ -157,7 +160,8 @@ fn share_device(
     share: &crate::ShareSpec,
 ) -> Result<Box<dyn devices::virtio::VirtioDevice>, BootError> {
     let fs = virtiofs::Fs::new(&share.tag, &share.dir, share.read_only)
-        .map_err(|e| BootError::Device(e.to_string()))?;
+        .map_err(|e| BootError::Device(e.to_string()))?
+        .allow_special_files(share.special_files);
     Ok(Box::new(fs))
 }
 

@@ -52,26 +52,56 @@ pub struct ShareSpec {
     pub dir: PathBuf,
     /// Refuse every change from the guest (on the host side).
     pub read_only: bool,
+    /// Let the guest create device nodes and keep setuid/setgid bits on files it creates
+    /// (refused and stripped by default: see `virtiofs::Fs::allow_special_files`).
+    pub special_files: bool,
+}
+
+/// Options after a share's or volume's last `:` — a comma-separated list of `ro`, `rw` and
+/// `special` — or `None` when that part is not such a list (then it is part of the path).
+pub fn parse_mount_options(options: &str) -> Option<MountOptions> {
+    let mut parsed = MountOptions::default();
+    for option in options.split(',') {
+        match option {
+            "ro" => parsed.read_only = true,
+            "rw" => parsed.read_only = false,
+            "special" => parsed.special_files = true,
+            _ => return None,
+        }
+    }
+    Some(parsed)
+}
+
+/// What [`parse_mount_options`] found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MountOptions {
+    /// `ro`.
+    pub read_only: bool,
+    /// `special`: device nodes and setuid/setgid files allowed (directory shares only).
+    pub special_files: bool,
 }
 
 impl std::str::FromStr for ShareSpec {
     type Err = String;
 
-    /// `DIR:TAG`, `DIR:TAG:ro` or `DIR:TAG:rw`.
+    /// `DIR:TAG`, then optionally `:` and options (`ro`, `rw`, `special`, comma-separated).
     fn from_str(s: &str) -> Result<Self, String> {
-        let (rest, read_only) = match s.rsplit_once(':') {
-            Some((r, "ro")) => (r, true),
-            Some((r, "rw")) => (r, false),
-            _ => (s, false),
+        let (rest, options) = match s
+            .rsplit_once(':')
+            .and_then(|(r, o)| Some((r, parse_mount_options(o)?)))
+        {
+            Some((r, o)) if r.contains(':') => (r, o),
+            _ => (s, MountOptions::default()),
         };
         let (dir, tag) = rest
             .rsplit_once(':')
             .filter(|(d, t)| !d.is_empty() && !t.is_empty())
-            .ok_or_else(|| format!("expected DIR:TAG[:ro], got {s:?}"))?;
+            .ok_or_else(|| format!("expected DIR:TAG[:ro|rw][,special], got {s:?}"))?;
         Ok(ShareSpec {
             tag: tag.to_string(),
             dir: PathBuf::from(dir),
-            read_only,
+            read_only: options.read_only,
+            special_files: options.special_files,
         })
     }
 }
@@ -219,6 +249,27 @@ impl RestoreDisks {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn share_options_parse_and_default_closed() {
+        let s: ShareSpec = "/srv/a:tag".parse().unwrap();
+        assert_eq!(
+            (s.tag.as_str(), s.read_only, s.special_files),
+            ("tag", false, false)
+        );
+        let s: ShareSpec = "/srv/a:tag:ro".parse().unwrap();
+        assert!(s.read_only && !s.special_files);
+        let s: ShareSpec = "/srv/a:tag:rw,special".parse().unwrap();
+        assert!(!s.read_only && s.special_files);
+        // A last part that is not an option list is the tag (directories may hold ':').
+        let s: ShareSpec = "/srv/a:b:bogus".parse().unwrap();
+        assert_eq!(
+            (s.dir.to_str(), s.tag.as_str()),
+            (Some("/srv/a:b"), "bogus")
+        );
+        assert!(!s.special_files && !s.read_only);
+        assert!("nodir".parse::<ShareSpec>().is_err());
+    }
 
     #[test]
     fn a_restore_opens_only_given_disks_and_read_only_store_files() {

@@ -54,8 +54,8 @@ pub mod timings;
 
 pub use boot::boot;
 pub use config::{
-    BootOutcome, ConsoleSpec, DiskSpec, MachineConfig, NetSpec, RestoreDisks, RestoreOptions,
-    ShareSpec, DEFAULT_CMDLINE, GUEST_CID, GUEST_MAC,
+    parse_mount_options, BootOutcome, ConsoleSpec, DiskSpec, MachineConfig, MountOptions, NetSpec,
+    RestoreDisks, RestoreOptions, ShareSpec, DEFAULT_CMDLINE, GUEST_CID, GUEST_MAC,
 };
 pub use error::BootError;
 pub use hypervisor::{backend_name, open_hypervisor, raise_open_files_limit};

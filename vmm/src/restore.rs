@@ -173,6 +173,9 @@ pub fn restore_prepared(
         );
     }
     crate::seccomp::install_if_enabled()?;
+    if let Some(setup) = crate::seccomp::vcpu_thread_setup() {
+        control.set_vcpu_thread_setup(setup);
+    }
     let exit = vmm_core::runner::run(vm, &control);
     devices.stop();
     Ok(BootOutcome { exit: exit? })

@@ -198,12 +198,19 @@ pub fn bench(supermachine: &Path, runs: usize, sizes: &[u32]) -> Result<()> {
         let qemu_state = work.join(format!("qemu-{mib}.state"));
         qemu_snapshot(&kernel, mib, &qemu_state, &work)?;
         step(&format!("echo toy, {mib} MiB: {runs} restores each"));
-        let (mut a, mut b) = (Vec::new(), Vec::new());
+        // The same restore without the system-call filters, for their cost.
+        let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
         // One warm-up each (page cache, binaries), not counted.
         for i in 0..=runs {
             let mut ours_cmd = Command::new(supermachine);
             ours_cmd.args(["boot", "--restore"]).arg(&ours);
             let t = time_echo(ours_cmd).context("supermachine restore")?;
+            let mut unfiltered = Command::new(supermachine);
+            unfiltered
+                .args(["boot", "--restore"])
+                .arg(&ours)
+                .env("SUPERMACHINE_SECCOMP", "off");
+            let f = time_echo(unfiltered).context("supermachine restore, unfiltered")?;
             let mut q = crate::bench::qemu_microvm(&kernel, mib);
             q.arg("-incoming")
                 .arg(format!("exec:cat {}", qemu_state.display()));
@@ -211,17 +218,23 @@ pub fn bench(supermachine: &Path, runs: usize, sizes: &[u32]) -> Result<()> {
             if i > 0 {
                 a.push(t.as_secs_f64() * 1e3);
                 b.push(u.as_secs_f64() * 1e3);
+                c.push(f.as_secs_f64() * 1e3);
             }
         }
         a.sort_by(|x, y| x.total_cmp(y));
         b.sort_by(|x, y| x.total_cmp(y));
-        rows.push((mib, a, b));
+        c.sort_by(|x, y| x.total_cmp(y));
+        rows.push((mib, a, b, c));
     }
     println!("\nRestore of the echo toy on this machine's KVM: process start → restored → first echoed byte ({runs} runs each, ms)\n");
     println!("| guest memory | VMM | median | p90 | min | max |");
     println!("|---:|---|---:|---:|---:|---:|");
-    for (mib, a, b) in &rows {
-        for (name, v) in [("supermachine", a), ("qemu -incoming", b)] {
+    for (mib, a, b, c) in &rows {
+        for (name, v) in [
+            ("supermachine", a),
+            ("supermachine, SUPERMACHINE_SECCOMP=off", c),
+            ("qemu -incoming", b),
+        ] {
             println!(
                 "| {mib} MiB | {name} | {:.2} | {:.2} | {:.2} | {:.2} |",
                 percentile(v, 0.5),
@@ -231,10 +244,13 @@ pub fn bench(supermachine: &Path, runs: usize, sizes: &[u32]) -> Result<()> {
             );
         }
     }
-    for (mib, a, b) in &rows {
+    for (mib, a, b, c) in &rows {
         println!(
-            "\n{mib} MiB: supermachine restores {:.1}× faster than QEMU (medians).",
-            percentile(b, 0.5) / percentile(a, 0.5)
+            "\n{mib} MiB: supermachine restores {:.1}× faster than QEMU (medians); the \
+             system-call filters add {:+.2} ms ({:+.1} %).",
+            percentile(b, 0.5) / percentile(a, 0.5),
+            percentile(a, 0.5) - percentile(c, 0.5),
+            (percentile(a, 0.5) / percentile(c, 0.5) - 1.0) * 100.0
         );
     }
     Ok(())

@@ -235,6 +235,12 @@ pub(super) fn boot_guest(
     for v in &opts.config.volumes {
         match crate::volumes::prepare(v, opts.config.volume_size).map_err(RunError::Volume)? {
             crate::volumes::Prepared::Disk(path) => {
+                if v.special_files {
+                    return Err(RunError::Volume(crate::volumes::VolumeError::Invalid(
+                        v.target.clone(),
+                        "the `special` option is for shared directories, not block volumes",
+                    )));
+                }
                 // /dev/vda is the image; volumes follow in order.
                 volume_mounts.push(guest_init::MountSpec {
                     device: format!("/dev/vd{}", (b'a' + disks.len() as u8) as char),
@@ -252,6 +258,7 @@ pub(super) fn boot_guest(
                     tag: format!("share{}", shares.len()),
                     dir,
                     read_only: v.read_only,
+                    special_files: v.special_files,
                 };
                 volume_mounts.push(guest_init::MountSpec {
                     device: share.tag.clone(),

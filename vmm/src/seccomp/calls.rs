@@ -126,6 +126,8 @@ pub(super) const COMMON: &[libc::c_long] = &[
     libc::SYS_sched_getaffinity,
     libc::SYS_getcpu,
     libc::SYS_prctl,
+    // vCPU threads add their own, narrower filter after the process's (filters only narrow).
+    libc::SYS_seccomp,
     libc::SYS_rt_sigaction,
     libc::SYS_rt_sigprocmask,
     libc::SYS_rt_sigreturn,
@@ -163,6 +165,47 @@ pub(super) const COMMON: &[libc::c_long] = &[
     libc::SYS_waitid,
 ];
 
+/// Calls of [`COMMON`] a vCPU thread never makes: it runs the guest and the device registers
+/// the guest writes (MMIO and port I/O, device activation and reset), all on descriptors opened
+/// before. Files by path, new sockets and identity changes belong to the device, network and
+/// virtio-fs threads; a vCPU thread that makes one of these is stopped like any refused call.
+pub(super) const VCPU_DENIED: &[libc::c_long] = &[
+    libc::SYS_openat,
+    libc::SYS_openat2,
+    libc::SYS_open_by_handle_at,
+    libc::SYS_name_to_handle_at,
+    libc::SYS_mkdirat,
+    libc::SYS_unlinkat,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_linkat,
+    libc::SYS_symlinkat,
+    libc::SYS_mknodat,
+    libc::SYS_fchmodat,
+    libc::SYS_fchownat,
+    libc::SYS_utimensat,
+    libc::SYS_truncate,
+    libc::SYS_chdir,
+    libc::SYS_fchdir,
+    libc::SYS_setxattr,
+    libc::SYS_lsetxattr,
+    libc::SYS_fsetxattr,
+    libc::SYS_removexattr,
+    libc::SYS_lremovexattr,
+    libc::SYS_fremovexattr,
+    libc::SYS_socket,
+    libc::SYS_socketpair,
+    libc::SYS_bind,
+    libc::SYS_listen,
+    libc::SYS_connect,
+    libc::SYS_accept,
+    libc::SYS_accept4,
+    libc::SYS_setresuid,
+    libc::SYS_setresgid,
+    libc::SYS_setfsuid,
+    libc::SYS_setfsgid,
+];
+
 /// x86-64's own: the older forms of calls that later architectures have only as `*at`,
 /// `ppoll`, `pselect6`, `epoll_pwait`, `dup3`, and `arch_prctl`.
 #[cfg(target_arch = "x86_64")]
@@ -187,6 +230,25 @@ pub(super) const ARCH: &[libc::c_long] = &[
     libc::SYS_lchown,
     libc::SYS_arch_prctl,
 ];
+
+/// x86-64's older forms of [`VCPU_DENIED`]'s calls.
+#[cfg(target_arch = "x86_64")]
+pub(super) const VCPU_DENIED_ARCH: &[libc::c_long] = &[
+    libc::SYS_open,
+    libc::SYS_mkdir,
+    libc::SYS_rmdir,
+    libc::SYS_unlink,
+    libc::SYS_rename,
+    libc::SYS_link,
+    libc::SYS_symlink,
+    libc::SYS_chmod,
+    libc::SYS_chown,
+    libc::SYS_lchown,
+];
+
+/// arm64 has no older forms.
+#[cfg(target_arch = "aarch64")]
+pub(super) const VCPU_DENIED_ARCH: &[libc::c_long] = &[];
 
 /// arm64 has only the generic table's calls, all in [`COMMON`].
 #[cfg(target_arch = "aarch64")]

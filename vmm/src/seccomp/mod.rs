@@ -9,6 +9,10 @@
 //! whole process (`SECCOMP_FILTER_FLAG_TSYNC`) with `no_new_privs`. A call outside it stops the
 //! process with one line on stderr: `supermachine: SECCOMP: system call N is not allowed`.
 //!
+//! Each vCPU thread narrows that list further before its vCPU first runs (a second filter on
+//! that thread alone, see [`vcpu_thread_setup`]): the code a guest drives most directly (exits,
+//! device registers) cannot open files by path, make sockets or change identity.
+//!
 //! `SUPERMACHINE_SECCOMP=off` leaves the process unfiltered; `=log` allows every call but has
 //! the kernel's audit log record those outside the list (only where the kernel prints audit
 //! records; running the tests enforcing is the dependable way to find what a new path needs).
@@ -62,6 +66,21 @@ pub(crate) fn install_if_enabled() -> Result<(), SeccompError> {
         .map_err(SeccompError::Install)
 }
 
+/// The set-up each vCPU thread runs when the filter is on (see the [module docs](self)): it
+/// installs the vCPU threads' narrower filter. `None` when this process is not filtered.
+pub(crate) fn vcpu_thread_setup() -> Option<vmm_core::runner::VcpuThreadSetup> {
+    if !ENABLED.load(Ordering::SeqCst) {
+        return None;
+    }
+    match mode() {
+        Mode::Off => None,
+        mode => {
+            let log = mode == Mode::Log;
+            Some(std::sync::Arc::new(move || imp::install_vcpu_thread(log)))
+        }
+    }
+}
+
 #[cfg(all(
     target_os = "linux",
     any(target_arch = "x86_64", target_arch = "aarch64")
@@ -77,7 +96,7 @@ mod imp {
 
     use seccompiler::{BpfProgram, SeccompAction, SeccompFilter};
 
-    use super::calls::{ARCH, COMMON, TARGET};
+    use super::calls::{ARCH, COMMON, TARGET, VCPU_DENIED, VCPU_DENIED_ARCH};
 
     /// Every call the filter lets through.
     fn allowed() -> impl Iterator<Item = libc::c_long> {
@@ -101,6 +120,34 @@ mod imp {
 
     pub(super) fn install(log: bool) -> Result<(), String> {
         apply(&program(log)?, log)
+    }
+
+    /// The calls a vCPU thread may not make, on top of the process's filter.
+    fn vcpu_denied() -> impl Iterator<Item = libc::c_long> {
+        VCPU_DENIED.iter().chain(VCPU_DENIED_ARCH).copied()
+    }
+
+    fn vcpu_program(log: bool) -> Result<BpfProgram, String> {
+        let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
+            vcpu_denied().map(|nr| (nr, Vec::new())).collect();
+        let denied = if log {
+            SeccompAction::Log
+        } else {
+            SeccompAction::Trap
+        };
+        let filter = SeccompFilter::new(rules, SeccompAction::Allow, denied, TARGET)
+            .map_err(|e| e.to_string())?;
+        filter
+            .try_into()
+            .map_err(|e: seccompiler::BackendError| e.to_string())
+    }
+
+    /// Installs the vCPU threads' filter on the calling thread (built once per process).
+    pub(super) fn install_vcpu_thread(log: bool) -> Result<(), String> {
+        static PROGRAM: std::sync::OnceLock<Result<BpfProgram, String>> =
+            std::sync::OnceLock::new();
+        let program = PROGRAM.get_or_init(|| vcpu_program(log)).clone()?;
+        seccompiler::apply_filter(&program).map_err(|e| e.to_string())
     }
 
     fn apply(program: &BpfProgram, log: bool) -> Result<(), String> {
@@ -235,6 +282,65 @@ mod imp {
             assert_eq!(filtered_child(allowed), 0);
         }
 
+        static VCPU: std::sync::OnceLock<BpfProgram> = std::sync::OnceLock::new();
+
+        /// Adds the vCPU filter in a forked child (built before the fork: no allocation).
+        fn vcpu_filter_in_child() -> bool {
+            VCPU.get()
+                .is_some_and(|p| seccompiler::apply_filter(p).is_ok())
+        }
+
+        #[test]
+        fn vcpu_threads_lose_files_by_path_and_sockets_but_keep_descriptor_io() {
+            let allowed: std::collections::HashSet<_> = allowed().collect();
+            for nr in vcpu_denied() {
+                assert!(
+                    allowed.contains(&nr),
+                    "{nr} is denied to vCPUs but not allowed at all"
+                );
+            }
+            fn open() -> libc::c_int {
+                if !vcpu_filter_in_child() {
+                    return 3;
+                }
+                // SAFETY: valid NUL-terminated path.
+                unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY) };
+                4
+            }
+            fn socket() -> libc::c_int {
+                if !vcpu_filter_in_child() {
+                    return 3;
+                }
+                // SAFETY: plain socket call.
+                unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+                4
+            }
+            fn io() -> libc::c_int {
+                if !vcpu_filter_in_child() {
+                    return 3;
+                }
+                let mut fds = [0; 2];
+                // SAFETY: pipe2 fills `fds`; write and read use valid buffers.
+                unsafe {
+                    if libc::pipe2(fds.as_mut_ptr(), 0) != 0 {
+                        return 5;
+                    }
+                    let mut b = [0u8; 1];
+                    if libc::write(fds[1], b"x".as_ptr().cast(), 1) != 1
+                        || libc::read(fds[0], b.as_mut_ptr().cast(), 1) != 1
+                    {
+                        return 6;
+                    }
+                }
+                0
+            }
+            // Built before the fork, like the process's filter.
+            VCPU.get_or_init(|| vcpu_program(false).unwrap());
+            assert_eq!(filtered_child(open), 125);
+            assert_eq!(filtered_child(socket), 125);
+            assert_eq!(filtered_child(io), 0);
+        }
+
         #[test]
         fn numbers_are_written_without_allocating() {
             let mut out = [0u8; 4];
@@ -253,6 +359,10 @@ mod imp {
 mod imp {
     pub(super) fn install(_log: bool) -> Result<(), String> {
         tracing::warn!("no system-call filter on this platform yet: the VMM runs unfiltered");
+        Ok(())
+    }
+
+    pub(super) fn install_vcpu_thread(_log: bool) -> Result<(), String> {
         Ok(())
     }
 }
