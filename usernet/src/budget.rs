@@ -21,7 +21,8 @@ pub struct FlowBudget {
 
 #[derive(Debug)]
 struct Inner {
-    capacity: usize,
+    /// `None`: from the process's open-files limit at each acquire (it may be raised later).
+    capacity: Option<usize>,
     used: AtomicUsize,
 }
 
@@ -42,28 +43,34 @@ impl FlowBudget {
     pub fn new(capacity: usize) -> Self {
         FlowBudget {
             inner: Arc::new(Inner {
-                capacity,
+                capacity: Some(capacity),
                 used: AtomicUsize::new(0),
             }),
         }
     }
 
     /// The budget every NAT of this process shares unless given another: the soft limit on
-    /// open descriptors when first asked (raise it first), less a reserve of 256 or a quarter
-    /// of it, whichever is more.
+    /// open descriptors (as it is when a flow opens), less a reserve of 256 or a quarter of it,
+    /// whichever is more.
     pub fn process() -> Self {
         static PROCESS: OnceLock<FlowBudget> = OnceLock::new();
         PROCESS
-            .get_or_init(|| FlowBudget::new(capacity_for(open_files_limit())))
+            .get_or_init(|| FlowBudget {
+                inner: Arc::new(Inner {
+                    capacity: None,
+                    used: AtomicUsize::new(0),
+                }),
+            })
             .clone()
     }
 
     /// A permit for one more flow, or `None` when the budget is spent.
     pub fn try_acquire(&self) -> Option<FlowPermit> {
+        let capacity = self.capacity();
         self.inner
             .used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-                (used < self.inner.capacity).then_some(used + 1)
+                (used < capacity).then_some(used + 1)
             })
             .ok()
             .map(|_| FlowPermit {
@@ -78,7 +85,9 @@ impl FlowBudget {
 
     /// Flows the budget allows at once.
     pub fn capacity(&self) -> usize {
-        self.inner.capacity
+        self.inner
+            .capacity
+            .unwrap_or_else(|| capacity_for(open_files_limit()))
     }
 }
 
