@@ -103,19 +103,32 @@ mod imp {
         COMMON.iter().chain(ARCH).copied()
     }
 
-    fn program(log: bool) -> Result<BpfProgram, String> {
-        let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
-            allowed().map(|nr| (nr, Vec::new())).collect();
-        let mismatch = if log {
+    /// What a call outside the list (or, for a deny-list, on it) gets.
+    fn refusal(log: bool) -> SeccompAction {
+        if log {
             SeccompAction::Log
         } else {
             SeccompAction::Trap
-        };
-        let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TARGET)
-            .map_err(|e| e.to_string())?;
+        }
+    }
+
+    /// A filter that gives `listed` calls `on_listed` and the others `otherwise`.
+    fn compile(
+        listed: impl Iterator<Item = libc::c_long>,
+        otherwise: SeccompAction,
+        on_listed: SeccompAction,
+    ) -> Result<BpfProgram, String> {
+        let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
+            listed.map(|nr| (nr, Vec::new())).collect();
+        let filter =
+            SeccompFilter::new(rules, otherwise, on_listed, TARGET).map_err(|e| e.to_string())?;
         filter
             .try_into()
             .map_err(|e: seccompiler::BackendError| e.to_string())
+    }
+
+    fn program(log: bool) -> Result<BpfProgram, String> {
+        compile(allowed(), refusal(log), SeccompAction::Allow)
     }
 
     pub(super) fn install(log: bool) -> Result<(), String> {
@@ -128,18 +141,7 @@ mod imp {
     }
 
     fn vcpu_program(log: bool) -> Result<BpfProgram, String> {
-        let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
-            vcpu_denied().map(|nr| (nr, Vec::new())).collect();
-        let denied = if log {
-            SeccompAction::Log
-        } else {
-            SeccompAction::Trap
-        };
-        let filter = SeccompFilter::new(rules, SeccompAction::Allow, denied, TARGET)
-            .map_err(|e| e.to_string())?;
-        filter
-            .try_into()
-            .map_err(|e: seccompiler::BackendError| e.to_string())
+        compile(vcpu_denied(), SeccompAction::Allow, refusal(log))
     }
 
     /// Installs the vCPU threads' filter on the calling thread (built once per process).
