@@ -16,8 +16,13 @@ use sm_env::Env;
 
 /// Restores taken in a row by each test: four tests of 50 (200 in all), each from its own
 /// snapshot, so that a stall of the emulated host (see `xtask/src/tests.rs`) costs one short
-/// test a restart, not the whole loop.
-const RESTORES: usize = 50;
+/// test a restart, not the whole loop. `SUPERMACHINE_TEST_RESTORES` overrides it.
+fn restores() -> usize {
+    std::env::var("SUPERMACHINE_TEST_RESTORES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50)
+}
 
 /// How often a byte of serial input is sent, from the restore's first millisecond on. Each byte
 /// costs the guest a UART interrupt and about ten port exits to read and echo it; in the
@@ -25,7 +30,13 @@ const RESTORES: usize = 50;
 /// millisecond the restored guest did nothing but serve its UART and answered nothing within a
 /// minute, while at one byte per 10 ms it answered within 0.3 s (4 of 4). The input still
 /// arrives during the restore, which is what the test is about.
-const INPUT_EVERY: Duration = Duration::from_millis(10);
+/// `SUPERMACHINE_TEST_INPUT_EVERY_MS` overrides it (to measure the serial path by hand).
+fn input_every() -> Duration {
+    std::env::var("SUPERMACHINE_TEST_INPUT_EVERY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(Duration::from_millis(10), Duration::from_millis)
+}
 
 /// What a line of progress starts with: the isolated test runner shows these lines as they come
 /// (the rest of a test's output only when it fails), so a stalled machine is told from a slow
@@ -93,9 +104,10 @@ fn restore_once(env: &Env, snapshot: &std::path::Path, i: usize) -> Result<(), S
     let stop = Arc::new(AtomicBool::new(false));
     let mut input = child.stdin.take().ok_or("no stdin")?;
     let stop_input = stop.clone();
+    let every = input_every();
     let feeder = std::thread::spawn(move || {
         while !stop_input.load(Ordering::Relaxed) && input.write_all(b"#").is_ok() {
-            std::thread::sleep(INPUT_EVERY);
+            std::thread::sleep(every);
         }
     });
     let mut out = child.stdout.take().ok_or("no stdout")?;
@@ -140,7 +152,7 @@ fn restore_once(env: &Env, snapshot: &std::path::Path, i: usize) -> Result<(), S
     }
 }
 
-/// Takes a snapshot of the echo guest, then restores it [`RESTORES`] times; restores are
+/// Takes a snapshot of the echo guest, then restores it [`restores()`] times; restores are
 /// numbered from `first` in messages.
 fn restore_loop(first: usize) {
     let env = Env::new("restores");
@@ -166,7 +178,8 @@ fn restore_loop(first: usize) {
     eprintln!("{PROGRESS}snapshot taken");
     let started = Instant::now();
     let mut failures = Vec::new();
-    for i in first..first + RESTORES {
+    let count = restores();
+    for i in first..first + count {
         if let Err(e) = restore_once(&env, &snapshot, i) {
             // Shown as it happens (the VMM's stderr is in it), not only at the end.
             eprintln!("{PROGRESS}{}", e.replace('\n', "\n  | "));
@@ -181,13 +194,13 @@ fn restore_loop(first: usize) {
         }
     }
     eprintln!(
-        "{RESTORES} restores in {:.0} s, {} failed",
+        "{count} restores in {:.0} s, {} failed",
         started.elapsed().as_secs_f64(),
         failures.len()
     );
     assert!(
         failures.is_empty(),
-        "{} of {RESTORES} restores did not answer on both paths; first: {}",
+        "{} of {count} restores did not answer on both paths; first: {}",
         failures.len(),
         failures[0]
     );
@@ -200,15 +213,15 @@ fn restores_with_input_from_the_first_millisecond_all_answer_1() {
 
 #[test]
 fn restores_with_input_from_the_first_millisecond_all_answer_2() {
-    restore_loop(RESTORES);
+    restore_loop(50);
 }
 
 #[test]
 fn restores_with_input_from_the_first_millisecond_all_answer_3() {
-    restore_loop(2 * RESTORES);
+    restore_loop(100);
 }
 
 #[test]
 fn restores_with_input_from_the_first_millisecond_all_answer_4() {
-    restore_loop(3 * RESTORES);
+    restore_loop(150);
 }
