@@ -194,3 +194,95 @@ fn a_running_guest_is_snapshotted_and_every_restore_continues_it() {
 
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A user's pause stops the guest (input waits, nothing is echoed), refuses snapshots, and
+/// unpause lets it go on with the input that came meanwhile; a paused VM can still be stopped.
+#[test]
+fn a_paused_guest_does_not_run_until_unpaused() {
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+    use std::time::Duration;
+    let dir = std::env::temp_dir().join(format!("sm-toy-pause-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kernel = dir.join("echo.elf");
+    std::fs::write(&kernel, toy_guest::echo_elf()).unwrap();
+    let (mut to_guest, guest_in) = UnixStream::pair().unwrap();
+    let (console_out, mut from_guest) = UnixStream::pair().unwrap();
+    let control = supermachine::VmControl::new();
+    let vm = {
+        let control = control.clone();
+        std::thread::spawn(move || {
+            boot(BootOptions {
+                kernel,
+                initramfs: None,
+                extra_cmdline: String::new(),
+                memory_mib: 32,
+                vcpus: 1,
+                command: vec![],
+                env: vec![],
+                quiet: true,
+                console: Box::new(console_out),
+                console_input: Some(Box::new(guest_in)),
+                workdir: None,
+                disks: vec![],
+                container: None,
+                consoles: vec![],
+                control: Some(control),
+                vsock: None,
+                net: None,
+                shares: Vec::new(),
+                snapshot: None,
+                on_started: None,
+            })
+            .expect("booting the toy guest needs a usable /dev/kvm")
+        })
+    };
+    let read_n = |from: &mut UnixStream, n: usize| {
+        let mut got = vec![0u8; n];
+        from.read_exact(&mut got).map(|_| got)
+    };
+    assert_eq!(
+        read_n(&mut from_guest, toy_guest::ECHO_READY.len()).unwrap(),
+        toy_guest::ECHO_READY.as_bytes()
+    );
+    to_guest.write_all(b"a").unwrap();
+    assert_eq!(read_n(&mut from_guest, 1).unwrap(), b"a");
+
+    control.pause().unwrap();
+    assert!(control.is_paused());
+    control.pause().unwrap(); // already paused: nothing to do
+    assert!(matches!(
+        control.pause_and_capture(),
+        Err(supermachine::CaptureError::Paused)
+    ));
+    // `resume` ends a snapshot's pause, not a user's.
+    control.resume();
+    assert!(control.is_paused());
+    to_guest.write_all(b"b").unwrap();
+    from_guest
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut one = [0u8; 1];
+    match from_guest.read(&mut one) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("a paused guest answered: {other:?} {one:?}"),
+    }
+    from_guest.set_read_timeout(None).unwrap();
+
+    assert!(control.unpause());
+    assert!(!control.unpause());
+    assert_eq!(read_n(&mut from_guest, 1).unwrap(), b"b");
+    // Snapshots work again once unpaused, and the guest goes on after one.
+    let captured = control.pause_and_capture().map(drop);
+    control.resume();
+    assert!(captured.is_ok());
+    to_guest.write_all(b"c").unwrap();
+    assert_eq!(read_n(&mut from_guest, 1).unwrap(), b"c");
+
+    // Stopping a paused VM ends it.
+    control.pause().unwrap();
+    control.request_exit(VmExit::Stopped);
+    let outcome = vm.join().unwrap();
+    assert_eq!(outcome.exit, VmExit::Stopped);
+    std::fs::remove_dir_all(&dir).ok();
+}

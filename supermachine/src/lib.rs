@@ -107,4 +107,4 @@ pub use pool::{Pool, PoolBuilder, PoolStats, Pooled};
 pub use ports::PortMapping;
 pub use run::{PullPolicy, RawTerminal, ReadyCheck};
 pub use tls::TlsTermination;
-pub use vmm_core::{VmControl, VmExit};
+pub use vmm_core::{CaptureError, VmControl, VmExit};

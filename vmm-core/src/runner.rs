@@ -100,12 +100,21 @@ pub enum CaptureError {
     /// The VM ended (or was not running) before it could be paused.
     #[error("the VM is not running")]
     NotRunning,
+    /// The VM is paused ([`VmControl::pause`]): unpause it first.
+    #[error("the VM is paused")]
+    Paused,
     /// The backend could not save a vCPU or the VM.
     #[error("saving the VM's state: {0}")]
     Backend(#[from] HypervisorError),
 }
 
 type CaptureReply = std::sync::mpsc::Sender<Result<CapturedVm, CaptureError>>;
+
+/// A capture asked of the runner thread; `hold` makes it a user's pause.
+struct CaptureRequest {
+    reply: CaptureReply,
+    hold: bool,
+}
 
 /// vCPU threads park here while the VM is paused.
 #[derive(Default)]
@@ -114,6 +123,8 @@ struct PauseState {
     /// Saved states of parked vCPUs, by index.
     saved: Vec<Option<Result<VcpuState, HypervisorError>>>,
     parked: usize,
+    /// Paused by [`VmControl::pause`]: only [`VmControl::unpause`] lets the vCPUs go.
+    held: bool,
 }
 
 struct ControlState {
@@ -121,7 +132,7 @@ struct ControlState {
     changed: Condvar,
     stopping: AtomicBool,
     /// A pending [`VmControl::pause_and_capture`] (checked under `outcome`'s lock).
-    capture: Mutex<Option<CaptureReply>>,
+    capture: Mutex<Option<CaptureRequest>>,
     pause: Mutex<PauseState>,
     pause_changed: Condvar,
     vcpu_thread_setup: Mutex<Option<VcpuThreadSetup>>,
@@ -194,26 +205,76 @@ impl VmControl {
     /// paused (devices keep running: quiesce them before reading memory) until
     /// [`resume`](Self::resume) or the end of the VM. Blocks until done; call it from a thread
     /// other than the runner's and the vCPUs'.
+    /// Refused with [`CaptureError::Paused`] while the VM is [paused](Self::pause).
     pub fn pause_and_capture(&self) -> Result<CapturedVm, CaptureError> {
+        self.request_capture(false)
+    }
+
+    fn request_capture(&self, hold: bool) -> Result<CapturedVm, CaptureError> {
         let (tx, rx) = std::sync::mpsc::channel();
         {
             let _outcome = self.state.outcome.lock().unwrap_or_else(|e| e.into_inner());
             if self.is_stopping() {
                 return Err(CaptureError::NotRunning);
             }
-            *self.state.capture.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+            *self.state.capture.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(CaptureRequest { reply: tx, hold });
             self.state.changed.notify_all();
         }
         rx.recv().unwrap_or(Err(CaptureError::NotRunning))
     }
 
-    /// Lets paused vCPUs run again.
+    /// Lets vCPUs paused by [`pause_and_capture`](Self::pause_and_capture) run again (not
+    /// those of a user's [`pause`](Self::pause)).
     pub fn resume(&self) {
         let mut p = self.state.pause.lock().unwrap_or_else(|e| e.into_inner());
+        if !p.held {
+            Self::release(&mut p);
+            self.state.pause_changed.notify_all();
+        }
+    }
+
+    fn release(p: &mut PauseState) {
         p.requested = false;
         p.parked = 0;
         p.saved.clear();
-        self.state.pause_changed.notify_all();
+    }
+
+    /// Stops every vCPU between instructions until [`unpause`](Self::unpause) or the end of
+    /// the VM (what `docker pause` is to a container). Devices keep running, so host input is
+    /// queued for the guest; captures are refused meanwhile. Blocks until every vCPU has
+    /// stopped; nothing to do when already paused. Call it from a thread other than the
+    /// runner's and the vCPUs'.
+    pub fn pause(&self) -> Result<(), CaptureError> {
+        match self.request_capture(true) {
+            Ok(_) | Err(CaptureError::Paused) => Ok(()),
+            Err(e) => {
+                // A vCPU that failed to save its state must not leave the others parked.
+                self.resume();
+                Err(e)
+            }
+        }
+    }
+
+    /// Ends a [`pause`](Self::pause); false if the VM was not paused.
+    pub fn unpause(&self) -> bool {
+        let mut p = self.state.pause.lock().unwrap_or_else(|e| e.into_inner());
+        let was = p.held;
+        if was {
+            p.held = false;
+            Self::release(&mut p);
+            self.state.pause_changed.notify_all();
+        }
+        was
+    }
+
+    /// Whether the VM is [paused](Self::pause).
+    pub fn is_paused(&self) -> bool {
+        self.state
+            .pause
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .held
     }
 
     fn pause_requested(&self) -> bool {
@@ -256,14 +317,14 @@ impl VmControl {
                 *slot = Some(Ok(VmExit::Stopped));
                 return Event::Ended(outcome);
             }
-            if let Some(reply) = self
+            if let Some(request) = self
                 .state
                 .capture
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .take()
             {
-                return Event::Capture(reply);
+                return Event::Capture(request);
             }
             slot = self
                 .state
@@ -369,10 +430,10 @@ pub fn run(vm: BuiltVm, control: &VmControl) -> Result<VmExit, RunError> {
     let outcome = loop {
         match control.wait_for_event() {
             Event::Ended(outcome) => break outcome,
-            Event::Capture(reply) => {
+            Event::Capture(request) => {
                 let kickers: Vec<_> = threads.iter().map(|(_, k)| k.clone()).collect();
-                let captured = capture(control, &kickers, vm.as_ref(), &memory);
-                let _ = reply.send(captured);
+                let captured = capture(control, &kickers, vm.as_ref(), &memory, request.hold);
+                let _ = request.reply.send(captured);
             }
         }
     };
@@ -411,18 +472,24 @@ pub fn run(vm: BuiltVm, control: &VmControl) -> Result<VmExit, RunError> {
     outcome
 }
 
-/// Pauses the vCPUs (kicking until every one has parked) and collects the saved states.
+/// Pauses the vCPUs (kicking until every one has parked) and collects the saved states; with
+/// `hold`, they stay paused until [`VmControl::unpause`].
 fn capture(
     control: &VmControl,
     kickers: &[Arc<dyn VcpuKicker>],
     vm: &dyn ArchVm,
     memory: &GuestMemory,
+    hold: bool,
 ) -> Result<CapturedVm, CaptureError> {
     let mut p = control
         .state
         .pause
         .lock()
         .unwrap_or_else(|e| e.into_inner());
+    // Parked vCPUs would not park again (nor save their state) for a second capture.
+    if p.held {
+        return Err(CaptureError::Paused);
+    }
     p.requested = true;
     p.parked = 0;
     p.saved.clear();
@@ -456,6 +523,7 @@ fn capture(
             None => return Err(CaptureError::NotRunning),
         }
     }
+    p.held = hold;
     drop(p);
     Ok(CapturedVm {
         vcpus,
@@ -466,7 +534,7 @@ fn capture(
 
 enum Event {
     Ended(Result<VmExit, RunError>),
-    Capture(CaptureReply),
+    Capture(CaptureRequest),
 }
 
 /// How long to wait for kicked vCPUs before kicking again.
