@@ -57,6 +57,11 @@ enum Command {
     Cp(crate::vm_commands::CpArgs),
     /// Stop running VMs: the image's stop signal, then power off after the timeout
     Stop(crate::vm_commands::StopArgs),
+    /// Pause VMs: their vCPUs stop until `unpause` (published ports keep accepting;
+    /// connections wait)
+    Pause(crate::vm_commands::PauseArgs),
+    /// Let paused VMs run again
+    Unpause(crate::vm_commands::PauseArgs),
     /// Remove VMs (-f stops running ones first)
     Rm(crate::vm_commands::RmArgs),
     /// Snapshot a running VM into DIR (it goes on running unless --stop)
@@ -525,6 +530,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Cp(a) => crate::vm_commands::cp(a),
         Command::Stop(a) => crate::vm_commands::stop(a),
         Command::Rm(a) => crate::vm_commands::rm(a),
+        Command::Pause(a) => crate::vm_commands::pause(a),
+        Command::Unpause(a) => crate::vm_commands::unpause(a),
         Command::Snapshot(a) => crate::vm_commands::snapshot(a),
     }
 }

@@ -80,6 +80,13 @@ pub struct StopArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct PauseArgs {
+    /// The VMs (names or ids)
+    #[arg(required = true)]
+    vms: Vec<String>,
+}
+
+#[derive(Debug, Args)]
 pub struct SnapshotArgs {
     /// Stop the VM after the snapshot (default: it goes on running)
     #[arg(long)]
@@ -201,7 +208,7 @@ pub fn ps(args: PsArgs) -> anyhow::Result<ExitCode> {
                 vm.image.clone(),
                 vm.status.to_string(),
                 vm.ports.join(", "),
-                if vm.status == VmStatus::Running {
+                if vm.status.is_alive() {
                     age(vm.created)
                 } else {
                     "-".into()
@@ -231,6 +238,7 @@ fn running(name: &str) -> anyhow::Result<VmHandle> {
     let vm = VmHandle::find(name)?;
     match vm.info().status {
         VmStatus::Running => Ok(vm),
+        VmStatus::Paused => bail!("VM {} is paused: unpause it first", vm.name()),
         st => bail!("VM {} is not running ({st})", vm.name()),
     }
 }
@@ -484,6 +492,21 @@ fn each_vm(names: &[String], mut f: impl FnMut(&str) -> anyhow::Result<()>) -> E
 pub fn stop(args: StopArgs) -> anyhow::Result<ExitCode> {
     Ok(each_vm(&args.vms, |name| {
         Ok(VmHandle::find(name)?.stop(Duration::from_secs(args.time))?)
+    }))
+}
+
+/// `pause VM…`: stops the VMs' vCPUs (their ports keep accepting; connections wait).
+pub fn pause(args: PauseArgs) -> anyhow::Result<ExitCode> {
+    Ok(each_vm(
+        &args.vms,
+        |name| Ok(VmHandle::find(name)?.pause()?),
+    ))
+}
+
+/// `unpause VM…`: lets paused VMs run again.
+pub fn unpause(args: PauseArgs) -> anyhow::Result<ExitCode> {
+    Ok(each_vm(&args.vms, |name| {
+        Ok(VmHandle::find(name)?.unpause()?)
     }))
 }
 

@@ -1215,6 +1215,39 @@ fn detached_vm_serves_published_port_and_takes_exec_cp_stop_rm() {
         0o755
     );
 
+    // pause: ps says so, exec is refused, a request waits; unpause answers it and the VM goes
+    // on. Paused again, it still stops (below).
+    let ps_row = || {
+        let (_, ps, _) = env.sm(&["ps"], None);
+        let ps = String::from_utf8_lossy(&ps).into_owned();
+        ps.lines()
+            .find(|l| l.starts_with(&id))
+            .unwrap_or_else(|| panic!("{ps}"))
+            .to_string()
+    };
+    let (code, out, err) = env.sm(&["pause", "web"], None);
+    assert_eq!(
+        (code, String::from_utf8_lossy(&out).trim()),
+        (0, "web"),
+        "{err}"
+    );
+    assert!(ps_row().contains("paused"), "{}", ps_row());
+    let (code, _, err) = env.sm(&["exec", "web", "true"], None);
+    assert_ne!(code, 0);
+    assert!(err.contains("paused"), "{err}");
+    let waiting = std::thread::spawn(move || http_get(port, "/index.html"));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!waiting.is_finished(), "a paused VM answered a request");
+    let (code, _, err) = env.sm(&["unpause", "web"], None);
+    assert_eq!(code, 0, "{err}");
+    let (status, body) = waiting.join().unwrap().expect("the waiting request");
+    assert!(status.contains(" 200") && body == b"hello\n", "{status}");
+    assert!(ps_row().contains("running"), "{}", ps_row());
+    let (code, _, err) = env.sm(&["exec", "web", "true"], None);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = env.sm(&["pause", "web"], None);
+    assert_eq!(code, 0, "{err}");
+
     // stop: httpd exits on SIGTERM, so well within the grace period; rm forgets it.
     let started = Instant::now();
     let (code, _, err) = env.sm(&["stop", "-t", "30", "web"], None);
@@ -2108,6 +2141,18 @@ fn library_vm_runs_commands_moves_files_and_streams() {
     assert!(matches!(e, Error::IsADirectory(_)), "{e:?}");
     let e = handle.clone().remove(false).unwrap_err();
     assert!(matches!(e, Error::VmRunning(_)), "{e:?}");
+    // Paused: the handle sees it, files and snapshots are refused; unpaused, they work again.
+    embedded.pause().unwrap();
+    assert!(handle.is_paused() && handle.is_running());
+    let e = handle.write_file("/tmp/while-paused", b"x").unwrap_err();
+    assert!(matches!(e, Error::VmPaused(_)), "{e:?}");
+    let e = embedded.snapshot(env.dir.join("paused-snap")).unwrap_err();
+    assert!(e.to_string().contains("paused"), "{e}");
+    handle.unpause().unwrap();
+    assert!(!handle.is_paused());
+    handle.write_file("/tmp/after-pause", b"y").unwrap();
+    // A paused VM is unpaused to hear its stop signal (143: SIGTERM, not a power-off).
+    handle.pause().unwrap();
     handle.stop(Duration::from_secs(5)).unwrap();
     assert!(!handle.is_running());
     assert_eq!(embedded.wait().unwrap(), 143);

@@ -28,6 +28,10 @@ pub enum ControlRequest {
         /// The grace period in milliseconds.
         grace_ms: u64,
     },
+    /// Stop the vCPUs until `Unpause` (devices and published ports go on; what arrives waits).
+    Pause,
+    /// Let a paused VM run again.
+    Unpause,
 }
 
 /// The answer.
@@ -41,6 +45,8 @@ pub enum ControlReply {
     },
     /// The stop is under way.
     Stopping,
+    /// Done (a pause or unpause).
+    Done,
     /// Refused or failed.
     Error {
         /// Why.
@@ -194,6 +200,7 @@ mod tests {
                 message: "no".into(),
             },
             ControlRequest::Stop { .. } => ControlReply::Stopping,
+            ControlRequest::Pause | ControlRequest::Unpause => ControlReply::Done,
         })
         .unwrap();
         let req = ControlRequest::Snapshot {

@@ -73,6 +73,9 @@ pub enum Error {
     /// The VM has stopped: no more operations on it.
     #[error("the VM has stopped")]
     VmStopped,
+    /// The VM is paused: unpause it first.
+    #[error("VM {0} is paused: unpause it first")]
+    VmPaused(String),
     /// No VM of this user has that name or id ([`crate::VmHandle::find`]).
     #[error("no such VM: {0}")]
     VmNotFound(String),

@@ -24,7 +24,7 @@ pub struct VmInfo {
     pub name: String,
     /// The image reference it was started from, as given.
     pub image: String,
-    /// Running, exited (with the workload's status) or dead.
+    /// Running, paused, exited (with the workload's status) or dead.
     pub status: VmStatus,
     /// Published ports, as `HOST_IP:HOST_PORT->GUEST_PORT/tcp`.
     pub ports: Vec<String>,
@@ -33,12 +33,12 @@ pub struct VmInfo {
 }
 
 impl VmInfo {
-    fn of(record: &VmRecord) -> VmInfo {
+    fn of(dir: &VmDir, record: &VmRecord) -> VmInfo {
         VmInfo {
             id: record.id.clone(),
             name: record.name.clone(),
             image: record.image.clone(),
-            status: record.status(),
+            status: dir.status(record),
             ports: record.ports.clone(),
             created: SystemTime::UNIX_EPOCH + Duration::from_secs(record.created),
         }
@@ -78,8 +78,8 @@ impl VmHandle {
         let mut infos: Vec<VmInfo> = registry
             .list()
             .iter()
-            .map(|(_, r)| VmInfo::of(r))
-            .filter(|i| all || i.status == VmStatus::Running)
+            .map(|(d, r)| VmInfo::of(d, r))
+            .filter(|i| all || i.status.is_alive())
             .collect();
         infos.sort_by(|a, b| a.created.cmp(&b.created).then(a.id.cmp(&b.id)));
         Ok(infos)
@@ -154,10 +154,10 @@ impl VmHandle {
     /// What `ps` shows, as of now (a VM whose record was removed since is dead).
     pub fn info(&self) -> VmInfo {
         match self.current() {
-            Some(record) => VmInfo::of(&record),
+            Some(record) => VmInfo::of(&self.dir, &record),
             None => VmInfo {
                 status: VmStatus::Dead,
-                ..VmInfo::of(&self.record)
+                ..VmInfo::of(&self.dir, &self.record)
             },
         }
     }
@@ -168,16 +168,44 @@ impl VmHandle {
         self.dir.record().ok()
     }
 
-    /// Whether it still runs.
+    /// Whether it still runs (paused counts: its process is alive).
     pub fn is_running(&self) -> bool {
-        self.info().status == VmStatus::Running
+        self.info().status.is_alive()
+    }
+
+    /// Whether it is paused.
+    pub fn is_paused(&self) -> bool {
+        self.info().status == VmStatus::Paused
     }
 
     fn require_running(&self) -> Result<()> {
         match self.info().status {
             VmStatus::Running => Ok(()),
+            VmStatus::Paused => Err(Error::VmPaused(self.record.name.clone())),
             _ => Err(Error::VmStopped),
         }
+    }
+
+    /// Stops the VM's vCPUs until [`unpause`](Self::unpause): the guest does not run, its
+    /// published ports keep accepting (connections wait), and `exec`, `cp` and snapshots are
+    /// refused meanwhile. Already paused: nothing to do.
+    pub fn pause(&self) -> Result<()> {
+        match self.info().status {
+            VmStatus::Running | VmStatus::Paused => self.pause_request(ControlRequest::Pause),
+            _ => Err(Error::VmStopped),
+        }
+    }
+
+    /// Lets a paused VM run again. Not paused: nothing to do.
+    pub fn unpause(&self) -> Result<()> {
+        match self.info().status {
+            VmStatus::Running | VmStatus::Paused => self.pause_request(ControlRequest::Unpause),
+            _ => Err(Error::VmStopped),
+        }
+    }
+
+    fn pause_request(&self, request: ControlRequest) -> Result<()> {
+        control_done(&self.dir.control(), &request)
     }
 
     /// A command to run in the VM; see [`ExecBuilder`].
@@ -245,7 +273,9 @@ impl VmHandle {
         {
             ControlReply::Snapshot { dir } => Ok(dir),
             ControlReply::Error { message } => Err(Error::Snapshot(message)),
-            ControlReply::Stopping => Err(Error::Snapshot("unexpected answer".into())),
+            ControlReply::Stopping | ControlReply::Done => {
+                Err(Error::Snapshot("unexpected answer".into()))
+            }
         }
     }
 
@@ -324,6 +354,17 @@ impl VmHandle {
         self.registry
             .remove(&self.dir, &self.record.id, &self.record.name)
             .map_err(registry_error)
+    }
+}
+
+/// Sends a pause or unpause through `socket` and waits for it to be done.
+pub(crate) fn control_done(socket: &Path, request: &ControlRequest) -> Result<()> {
+    match call(socket, request, Duration::from_secs(30)) {
+        Ok(ControlReply::Done) => Ok(()),
+        Ok(ControlReply::Error { message })
+        | Err(crate::control::ControlError::Refused(message)) => Err(Error::Guest(message)),
+        Ok(other) => Err(Error::Guest(format!("unexpected answer {other:?}"))),
+        Err(e) => Err(Error::Io(std::io::Error::other(e.to_string()))),
     }
 }
 

@@ -499,8 +499,24 @@ impl Vm {
         {
             ControlReply::Snapshot { dir } => Ok(dir),
             ControlReply::Error { message } => Err(Error::Snapshot(message)),
-            ControlReply::Stopping => Err(Error::Snapshot("unexpected answer".into())),
+            ControlReply::Stopping | ControlReply::Done => {
+                Err(Error::Snapshot("unexpected answer".into()))
+            }
         }
+    }
+
+    /// Stops the VM's vCPUs until [`unpause`](Self::unpause): the guest does not run, its
+    /// published ports keep accepting (connections wait), and snapshots are refused meanwhile
+    /// (an `exec` waits). Already paused: nothing to do.
+    pub fn pause(&self) -> Result<()> {
+        use crate::control::ControlRequest;
+        crate::handle::control_done(&self.control_socket, &ControlRequest::Pause)
+    }
+
+    /// Lets a paused VM run again. Not paused: nothing to do.
+    pub fn unpause(&self) -> Result<()> {
+        use crate::control::ControlRequest;
+        crate::handle::control_done(&self.control_socket, &ControlRequest::Unpause)
     }
 
     /// What the workload has written so far to stdout and stderr (the last MiB of each).

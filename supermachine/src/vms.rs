@@ -95,6 +95,8 @@ pub struct VmRecord {
 pub enum VmStatus {
     /// Its process is alive.
     Running,
+    /// Its process is alive and its vCPUs are paused (`supermachine pause`).
+    Paused,
     /// It ended with this workload status.
     Exited(i32),
     /// Its process is gone without a status (killed).
@@ -105,6 +107,7 @@ impl std::fmt::Display for VmStatus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             VmStatus::Running => write!(f, "running"),
+            VmStatus::Paused => write!(f, "paused"),
             VmStatus::Exited(c) => write!(f, "exited ({c})"),
             VmStatus::Dead => write!(f, "dead"),
         }
@@ -119,8 +122,16 @@ pub fn process_start(pid: u32) -> Option<u64> {
     rest.split(' ').nth(19)?.parse().ok()
 }
 
+impl VmStatus {
+    /// Its process is alive (running or paused).
+    pub fn is_alive(self) -> bool {
+        matches!(self, VmStatus::Running | VmStatus::Paused)
+    }
+}
+
 impl VmRecord {
-    /// Running, exited or dead.
+    /// Running, exited or dead, as the record and the process say (paused is
+    /// [`VmDir::status`]'s to tell).
     pub fn status(&self) -> VmStatus {
         if let Some(code) = self.exit_code {
             return VmStatus::Exited(code);
@@ -179,6 +190,17 @@ impl VmDir {
     /// The workload's stderr (and supermachine's own messages), for detached VMs.
     pub fn stderr_log(&self) -> PathBuf {
         self.path.join("stderr.log")
+    }
+    /// Present while the VM is paused: made and removed by the VM's own process.
+    pub fn paused_marker(&self) -> PathBuf {
+        self.path.join("paused")
+    }
+    /// Running, paused, exited or dead.
+    pub fn status(&self, record: &VmRecord) -> VmStatus {
+        match record.status() {
+            VmStatus::Running if self.paused_marker().exists() => VmStatus::Paused,
+            other => other,
+        }
     }
     fn record_path(&self) -> PathBuf {
         self.path.join("vm.json")

@@ -152,6 +152,8 @@ impl StopHandle {
             return;
         };
         drop(st);
+        // A paused workload could not hear its stop signal.
+        vm.unpause();
         let sent = control
             .lock()
             .unwrap_or_else(|e| e.into_inner())

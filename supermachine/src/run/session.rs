@@ -25,6 +25,7 @@ pub(super) type LiveVm = Arc<Mutex<Option<(crate::snapshot::Snapshotter, BakedWo
 pub(super) fn control_request(
     live: &LiveVm,
     stopper: &StopHandle,
+    pauser: &Pauser,
     has_volumes: bool,
     request: crate::control::ControlRequest,
 ) -> crate::control::ControlReply {
@@ -32,8 +33,18 @@ pub(super) fn control_request(
     let error = |message: String| ControlReply::Error { message };
     match request {
         ControlRequest::Stop { grace_ms } => {
+            // The workload must run to hear its stop signal.
+            pauser.unpause();
             stopper.stop(std::time::Duration::from_millis(grace_ms));
             ControlReply::Stopping
+        }
+        ControlRequest::Pause => match pauser.pause() {
+            Ok(()) => ControlReply::Done,
+            Err(e) => error(e.to_string()),
+        },
+        ControlRequest::Unpause => {
+            pauser.unpause();
+            ControlReply::Done
         }
         ControlRequest::Snapshot { dir, stop } => {
             if has_volumes {
@@ -55,6 +66,33 @@ pub(super) fn control_request(
                 Err(e) => error(e.to_string()),
             }
         }
+    }
+}
+
+/// A user's pause of the running VM, and the marker in its directory that `ps` reads.
+pub(super) struct Pauser {
+    pub(super) vm: crate::VmControl,
+    pub(super) marker: std::path::PathBuf,
+}
+
+impl Pauser {
+    fn pause(&self) -> Result<(), String> {
+        match self.vm.pause() {
+            Ok(()) => {
+                // A private, empty file; the pause holds even if it cannot be made.
+                if let Err(e) = std::fs::write(&self.marker, b"") {
+                    tracing::warn!("paused, but {}: {e}", self.marker.display());
+                }
+                Ok(())
+            }
+            Err(vmm_core::CaptureError::NotRunning) => Err("the VM is not running".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    pub(super) fn unpause(&self) {
+        self.vm.unpause();
+        let _ = std::fs::remove_file(&self.marker);
     }
 }
 
@@ -193,8 +231,12 @@ pub(super) fn run_registered(
     {
         let live = live.clone();
         let has_volumes = !opts.config.volumes.is_empty();
+        let pauser = Pauser {
+            vm: vm_control.clone(),
+            marker: dir.paused_marker(),
+        };
         _control_server = crate::control::serve(&dir.control(), move |request| {
-            control_request(&live, &stopper, has_volumes, request)
+            control_request(&live, &stopper, &pauser, has_volumes, request)
         })
         .map_err(|e| RunError::Publish(std::io::Error::other(format!("control socket: {e}"))))?;
     }

@@ -51,6 +51,8 @@ pub(super) fn forward_host_signals(
                     continue;
                 }
                 stop_sent = true;
+                // A paused workload could not hear its stop signal.
+                vm.unpause();
                 let deliver = if sig == SIGINT { SIGINT } else { stop };
                 if let Some(c) = control.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
                     c.push(ControlMessage::Signal(deliver).encode().as_bytes());
