@@ -35,7 +35,11 @@ enum Command {
     /// docker-archive:PATH[:REF]) and build its root filesystem image
     Pull(PullArgs),
     /// List pulled images
-    Images,
+    Images {
+        /// table, or json (one object per line)
+        #[arg(long, value_enum, default_value_t)]
+        format: crate::inspect::Format,
+    },
     /// Remove images (their blobs go with the next `prune`)
     Rmi {
         /// Images to remove
@@ -57,6 +61,8 @@ enum Command {
     Cp(crate::vm_commands::CpArgs),
     /// Stop running VMs: the image's stop signal, then power off after the timeout
     Stop(crate::vm_commands::StopArgs),
+    /// Show VMs or images in detail, as JSON
+    Inspect(crate::inspect::InspectArgs),
     /// Pause VMs: their vCPUs stop until `unpause` (published ports keep accepting;
     /// connections wait)
     Pause(crate::vm_commands::PauseArgs),
@@ -520,7 +526,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run(args) => run_run(args),
         Command::Bake(args) => run_bake(args),
         Command::Pull(args) => image_command(|| run_pull(args)),
-        Command::Images => image_command(run_images),
+        Command::Images { format } => image_command(|| run_images(format)),
         Command::Rmi { images } => image_command(|| run_rmi(&images)),
         Command::Prune => image_command(run_prune),
         Command::Volume(v) => image_command(|| run_volume(v)),
@@ -531,6 +537,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Stop(a) => crate::vm_commands::stop(a),
         Command::Rm(a) => crate::vm_commands::rm(a),
         Command::Pause(a) => crate::vm_commands::pause(a),
+        Command::Inspect(a) => crate::inspect::inspect(a),
         Command::Unpause(a) => crate::vm_commands::unpause(a),
         Command::Snapshot(a) => crate::vm_commands::snapshot(a),
     }
@@ -768,7 +775,13 @@ fn short_digest(digest: &str) -> &str {
     &hex[..hex.len().min(12)]
 }
 
-fn run_images() -> anyhow::Result<()> {
+fn run_images(format: crate::inspect::Format) -> anyhow::Result<()> {
+    if format == crate::inspect::Format::Json {
+        for i in Image::list()? {
+            println!("{}", crate::inspect::image_summary(&i));
+        }
+        return Ok(());
+    }
     println!("{:<60} {:<14} {:>10}", "IMAGE", "DIGEST", "SIZE");
     for i in Image::list()? {
         println!(

@@ -11,6 +11,7 @@
 //! (and installs the library's system-call filter in the processes that run VMs).
 
 mod cli;
+mod inspect;
 mod vm_commands;
 
 fn main() -> std::process::ExitCode {

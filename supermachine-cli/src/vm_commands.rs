@@ -25,6 +25,9 @@ pub struct PsArgs {
     /// Only the ids
     #[arg(short, long)]
     quiet: bool,
+    /// table, or json (one object per line)
+    #[arg(long, value_enum, default_value_t)]
+    format: crate::inspect::Format,
 }
 
 #[derive(Debug, Args)]
@@ -196,6 +199,12 @@ pub fn ps(args: PsArgs) -> anyhow::Result<ExitCode> {
     if args.quiet {
         for vm in vms {
             println!("{}", vm.id);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if args.format == crate::inspect::Format::Json {
+        for vm in &vms {
+            println!("{}", crate::inspect::vm_summary(vm));
         }
         return Ok(ExitCode::SUCCESS);
     }

@@ -1232,6 +1232,29 @@ fn detached_vm_serves_published_port_and_takes_exec_cp_stop_rm() {
         "{err}"
     );
     assert!(ps_row().contains("paused"), "{}", ps_row());
+    let (code, out, err) = env.sm(&["ps", "--format", "json"], None);
+    assert_eq!(code, 0, "{err}");
+    let row: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(
+        (&row["ID"], &row["Name"], &row["State"]),
+        (
+            &serde_json::json!(id),
+            &serde_json::json!("web"),
+            &serde_json::json!("paused")
+        )
+    );
+    assert_eq!(
+        row["Ports"],
+        serde_json::json!([format!("127.0.0.1:{port}->80/tcp")])
+    );
+    let (code, out, err) = env.sm(&["inspect", "web"], None);
+    assert_eq!(code, 0, "{err}");
+    let inspected: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    let state = &inspected[0]["State"];
+    assert_eq!(state["Paused"], true, "{state}");
+    assert_eq!(state["Running"], true, "{state}");
+    assert_eq!(state["Pid"], record["pid"], "{state}");
+    assert_eq!(inspected[0]["Detached"], true);
     let (code, _, err) = env.sm(&["exec", "web", "true"], None);
     assert_ne!(code, 0);
     assert!(err.contains("paused"), "{err}");

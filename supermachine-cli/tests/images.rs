@@ -402,6 +402,50 @@ fn cli_pull_images_rmi_prune() {
     assert!(out.contains("digest: sha256:"), "{out}");
     let (_, out, _) = sm(&["images"]);
     assert!(out.contains("layout:v1"), "{out}");
+    // Machine-readable: one JSON object per image, and inspect's array with the config.
+    let (code, out, err) = sm(&["images", "--format", "json"]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{out}");
+    let digest = lines[0]["Digest"].as_str().unwrap().to_string();
+    assert!(digest.starts_with("sha256:"), "{out}");
+    assert!(lines[0]["Repository"]
+        .as_str()
+        .unwrap()
+        .ends_with("layout:v1"));
+    let (code, out, err) = sm(&["inspect", &image]);
+    assert_eq!(code, 0, "{err}");
+    let inspected: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let i = &inspected[0];
+    assert_eq!(i["Digest"], digest.as_str());
+    assert_eq!(
+        i["Config"]["Entrypoint"],
+        serde_json::json!(["/bin/sh", "-c"])
+    );
+    assert_eq!(i["Config"]["Cmd"], serde_json::json!(["echo hi"]));
+    assert_eq!(i["Config"]["Env"], serde_json::json!(["PATH=/bin", "A=1"]));
+    assert!(
+        !i["RootFS"]["Layers"].as_array().unwrap().is_empty(),
+        "{out}"
+    );
+    // A name that is nothing: status 1, said, and the others still printed.
+    let (code, out, err) = sm(&["inspect", &image, "oci:/no/such:v1"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("no such VM or image: oci:/no/such:v1"),
+        "{err}"
+    );
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
     let (code, _, err) = sm(&["rmi", "oci:/no/such:v1"]);
     assert_eq!(code, 1);
     assert!(err.contains("no such image"), "{err}");

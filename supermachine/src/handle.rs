@@ -30,15 +30,25 @@ pub struct VmInfo {
     pub ports: Vec<String>,
     /// When it was started.
     pub created: SystemTime,
+    /// The process running it, while it runs.
+    pub pid: Option<u32>,
+    /// Started in the background (`run -d`).
+    pub detached: bool,
+    /// Removed when it ends (`--rm`).
+    pub auto_remove: bool,
 }
 
 impl VmInfo {
     fn of(dir: &VmDir, record: &VmRecord) -> VmInfo {
+        let status = dir.status(record);
         VmInfo {
             id: record.id.clone(),
             name: record.name.clone(),
             image: record.image.clone(),
-            status: dir.status(record),
+            status,
+            pid: status.is_alive().then_some(record.pid),
+            detached: record.detached,
+            auto_remove: record.auto_remove,
             ports: record.ports.clone(),
             created: SystemTime::UNIX_EPOCH + Duration::from_secs(record.created),
         }
@@ -157,6 +167,7 @@ impl VmHandle {
             Some(record) => VmInfo::of(&self.dir, &record),
             None => VmInfo {
                 status: VmStatus::Dead,
+                pid: None,
                 ..VmInfo::of(&self.dir, &self.record)
             },
         }

@@ -1,6 +1,7 @@
 //! Images: pull any OCI/Docker image reference into the local store, list, remove, prune.
 //! A thin layer over `oci-bake` with the store at its default place.
 
+pub use oci_bake::config::RunConfig;
 pub use oci_bake::{ImageRecord, ImageRef, PullError, PullOptions, Store};
 
 /// Opens the default store (`$SUPERMACHINE_HOME` or `~/.local/share/supermachine`).

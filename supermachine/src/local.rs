@@ -21,6 +21,14 @@ pub struct ImageInfo {
     pub size: u64,
     /// Its root filesystem (a squashfs image).
     pub rootfs: PathBuf,
+    /// Its configuration blob's digest (`sha256:…`).
+    pub config_digest: String,
+    /// Its layers' digests, bottom first.
+    pub layers: Vec<String>,
+    /// When it was pulled.
+    pub pulled: SystemTime,
+    /// How it wants to be run (entrypoint, command, environment, user, ports…).
+    pub run_config: images::RunConfig,
 }
 
 /// A baked snapshot in the bake cache ([`Image::bake`], `supermachine bake`).
@@ -108,6 +116,10 @@ fn info_of(store: &images::Store, r: &images::ImageRecord) -> ImageInfo {
         digest: r.manifest.to_string(),
         size: r.size,
         rootfs: store.rootfs_path(&r.rootfs),
+        config_digest: r.config.to_string(),
+        layers: r.layers.iter().map(ToString::to_string).collect(),
+        pulled: SystemTime::UNIX_EPOCH + Duration::from_secs(r.pulled_at),
+        run_config: r.run_config.clone(),
     }
 }
 
@@ -125,10 +137,16 @@ impl Image {
 
     /// What the local store holds for this image ([`Error::ImageNotFound`] if not pulled).
     pub fn info(&self) -> Result<ImageInfo> {
+        Image::inspect(self.reference())
+    }
+
+    /// What the local store holds for the image `reference` names, without pulling it
+    /// ([`Error::ImageNotFound`] if it was not pulled).
+    pub fn inspect(reference: &str) -> Result<ImageInfo> {
         let store = images::store()?;
-        match images::find(&store, self.reference())? {
+        match images::find(&store, reference)? {
             Some(r) => Ok(info_of(&store, &r)),
-            None => Err(Error::ImageNotFound(self.reference().into())),
+            None => Err(Error::ImageNotFound(reference.into())),
         }
     }
 
