@@ -35,6 +35,9 @@ pub struct LogsArgs {
     /// Keep printing new output until the VM stops
     #[arg(short, long)]
     follow: bool,
+    /// Only the last N lines of each stream ("all": everything)
+    #[arg(short = 'n', long, value_name = "N", default_value = "all", value_parser = parse_tail)]
+    tail: Option<u64>,
     /// The VM (name or id)
     vm: String,
 }
@@ -260,6 +263,12 @@ pub fn logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
             vm.name()
         );
     };
+    if let Some(lines) = args.tail {
+        for f in [&mut out, &mut err] {
+            let at = tail_offset(f, lines)?;
+            f.seek(std::io::SeekFrom::Start(at))?;
+        }
+    }
     let mut buf = vec![0u8; 64 << 10];
     let mut drain = |f: &mut std::fs::File, to: &mut dyn Write| -> std::io::Result<bool> {
         let mut any = false;
@@ -308,6 +317,45 @@ fn terminal_size() -> Option<(u16, u16)> {
         }
     }
     None
+}
+
+/// `--tail`: a number of lines, or `all`.
+fn parse_tail(s: &str) -> Result<Option<u64>, String> {
+    if s == "all" {
+        return Ok(None);
+    }
+    s.parse()
+        .map(Some)
+        .map_err(|_| format!("{s:?} is not a number of lines or \"all\""))
+}
+
+/// Where the last `lines` lines of `f` start (a last line without its newline counts).
+fn tail_offset(f: &mut (impl Read + Seek), lines: u64) -> std::io::Result<u64> {
+    let len = f.seek(std::io::SeekFrom::End(0))?;
+    if lines == 0 {
+        return Ok(len);
+    }
+    let mut pos = len;
+    let mut newlines = 0u64;
+    let mut chunk = vec![0u8; 64 << 10];
+    let mut last_byte = true;
+    while pos > 0 {
+        let n = chunk.len().min(pos as usize);
+        pos -= n as u64;
+        f.seek(std::io::SeekFrom::Start(pos))?;
+        f.read_exact(&mut chunk[..n])?;
+        for (i, &b) in chunk[..n].iter().enumerate().rev() {
+            // The file's final newline ends the last line rather than starting another.
+            if b == b'\n' && !std::mem::take(&mut last_byte) {
+                newlines += 1;
+                if newlines == lines {
+                    return Ok(pos + i as u64 + 1);
+                }
+            }
+            last_byte = false;
+        }
+    }
+    Ok(0)
 }
 
 pub fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
@@ -541,6 +589,29 @@ pub fn rm(args: RmArgs) -> anyhow::Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tail_finds_the_start_of_the_last_lines() {
+        let tail = |text: &str, n| {
+            let mut c = std::io::Cursor::new(text.as_bytes().to_vec());
+            let at = tail_offset(&mut c, n).unwrap() as usize;
+            text[at..].to_string()
+        };
+        assert_eq!(tail("a\nb\nc\n", 1), "c\n");
+        assert_eq!(tail("a\nb\nc\n", 2), "b\nc\n");
+        assert_eq!(tail("a\nb\nc", 1), "c");
+        assert_eq!(tail("a\nb\nc", 2), "b\nc");
+        assert_eq!(tail("a\nb\nc\n", 9), "a\nb\nc\n");
+        assert_eq!(tail("a\nb\n", 0), "");
+        assert_eq!(tail("", 3), "");
+        assert_eq!(tail("\n\n", 1), "\n");
+        // Past one read's worth.
+        let long: String = (0..100_000).map(|i| format!("{i}\n")).collect();
+        assert_eq!(tail(&long, 2), "99998\n99999\n");
+        assert_eq!(parse_tail("all"), Ok(None));
+        assert_eq!(parse_tail("5"), Ok(Some(5)));
+        assert!(parse_tail("five").is_err());
+    }
 
     #[test]
     fn vm_paths_follow_dockers_rule() {

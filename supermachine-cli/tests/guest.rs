@@ -1068,6 +1068,10 @@ fn detached_vm_serves_published_port_and_takes_exec_cp_stop_rm() {
         (0, "serving\n".into()),
         "{err}"
     );
+    let (code, out, err) = env.sm(&["logs", "--tail", "0", "web"], None);
+    assert_eq!((code, out.len()), (0, 0), "{err}");
+    let (code, out, err) = env.sm(&["logs", "-n", "1", "web"], None);
+    assert_eq!((code, &out[..]), (0, &b"serving\n"[..]), "{err}");
 
     // The VM's process runs under its system-call filter, with no_new_privs; its registry
     // entry is private.
