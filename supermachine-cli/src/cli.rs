@@ -61,6 +61,8 @@ enum Command {
     Cp(crate::vm_commands::CpArgs),
     /// Stop running VMs: the image's stop signal, then power off after the timeout
     Stop(crate::vm_commands::StopArgs),
+    /// Show VMs' CPU, memory, network and disk use (refreshing; --no-stream for one sample)
+    Stats(crate::vm_commands::StatsArgs),
     /// Show VMs or images in detail, as JSON
     Inspect(crate::inspect::InspectArgs),
     /// Pause VMs: their vCPUs stop until `unpause` (published ports keep accepting;
@@ -538,6 +540,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Rm(a) => crate::vm_commands::rm(a),
         Command::Pause(a) => crate::vm_commands::pause(a),
         Command::Inspect(a) => crate::inspect::inspect(a),
+        Command::Stats(a) => crate::vm_commands::stats(a),
         Command::Unpause(a) => crate::vm_commands::unpause(a),
         Command::Snapshot(a) => crate::vm_commands::snapshot(a),
     }

@@ -86,6 +86,15 @@ pub struct StopArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// Print one sample and exit (default: refresh every second until interrupted)
+    #[arg(long)]
+    no_stream: bool,
+    /// The VMs (names or ids; default: every running one)
+    vms: Vec<String>,
+}
+
+#[derive(Debug, Args)]
 pub struct PauseArgs {
     /// The VMs (names or ids)
     #[arg(required = true)]
@@ -229,13 +238,19 @@ pub fn ps(args: PsArgs) -> anyhow::Result<ExitCode> {
         })
         .collect();
     let header = ["ID", "NAME", "IMAGE", "STATUS", "PORTS", "UPTIME"].map(String::from);
-    let mut widths = header.clone().map(|h| h.len());
-    for row in &table {
+    print_table(header, &table);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Columns as wide as their widest cell, two spaces apart.
+fn print_table<const N: usize>(header: [String; N], rows: &[[String; N]]) {
+    let mut widths = header.clone().map(|h| h.chars().count());
+    for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
-    for row in std::iter::once(&header).chain(&table) {
+    for row in std::iter::once(&header).chain(rows) {
         let line: Vec<String> = row
             .iter()
             .zip(widths)
@@ -243,7 +258,6 @@ pub fn ps(args: PsArgs) -> anyhow::Result<ExitCode> {
             .collect();
         println!("{}", line.join("  ").trim_end());
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 fn running(name: &str) -> anyhow::Result<VmHandle> {
@@ -550,6 +564,95 @@ pub fn stop(args: StopArgs) -> anyhow::Result<ExitCode> {
     Ok(each_vm(&args.vms, |name| {
         Ok(VmHandle::find(name)?.stop(Duration::from_secs(args.time))?)
     }))
+}
+
+/// `stats [VM…]`: CPU, memory, network and disk use, one line per VM, as `docker stats`.
+pub fn stats(args: StatsArgs) -> anyhow::Result<ExitCode> {
+    let handles: Vec<VmHandle> = if args.vms.is_empty() {
+        VmHandle::list(false)?
+            .iter()
+            .filter_map(|i| VmHandle::find(&i.id).ok())
+            .collect()
+    } else {
+        args.vms
+            .iter()
+            .map(|n| VmHandle::find(n))
+            .collect::<Result<_, _>>()?
+    };
+    let sample = |vm: &VmHandle| vm.stats().ok();
+    let mut previous: Vec<Option<supermachine::VmStats>> = handles.iter().map(sample).collect();
+    loop {
+        // CPU use is over the interval between two samples.
+        std::thread::sleep(Duration::from_secs(1));
+        let now: Vec<Option<supermachine::VmStats>> = handles.iter().map(sample).collect();
+        let rows: Vec<[String; 7]> = handles
+            .iter()
+            .zip(now.iter().zip(&previous))
+            .map(|(vm, (now, before))| stats_row(vm, now.as_ref(), before.as_ref()))
+            .collect();
+        if !args.no_stream {
+            // Clear the screen and go home, as `docker stats` redraws.
+            print!("\x1b[2J\x1b[H");
+        }
+        print_table(
+            [
+                "ID",
+                "NAME",
+                "CPU %",
+                "MEM USAGE / LIMIT",
+                "HOST RSS / PSS",
+                "NET I/O",
+                "BLOCK I/O",
+            ]
+            .map(String::from),
+            &rows,
+        );
+        std::io::stdout().flush()?;
+        if args.no_stream {
+            return Ok(ExitCode::SUCCESS);
+        }
+        previous = now;
+    }
+}
+
+fn stats_row(
+    vm: &VmHandle,
+    now: Option<&supermachine::VmStats>,
+    before: Option<&supermachine::VmStats>,
+) -> [String; 7] {
+    use supermachine::images::human_size;
+    let id = vm.id().to_string();
+    let name = vm.name().to_string();
+    let Some(now) = now else {
+        return [
+            id,
+            name,
+            "-".into(),
+            "-".into(),
+            "-".into(),
+            "-".into(),
+            "-".into(),
+        ];
+    };
+    let cpu = before.map_or("-".into(), |b| format!("{:.1}%", now.cpu_percent_since(b)));
+    let host = format!(
+        "{} / {}",
+        human_size(now.host_rss),
+        human_size(now.host_pss)
+    );
+    let pair = |a: u64, b: u64| format!("{} / {}", human_size(a), human_size(b));
+    match now.guest {
+        Some(g) => [
+            id,
+            name,
+            cpu,
+            pair(g.memory_used, g.memory_total),
+            host,
+            pair(g.net_rx, g.net_tx),
+            pair(g.block_read, g.block_written),
+        ],
+        None => [id, name, cpu, "paused".into(), host, "-".into(), "-".into()],
+    }
 }
 
 /// `pause VM…`: stops the VMs' vCPUs (their ports keep accepting; connections wait).

@@ -1229,12 +1229,26 @@ fn detached_vm_serves_published_port_and_takes_exec_cp_stop_rm() {
             .unwrap_or_else(|| panic!("{ps}"))
             .to_string()
     };
+    // stats: one sample, the guest's memory in use of its total, the host's RSS and PSS.
+    let stats_row = || {
+        let (code, out, err) = env.sm(&["stats", "--no-stream", "web"], None);
+        assert_eq!(code, 0, "{err}");
+        let out = String::from_utf8_lossy(&out).into_owned();
+        assert!(out.starts_with("ID "), "{out}");
+        out.lines()
+            .find(|l| l.starts_with(&id))
+            .unwrap_or_else(|| panic!("{out}"))
+            .to_string()
+    };
+    let row = stats_row();
+    assert!(row.contains('%') && row.contains("MB / "), "{row}");
     let (code, out, err) = env.sm(&["pause", "web"], None);
     assert_eq!(
         (code, String::from_utf8_lossy(&out).trim()),
         (0, "web"),
         "{err}"
     );
+    assert!(stats_row().contains("paused"), "{}", stats_row());
     assert!(ps_row().contains("paused"), "{}", ps_row());
     let (code, out, err) = env.sm(&["ps", "--format", "json"], None);
     assert_eq!(code, 0, "{err}");
@@ -2168,9 +2182,19 @@ fn library_vm_runs_commands_moves_files_and_streams() {
     assert!(matches!(e, Error::IsADirectory(_)), "{e:?}");
     let e = handle.clone().remove(false).unwrap_err();
     assert!(matches!(e, Error::VmRunning(_)), "{e:?}");
+    // Stats: the guest's memory as its kernel counts it, the host process's.
+    let stats = handle.stats().unwrap();
+    let guest = stats.guest.expect("a running VM's guest counters");
+    assert!(
+        guest.memory_total > 64 << 20 && guest.memory_total <= 128 << 20,
+        "{guest:?}"
+    );
+    assert!(guest.memory_used > 0 && guest.memory_used < guest.memory_total);
+    assert!(stats.host_rss > 0 && stats.host_pss > 0, "{stats:?}");
     // Paused: the handle sees it, files and snapshots are refused; unpaused, they work again.
     embedded.pause().unwrap();
     assert!(handle.is_paused() && handle.is_running());
+    assert_eq!(handle.stats().unwrap().guest, None);
     let e = handle.write_file("/tmp/while-paused", b"x").unwrap_err();
     assert!(matches!(e, Error::VmPaused(_)), "{e:?}");
     let e = embedded.snapshot(env.dir.join("paused-snap")).unwrap_err();

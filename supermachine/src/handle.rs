@@ -215,6 +215,29 @@ impl VmHandle {
         }
     }
 
+    /// What the VM uses now: its process's CPU time and memory on the host and, unless it
+    /// is paused, the guest kernel's memory, network and disk counters. CPU use is the
+    /// difference between two samples ([`VmStats::cpu_percent_since`]).
+    pub fn stats(&self) -> Result<crate::VmStats> {
+        let info = self.info();
+        let Some(pid) = info.pid.filter(|_| info.status.is_alive()) else {
+            return Err(Error::VmStopped);
+        };
+        let sampled = Instant::now();
+        let (cpu_time, host_rss, host_pss) = crate::stats::host_side(pid)?;
+        let guest = match info.status {
+            VmStatus::Paused => None,
+            _ => Some(crate::stats::guest_side(&self.agent)?),
+        };
+        Ok(crate::VmStats {
+            sampled,
+            cpu_time,
+            host_rss,
+            host_pss,
+            guest,
+        })
+    }
+
     fn pause_request(&self, request: ControlRequest) -> Result<()> {
         control_done(&self.dir.control(), &request)
     }

@@ -81,6 +81,7 @@ pub mod paths;
 mod pool;
 pub mod ports;
 pub mod run;
+mod stats;
 #[cfg(feature = "tls")]
 pub mod tls;
 /// TLS termination (not in this build: the `tls` feature is off).
@@ -106,5 +107,6 @@ pub use machine::{Vm, VmConfig, Workload};
 pub use pool::{Pool, PoolBuilder, PoolStats, Pooled};
 pub use ports::PortMapping;
 pub use run::{PullPolicy, RawTerminal, ReadyCheck};
+pub use stats::{GuestUse, VmStats};
 pub use tls::TlsTermination;
 pub use vmm_core::{CaptureError, VmControl, VmExit};
