@@ -1048,6 +1048,34 @@ mod tests {
     }
 
     #[test]
+    fn the_sandbox_commands_parse() {
+        for argv in [
+            &["supermachine", "logs", "-n", "5", "web"][..],
+            &["supermachine", "logs", "--tail", "all", "-f", "web"],
+            &["supermachine", "logs", "web"],
+            &["supermachine", "ps", "--format", "json"],
+            &["supermachine", "images", "--format", "json"],
+            &["supermachine", "stats", "--no-stream", "a", "b"],
+            &["supermachine", "stats"],
+            &["supermachine", "pause", "a", "b"],
+            &["supermachine", "unpause", "a"],
+            &["supermachine", "inspect", "a", "docker://busybox"],
+        ] {
+            if let Err(e) = Cli::try_parse_from(argv) {
+                panic!("{argv:?}: {e}");
+            }
+        }
+        for bad in [
+            &["supermachine", "logs", "-n", "five", "web"][..],
+            &["supermachine", "ps", "--format", "yaml"],
+            &["supermachine", "pause"],
+            &["supermachine", "inspect"],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn the_fast_run_parser_agrees_with_the_full_one_and_leaves_it_errors_and_help() {
         let argv = |s: &str| -> Vec<std::ffi::OsString> {
             std::iter::once("supermachine")

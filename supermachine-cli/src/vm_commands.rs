@@ -37,7 +37,7 @@ pub struct LogsArgs {
     follow: bool,
     /// Only the last N lines of each stream ("all": everything)
     #[arg(short = 'n', long, value_name = "N", default_value = "all", value_parser = parse_tail)]
-    tail: Option<u64>,
+    tail: TailLines,
     /// The VM (name or id)
     vm: String,
 }
@@ -277,7 +277,7 @@ pub fn logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
             vm.name()
         );
     };
-    if let Some(lines) = args.tail {
+    if let TailLines(Some(lines)) = args.tail {
         for f in [&mut out, &mut err] {
             let at = tail_offset(f, lines)?;
             f.seek(std::io::SeekFrom::Start(at))?;
@@ -333,13 +333,16 @@ fn terminal_size() -> Option<(u16, u16)> {
     None
 }
 
-/// `--tail`: a number of lines, or `all`.
-fn parse_tail(s: &str) -> Result<Option<u64>, String> {
+/// `--tail`: a number of lines, or everything (`all`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TailLines(Option<u64>);
+
+fn parse_tail(s: &str) -> Result<TailLines, String> {
     if s == "all" {
-        return Ok(None);
+        return Ok(TailLines(None));
     }
     s.parse()
-        .map(Some)
+        .map(|n| TailLines(Some(n)))
         .map_err(|_| format!("{s:?} is not a number of lines or \"all\""))
 }
 
@@ -711,8 +714,8 @@ mod tests {
         // Past one read's worth.
         let long: String = (0..100_000).map(|i| format!("{i}\n")).collect();
         assert_eq!(tail(&long, 2), "99998\n99999\n");
-        assert_eq!(parse_tail("all"), Ok(None));
-        assert_eq!(parse_tail("5"), Ok(Some(5)));
+        assert_eq!(parse_tail("all"), Ok(TailLines(None)));
+        assert_eq!(parse_tail("5"), Ok(TailLines(Some(5))));
         assert!(parse_tail("five").is_err());
     }
 
