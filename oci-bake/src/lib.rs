@@ -36,6 +36,7 @@ pub mod layers;
 pub mod layout;
 pub mod manifest;
 pub mod reference;
+pub mod registries_conf;
 pub mod registry;
 pub mod rootfs;
 pub mod source;
@@ -83,6 +84,17 @@ pub enum PullError {
     /// The root filesystem could not be built.
     #[error(transparent)]
     Rootfs(#[from] rootfs::RootfsError),
+    /// `registries.conf` is unusable.
+    #[error(transparent)]
+    RegistriesConf(#[from] registries_conf::RegistriesConfError),
+    /// `registries.conf` blocks the image.
+    #[error("{image}: pulls from {prefix} are blocked in registries.conf")]
+    Blocked {
+        /// The image.
+        image: String,
+        /// The blocking entry's prefix.
+        prefix: String,
+    },
     /// The image is for another platform than the one asked for (its binaries would not run).
     #[error("{image} is an image for {found}; this host runs {wanted} guests (pull one built for {wanted})")]
     Platform {

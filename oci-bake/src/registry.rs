@@ -82,8 +82,13 @@ pub enum RegistryError {
 pub struct ClientOptions {
     /// Registries (`host[:port]`) to talk to over plain HTTP.
     pub insecure_registries: Vec<String>,
-    /// The credentials file; default `$REGISTRY_AUTH_FILE` or `~/.docker/config.json`.
+    /// The credentials file; default `$REGISTRY_AUTH_FILE`, else the containers tools'
+    /// `auth.json` (`$XDG_RUNTIME_DIR/containers/auth.json`, `~/.config/containers/auth.json`)
+    /// merged with Docker's `~/.docker/config.json` (the first file to name a registry wins).
     pub auth_file: Option<PathBuf>,
+    /// Mirrors, insecure and blocked registries; `None` reads the user's `registries.conf`
+    /// ([`RegistriesConf::load`](crate::registries_conf::RegistriesConf::load)) at each pull.
+    pub registries_conf: Option<crate::registries_conf::RegistriesConf>,
 }
 
 /// A registry client (one per pull; caches tokens per repository).
@@ -175,11 +180,30 @@ pub fn load_credentials(path: &std::path::Path) -> HashMap<String, (String, Stri
     out
 }
 
-fn default_auth_file() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("REGISTRY_AUTH_FILE") {
-        return Some(PathBuf::from(p));
+/// Credentials from `files`; for a registry named in several, the first file's.
+fn merged_credentials(files: &[PathBuf]) -> HashMap<String, (String, String)> {
+    let mut credentials = HashMap::new();
+    for file in files.iter().rev() {
+        credentials.extend(load_credentials(file));
     }
-    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker/config.json"))
+    credentials
+}
+
+/// The credential files read when none is given, first wins: `$REGISTRY_AUTH_FILE` alone,
+/// else the containers tools' `auth.json` files and Docker's `config.json`.
+fn default_auth_files() -> Vec<PathBuf> {
+    if let Some(p) = std::env::var_os("REGISTRY_AUTH_FILE") {
+        return vec![PathBuf::from(p)];
+    }
+    let mut files = Vec::new();
+    if let Some(run) = std::env::var_os("XDG_RUNTIME_DIR") {
+        files.push(PathBuf::from(run).join("containers/auth.json"));
+    }
+    if let Some(home) = std::env::var_os("HOME").map(PathBuf::from) {
+        files.push(home.join(".config/containers/auth.json"));
+        files.push(home.join(".docker/config.json"));
+    }
+    files
 }
 
 fn is_loopback(host: &str) -> bool {
@@ -239,12 +263,10 @@ impl Client {
             .timeout_read(Duration::from_secs(120))
             .user_agent(concat!("supermachine/", env!("CARGO_PKG_VERSION")))
             .build();
-        let credentials = options
-            .auth_file
-            .clone()
-            .or_else(default_auth_file)
-            .map(|p| load_credentials(&p))
-            .unwrap_or_default();
+        let credentials = match &options.auth_file {
+            Some(file) => load_credentials(file),
+            None => merged_credentials(&default_auth_files()),
+        };
         Client {
             agent,
             options,
@@ -523,6 +545,36 @@ fn basic(user: &str, pass: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_credentials_file_to_name_a_registry_wins() {
+        let dir = std::env::temp_dir().join(format!("sm-auth-merge-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = |name: &str, entries: &[(&str, &str)]| {
+            let auths: serde_json::Map<String, serde_json::Value> = entries
+                .iter()
+                .map(|(host, userpass)| {
+                    let auth = base64::engine::general_purpose::STANDARD.encode(userpass);
+                    (host.to_string(), serde_json::json!({ "auth": auth }))
+                })
+                .collect();
+            let p = dir.join(name);
+            std::fs::write(&p, serde_json::json!({ "auths": auths }).to_string()).unwrap();
+            p
+        };
+        let containers = file("auth.json", &[("quay.io", "podman:one")]);
+        let docker = file(
+            "config.json",
+            &[
+                ("quay.io", "docker:two"),
+                ("https://index.docker.io/v1/", "hub:three"),
+            ],
+        );
+        let merged = merged_credentials(&[containers, dir.join("missing.json"), docker]);
+        assert_eq!(merged["quay.io"], ("podman".into(), "one".into()));
+        assert_eq!(merged["docker.io"], ("hub".into(), "three".into()));
+        std::fs::remove_dir_all(&dir).ok();
+    }
 
     #[test]
     fn parses_bearer_and_basic_challenges() {

@@ -181,8 +181,8 @@ fn from_registry(
     name: String,
     opts: &PullOptions,
 ) -> Result<Fetched, PullError> {
-    let client = Client::new(opts.client.clone());
-    let top = client.manifest(r, &r.reference())?;
+    let (client, r, top) = first_endpoint(r, opts)?;
+    let r = &r;
     if let Some(d) = &r.digest {
         verify(d, &top)?;
     }
@@ -208,6 +208,48 @@ fn from_registry(
         fetch_blob(l, MAX_LAYER, l.digest.short().to_string())?;
     }
     Ok(Fetched::from_manifest(name, manifest, &m))
+}
+
+/// The first place that serves `r`'s manifest: its mirrors in registries.conf's order, then
+/// its location; with a client for it (plain HTTP where the configuration says so).
+fn first_endpoint(
+    r: &RegistryRef,
+    opts: &PullOptions,
+) -> Result<(Client, RegistryRef, Vec<u8>), PullError> {
+    let conf = match &opts.client.registries_conf {
+        Some(c) => c.clone(),
+        None => crate::registries_conf::RegistriesConf::load()?,
+    };
+    let endpoints = conf.endpoints(r).map_err(|prefix| PullError::Blocked {
+        image: r.to_string(),
+        prefix,
+    })?;
+    let last = endpoints.len().saturating_sub(1);
+    let mut failure = None;
+    for (i, endpoint) in endpoints.into_iter().enumerate() {
+        let mut options = opts.client.clone();
+        if endpoint.insecure {
+            options
+                .insecure_registries
+                .push(endpoint.reference.registry.clone());
+        }
+        let client = Client::new(options);
+        let place = endpoint.reference;
+        match client.manifest(&place, &place.reference()) {
+            Ok(top) => return Ok((client, place, top)),
+            Err(e) if i < last => {
+                tracing::warn!("{place}: {e}; trying the next place registries.conf names");
+            }
+            Err(e) => failure = Some(e),
+        }
+    }
+    Err(failure.map_or_else(
+        || PullError::Blocked {
+            image: r.to_string(),
+            prefix: "(no place to pull from)".into(),
+        },
+        PullError::from,
+    ))
 }
 
 fn from_layout(

@@ -196,6 +196,9 @@ struct RunArgs {
     /// When to pull the image
     #[arg(long, value_enum, default_value = "missing")]
     pull: PullPolicyArg,
+    /// Pull over plain HTTP from this registry (HOST[:PORT]; loopback always is)
+    #[arg(long, value_name = "HOST")]
+    insecure_registry: Vec<String>,
     /// Show the guest kernel's log on stderr
     #[arg(long)]
     debug: bool,
@@ -440,6 +443,7 @@ fn parse_common_run(args: &[std::ffi::OsString]) -> Option<RunArgs> {
         volume: Vec::new(),
         volume_size: parse_memory("1g").ok()?,
         pull: PullPolicyArg::Missing,
+        insecure_registry: Vec::new(),
         debug: false,
         snapshot: None,
         no_restore: false,
@@ -644,6 +648,9 @@ fn vm_config(args: RunArgs) -> anyhow::Result<(Image, VmConfig)> {
         .boot_always(args.no_restore)
         .egress(egress_for(&args.network, args.egress)?)
         .network(args.network);
+    for host in &args.insecure_registry {
+        config = config.insecure_registry(host);
+    }
     for (name, value) in env_pairs(&env) {
         config = config.env(&name, &value);
     }
@@ -1049,6 +1056,25 @@ mod tests {
 
     #[test]
     fn the_sandbox_commands_parse() {
+        let args: Vec<std::ffi::OsString> = [
+            "supermachine",
+            "run",
+            "--insecure-registry",
+            "h:5000",
+            "img",
+        ]
+        .iter()
+        .map(Into::into)
+        .collect();
+        match parse_run_fast(&args).or_else(|| Cli::try_parse_from(&args).ok()) {
+            Some(Cli {
+                command: Command::Run(r),
+                ..
+            }) => {
+                assert_eq!(r.insecure_registry, vec!["h:5000".to_string()])
+            }
+            other => panic!("{other:?}"),
+        }
         for argv in [
             &["supermachine", "logs", "-n", "5", "web"][..],
             &["supermachine", "logs", "--tail", "all", "-f", "web"],
@@ -1060,6 +1086,21 @@ mod tests {
             &["supermachine", "pause", "a", "b"],
             &["supermachine", "unpause", "a"],
             &["supermachine", "inspect", "a", "docker://busybox"],
+            &[
+                "supermachine",
+                "run",
+                "--insecure-registry",
+                "h:5000",
+                "h:5000/a",
+                "true",
+            ],
+            &[
+                "supermachine",
+                "bake",
+                "--insecure-registry",
+                "h:5000",
+                "h:5000/a",
+            ],
         ] {
             if let Err(e) = Cli::try_parse_from(argv) {
                 panic!("{argv:?}: {e}");

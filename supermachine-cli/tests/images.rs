@@ -504,3 +504,92 @@ fn cli_volume_create_ls_rm() {
     assert!(err.contains("data"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn registries_conf_mirrors_are_tried_in_order_and_blocks_refuse() {
+    use oci_bake::registries_conf::RegistriesConf;
+    let dir = scratch("registries-conf");
+    let layout = dir.join("layout");
+    test_image::build_layout(&layout, "v1");
+    let reg = start_registry(&dir, None);
+    skopeo(&[
+        "copy",
+        "--dest-tls-verify=false",
+        &format!("oci:{}:v1", layout.display()),
+        &format!("docker://127.0.0.1:{}/hub/team/app:v1", reg.port),
+    ]);
+    // A name that resolves nowhere, served by its second mirror (the first refuses
+    // connections); a blocked prefix.
+    let conf_text = format!(
+        r#"
+[[registry]]
+prefix = "registry.example.invalid/team"
+location = "registry.example.invalid/team"
+
+[[registry.mirror]]
+location = "127.0.0.1:1/broken"
+
+[[registry.mirror]]
+location = "127.0.0.1:{}/hub/team"
+
+[[registry]]
+prefix = "registry.example.invalid/forbidden"
+blocked = true
+"#,
+        reg.port
+    );
+    let conf_path = dir.join("registries.conf");
+    std::fs::write(&conf_path, &conf_text).unwrap();
+    let conf = RegistriesConf::parse(&conf_text, &conf_path).unwrap();
+    let with_conf = PullOptions {
+        progress: false,
+        client: ClientOptions {
+            registries_conf: Some(conf),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let store = Store::open(dir.join("store")).unwrap();
+    let record = pull(&store, "registry.example.invalid/team/app:v1", &with_conf).unwrap();
+    assert_eq!(record.name, "registry.example.invalid/team/app:v1");
+    let e = pull(&store, "registry.example.invalid/forbidden/x:1", &with_conf).unwrap_err();
+    assert!(matches!(e, PullError::Blocked { .. }), "{e}");
+    assert!(e.to_string().contains("blocked in registries.conf"), "{e}");
+
+    // The CLI reads the file the containers tools would ($CONTAINERS_REGISTRIES_CONF here).
+    let sm = |args: &[&str], conf: &Path| {
+        let out = Command::new(env!("CARGO_BIN_EXE_supermachine"))
+            .args(args)
+            .env("SUPERMACHINE_HOME", dir.join("home"))
+            .env("CONTAINERS_REGISTRIES_CONF", conf)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = sm(
+        &["pull", "-q", "registry.example.invalid/team/app:v1"],
+        &conf_path,
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, err) = sm(
+        &["pull", "-q", "registry.example.invalid/forbidden/x:1"],
+        &conf_path,
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("blocked in registries.conf"), "{err}");
+    let broken = dir.join("broken.conf");
+    std::fs::write(&broken, "[[registry]]\nlocation = 5\n").unwrap();
+    let (code, err) = sm(
+        &["pull", "-q", "registry.example.invalid/team/app:v1"],
+        &broken,
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("broken.conf") && err.contains("location must be a string"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

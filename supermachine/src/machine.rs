@@ -45,6 +45,7 @@ pub struct VmConfig {
     pub(crate) volumes: Vec<VolumeSpec>,
     pub(crate) volume_size: u64,
     pub(crate) pull: PullPolicy,
+    pub(crate) insecure_registries: Vec<String>,
     pub(crate) workload: Workload,
     pub(crate) entrypoint: Option<String>,
     pub(crate) name: Option<String>,
@@ -72,6 +73,7 @@ impl Default for VmConfig {
             volumes: Vec::new(),
             volume_size: 1 << 30,
             pull: PullPolicy::Missing,
+            insecure_registries: Vec::new(),
             workload: Workload::Idle,
             entrypoint: None,
             name: None,
@@ -138,6 +140,13 @@ impl VmConfig {
     /// When to pull the image (default: when missing).
     pub fn pull(mut self, policy: PullPolicy) -> Self {
         self.pull = policy;
+        self
+    }
+
+    /// Speak plain HTTP to this registry (`host:port`) when the image is pulled, as Docker's
+    /// `insecure-registries` (registries.conf's `insecure = true` does the same).
+    pub fn insecure_registry(mut self, host: &str) -> Self {
+        self.insecure_registries.push(host.into());
         self
     }
 

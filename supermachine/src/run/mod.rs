@@ -289,10 +289,11 @@ pub fn resolve_image(
         (PullPolicy::Never, None) => return Err(RunError::NotLocal(opts.image.clone())),
         (PullPolicy::Missing | PullPolicy::Never, Some(r)) => r,
         (PullPolicy::Always, _) | (PullPolicy::Missing, None) => {
-            let pull = PullOptions {
+            let mut pull = PullOptions {
                 progress,
                 ..Default::default()
             };
+            pull.client.insecure_registries = opts.config.insecure_registries.clone();
             images::pull(&store, &opts.image, &pull)?
         }
     };
