@@ -196,6 +196,10 @@ struct RunArgs {
     /// When to pull the image
     #[arg(long, value_enum, default_value = "missing")]
     pull: PullPolicyArg,
+    /// Start the VM again when its workload ends: no, on-failure[:N], always, unless-stopped
+    /// (a stop is never undone)
+    #[arg(long, value_name = "POLICY", default_value = "no")]
+    restart: supermachine::RestartPolicy,
     /// Pull over plain HTTP from this registry (HOST[:PORT]; loopback always is)
     #[arg(long, value_name = "HOST")]
     insecure_registry: Vec<String>,
@@ -444,6 +448,7 @@ fn parse_common_run(args: &[std::ffi::OsString]) -> Option<RunArgs> {
         volume_size: parse_memory("1g").ok()?,
         pull: PullPolicyArg::Missing,
         insecure_registry: Vec::new(),
+        restart: supermachine::RestartPolicy::No,
         debug: false,
         snapshot: None,
         no_restore: false,
@@ -651,6 +656,7 @@ fn vm_config(args: RunArgs) -> anyhow::Result<(Image, VmConfig)> {
     for host in &args.insecure_registry {
         config = config.insecure_registry(host);
     }
+    config = config.restart(args.restart);
     for (name, value) in env_pairs(&env) {
         config = config.env(&name, &value);
     }
@@ -696,6 +702,11 @@ fn run_bake(args: BakeArgs) -> anyhow::Result<ExitCode> {
     }
     if args.run.snapshot.is_some() {
         anyhow::bail!("bake boots the image: --snapshot does not apply");
+    }
+    if args.run.restart != supermachine::RestartPolicy::No {
+        anyhow::bail!(
+            "a bake ends with its snapshot: --restart applies to the `run` that restores it"
+        );
     }
     let (image, config) = vm_config(args.run)?;
     let ready = if let Some(p) = args.ready_port {

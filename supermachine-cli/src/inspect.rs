@@ -67,6 +67,7 @@ pub fn vm_summary(vm: &VmInfo) -> Value {
         "Image": vm.image,
         "State": state(vm.status),
         "Status": vm.status.to_string(),
+        "RestartCount": vm.restarts,
         "Ports": vm.ports,
         "CreatedAt": rfc3339(vm.created),
     })
@@ -92,6 +93,7 @@ fn vm_details(vm: &VmInfo) -> Value {
         },
         "Ports": vm.ports,
         "Detached": vm.detached,
+        "RestartCount": vm.restarts,
         "AutoRemove": vm.auto_remove,
     })
 }

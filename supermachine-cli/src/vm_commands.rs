@@ -227,7 +227,11 @@ pub fn ps(args: PsArgs) -> anyhow::Result<ExitCode> {
                 vm.id.clone(),
                 vm.name.clone(),
                 vm.image.clone(),
-                vm.status.to_string(),
+                match vm.restarts {
+                    0 => vm.status.to_string(),
+                    1 => format!("{} (restarted once)", vm.status),
+                    n => format!("{} (restarted {n} times)", vm.status),
+                },
                 vm.ports.join(", "),
                 if vm.status.is_alive() {
                     age(vm.created)

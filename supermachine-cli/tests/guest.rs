@@ -1317,6 +1317,95 @@ fn detached_vm_serves_published_port_and_takes_exec_cp_stop_rm() {
     assert!(!String::from_utf8_lossy(&ps).contains(&id));
 }
 
+#[test]
+fn restart_policies_start_the_workload_again_and_a_stop_is_not_undone() {
+    let env = RunEnv::new("restart");
+    let ps_row = |id: &str| {
+        let (_, ps, _) = env.sm(&["ps", "-a"], None);
+        let ps = String::from_utf8_lossy(&ps).into_owned();
+        ps.lines()
+            .find(|l| l.starts_with(id))
+            .map(str::to_string)
+            .unwrap_or_default()
+    };
+    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let logs = |name: &str| String::from_utf8_lossy(&env.sm(&["logs", name], None).1).into_owned();
+
+    // on-failure:2 → three runs, then it stays exited with the last status.
+    let (code, out, err) = env.sm(
+        &[
+            "run",
+            "-d",
+            "--name",
+            "flaky",
+            "--restart",
+            "on-failure:2",
+            &env.image,
+            "sh",
+            "-c",
+            "echo run; exit 3",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let id = String::from_utf8_lossy(&out).trim().to_string();
+    wait_for("flaky to end", &|| ps_row(&id).contains("exited"));
+    let row = ps_row(&id);
+    assert!(
+        row.contains("exited (3)") && row.contains("restarted 2 times"),
+        "{row}"
+    );
+    assert_eq!(
+        logs("flaky").matches("run\n").count(),
+        3,
+        "{}",
+        logs("flaky")
+    );
+    let (_, out, _) = env.sm(&["inspect", "flaky"], None);
+    let inspected: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(inspected[0]["RestartCount"], 2);
+
+    // always → restarted after a clean exit too; a stop ends it for good.
+    let (code, out, err) = env.sm(
+        &[
+            "run",
+            "-d",
+            "--name",
+            "forever",
+            "--restart",
+            "always",
+            &env.image,
+            "sh",
+            "-c",
+            "echo up; sleep 1",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let id = String::from_utf8_lossy(&out).trim().to_string();
+    wait_for("a second run", &|| {
+        logs("forever").matches("up\n").count() >= 2
+    });
+    wait_for("forever to run", &|| ps_row(&id).contains("running"));
+    let (code, _, err) = env.sm(&["stop", "forever"], None);
+    assert_eq!(code, 0, "{err}");
+    let runs = logs("forever").matches("up\n").count();
+    std::thread::sleep(Duration::from_secs(3));
+    let row = ps_row(&id);
+    assert!(!row.contains("running"), "restarted after a stop: {row}");
+    assert_eq!(logs("forever").matches("up\n").count(), runs);
+    // bake refuses the flag.
+    let (code, _, err) = env.sm(&["bake", "--restart", "always", &env.image], None);
+    assert_ne!(code, 0);
+    assert!(err.contains("--restart applies to the `run`"), "{err}");
+}
+
 // ---------- TLS on published ports ----------
 
 fn openssl(args: &[&str]) {

@@ -36,6 +36,8 @@ pub struct VmInfo {
     pub detached: bool,
     /// Removed when it ends (`--rm`).
     pub auto_remove: bool,
+    /// How often its restart policy has started it again.
+    pub restarts: u32,
 }
 
 impl VmInfo {
@@ -49,6 +51,7 @@ impl VmInfo {
             pid: status.is_alive().then_some(record.pid),
             detached: record.detached,
             auto_remove: record.auto_remove,
+            restarts: record.restarts,
             ports: record.ports.clone(),
             created: SystemTime::UNIX_EPOCH + Duration::from_secs(record.created),
         }
@@ -137,6 +140,7 @@ impl VmHandle {
             auto_remove: false,
             exit_code: None,
             embedded: false,
+            restarts: 0,
         });
         VmHandle {
             agent: Agent::new(dir.vsock()),

@@ -106,7 +106,7 @@ pub use local::{BakedInfo, ImageInfo, Pruned, PullOptions, Removed, Volume};
 pub use machine::{Vm, VmConfig, Workload};
 pub use pool::{Pool, PoolBuilder, PoolStats, Pooled};
 pub use ports::PortMapping;
-pub use run::{PullPolicy, RawTerminal, ReadyCheck};
+pub use run::{InvalidRestartPolicy, PullPolicy, RawTerminal, ReadyCheck, RestartPolicy};
 pub use stats::{GuestUse, VmStats};
 pub use tls::TlsTermination;
 pub use vmm_core::{CaptureError, VmControl, VmExit};

@@ -46,6 +46,7 @@ pub struct VmConfig {
     pub(crate) volume_size: u64,
     pub(crate) pull: PullPolicy,
     pub(crate) insecure_registries: Vec<String>,
+    pub(crate) restart: crate::run::RestartPolicy,
     pub(crate) workload: Workload,
     pub(crate) entrypoint: Option<String>,
     pub(crate) name: Option<String>,
@@ -74,6 +75,7 @@ impl Default for VmConfig {
             volume_size: 1 << 30,
             pull: PullPolicy::Missing,
             insecure_registries: Vec::new(),
+            restart: crate::run::RestartPolicy::No,
             workload: Workload::Idle,
             entrypoint: None,
             name: None,
@@ -140,6 +142,14 @@ impl VmConfig {
     /// When to pull the image (default: when missing).
     pub fn pull(mut self, policy: PullPolicy) -> Self {
         self.pull = policy;
+        self
+    }
+
+    /// Start the VM again when its workload ends, as the policy says (restored from its bake,
+    /// or booted; same name, ports and logs, the count in [`crate::VmInfo::restarts`]). A stop
+    /// never restarts.
+    pub fn restart(mut self, policy: crate::run::RestartPolicy) -> Self {
+        self.restart = policy;
         self
     }
 

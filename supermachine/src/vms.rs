@@ -88,6 +88,9 @@ pub struct VmRecord {
     /// stopped through its control socket, never by signalling the process.
     #[serde(default)]
     pub embedded: bool,
+    /// How often a restart policy has started it again.
+    #[serde(default)]
+    pub restarts: u32,
 }
 
 /// A VM's state as `ps` shows it.
@@ -482,6 +485,7 @@ mod tests {
             auto_remove: false,
             exit_code: None,
             embedded: false,
+            restarts: 0,
         }
     }
 

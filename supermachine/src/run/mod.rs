@@ -13,6 +13,7 @@ mod bakes;
 mod consoles;
 mod plan;
 mod ready;
+mod restart;
 mod session;
 mod signals;
 mod start;
@@ -29,6 +30,7 @@ use crate::VmExit;
 pub use bakes::{bake_cache_dir, bake_key, list_bakes, BakeEntry, BakedWorkload};
 #[cfg(test)]
 use consoles::{CatchUp, ControlOutput, ReadySignal};
+pub use restart::{InvalidRestartPolicy, RestartPolicy};
 use session::run_registered;
 #[cfg(test)]
 use session::tls_ports;
@@ -118,6 +120,8 @@ type ControlInput = Arc<Mutex<Option<devices::virtio::console::ConsoleInput>>>;
 struct StopState {
     /// The control console, the VM, and the workload's stop signal.
     running: Option<(ControlInput, crate::VmControl, i32)>,
+    /// Someone asked for a stop: a restart policy does not undo it.
+    requested: bool,
     /// Asked to stop before the VM ran: it stops as soon as it does.
     early: Option<Option<std::time::Duration>>,
 }
@@ -147,6 +151,7 @@ impl StopHandle {
     /// Sends the workload its stop signal; powers the VM off after `grace` if it still runs.
     pub fn stop(&self, grace: std::time::Duration) {
         let mut st = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        st.requested = true;
         let Some((control, vm, signal)) = st.running.clone() else {
             st.early = Some(Some(grace));
             return;
@@ -170,9 +175,20 @@ impl StopHandle {
         });
     }
 
+    /// Whether a stop was asked for (a restart policy does not undo it).
+    pub fn was_requested(&self) -> bool {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).requested
+    }
+
+    /// Records that the user asked for a stop carried out some other way (the host's signals).
+    pub(crate) fn note_requested(&self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).requested = true;
+    }
+
     /// Powers the VM off now.
     pub fn kill(&self) {
         let mut st = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        st.requested = true;
         match &st.running {
             Some((_, vm, _)) => vm.request_exit(VmExit::Stopped),
             None => st.early = Some(None),
@@ -381,7 +397,11 @@ fn run_or_bake(
         Some(id) => registry.reserved(id)?,
         None => registry.create(opts.config.name.as_deref())?,
     };
-    let result = run_registered(opts, &id, &name, &dir, stdout, stderr, stdin);
+    let result = if opts.config.restart == RestartPolicy::No || opts.bake.is_some() {
+        run_registered(opts, &id, &name, &dir, stdout, stderr, stdin)
+    } else {
+        run_restarting(opts, &id, &name, &dir, stdout, stderr, stdin)
+    };
     let recorded = dir.record().ok().map(|mut r| {
         r.exit_code = Some(result.as_ref().map(|r| r.0).unwrap_or(125));
         r
@@ -395,6 +415,93 @@ fn run_or_bake(
         }
     }
     result
+}
+
+/// Runs until the workload ends for good under `opts`' restart policy; each restart starts the
+/// VM anew (restored from its bake, or booted) under the same name, ports and logs, and counts
+/// in its record.
+fn run_restarting(
+    opts: &RunOptions,
+    id: &str,
+    name: &str,
+    dir: &crate::vms::VmDir,
+    stdout: Box<dyn Write + Send>,
+    stderr: Box<dyn Write + Send>,
+    mut stdin: Option<Box<dyn Read + Send>>,
+) -> Result<(i32, Option<std::path::PathBuf>), RunError> {
+    // One stop handle across the runs, so that a stop between two is seen.
+    let stopper = opts.stop_handle.clone().unwrap_or_default();
+    let mut each = opts.clone();
+    each.stop_handle = Some(stopper.clone());
+    let (stdout, stderr) = (SharedWriter::new(stdout), SharedWriter::new(stderr));
+    // The host's stop signals between two runs too (each run forwards them while it runs).
+    let signalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if opts.forward_signals {
+        for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            let _ = signal_hook::flag::register(sig, signalled.clone());
+        }
+    }
+    let stopped = || stopper.was_requested() || signalled.load(std::sync::atomic::Ordering::SeqCst);
+    let mut restarts = 0u32;
+    loop {
+        let result = run_registered(
+            &each,
+            id,
+            name,
+            dir,
+            Box::new(stdout.clone()),
+            Box::new(stderr.clone()),
+            stdin.take(),
+        );
+        let status = result.as_ref().ok().map(|r| r.0);
+        if !opts
+            .config
+            .restart
+            .restarts_after(status, restarts, stopped())
+        {
+            return result;
+        }
+        let why = match &result {
+            Ok((status, _)) => format!("exited with {status}"),
+            Err(e) => e.to_string(),
+        };
+        let until = std::time::Instant::now() + RestartPolicy::delay(restarts);
+        while std::time::Instant::now() < until && !stopped() {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        if stopped() {
+            return result;
+        }
+        restarts += 1;
+        let _ = writeln!(
+            stderr.clone(),
+            "supermachine: the workload {why}; restart {restarts} ({})",
+            opts.config.restart
+        );
+        if let Ok(mut record) = dir.record() {
+            record.restarts = restarts;
+            let _ = dir.save(&record);
+        }
+    }
+}
+
+/// One writer shared by the successive runs of a restarting VM.
+#[derive(Clone)]
+struct SharedWriter(Arc<Mutex<Box<dyn Write + Send>>>);
+
+impl SharedWriter {
+    fn new(inner: Box<dyn Write + Send>) -> Self {
+        SharedWriter(Arc::new(Mutex::new(inner)))
+    }
+}
+
+impl Write for SharedWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).write(b)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).flush()
+    }
 }
 
 fn now_seconds() -> u64 {

@@ -194,15 +194,18 @@ pub(super) fn run_registered(
         vm_control.clone(),
         signal_number(&stop_signal),
     );
-    if opts.forward_signals {
+    let _signals = if opts.forward_signals {
         forward_host_signals(
             &stop_signal,
             signal_control,
             vm_control.clone(),
+            stopper.clone(),
             opts.tty,
             opts.config.stop_timeout,
-        );
-    }
+        )
+    } else {
+        None
+    };
     let booting = std::time::Instant::now();
     // A guest that never comes up (a hung kernel, a broken init) is stopped, not waited on.
     let never_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -538,6 +541,8 @@ fn publish(
         embedded: !opts.forward_signals,
         auto_remove: !opts.config.keep_after_exit,
         exit_code: None,
+        // Kept across the runs of a restarting VM.
+        restarts: dir.record().map_or(0, |r| r.restarts),
     })?;
     crate::timings::mark("ports_bound");
     let agent = crate::agent::Agent::new(dir.vsock());

@@ -17,9 +17,10 @@ pub(super) fn forward_host_signals(
     stop_signal: &str,
     control: Arc<Mutex<Option<devices::virtio::console::ConsoleInput>>>,
     vm: crate::VmControl,
+    stopper: StopHandle,
     tty: bool,
     grace: std::time::Duration,
-) {
+) -> Option<SignalsGuard> {
     use signal_hook::consts::{SIGINT, SIGTERM, SIGWINCH};
     let stop = signal_number(stop_signal);
     let watched: &[i32] = if tty {
@@ -28,8 +29,9 @@ pub(super) fn forward_host_signals(
         &[SIGINT, SIGTERM]
     };
     let Ok(mut signals) = signal_hook::iterator::Signals::new(watched) else {
-        return;
+        return None;
     };
+    let guard = SignalsGuard(signals.handle());
     let _ = std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -51,6 +53,8 @@ pub(super) fn forward_host_signals(
                     continue;
                 }
                 stop_sent = true;
+                // A restart policy must not undo this stop.
+                stopper.note_requested();
                 // A paused workload could not hear its stop signal.
                 vm.unpause();
                 let deliver = if sig == SIGINT { SIGINT } else { stop };
@@ -64,6 +68,16 @@ pub(super) fn forward_host_signals(
                 });
             }
         });
+    Some(guard)
+}
+
+/// Ends the signal-forwarding thread of one run when dropped (a restarting VM has one per run).
+pub(super) struct SignalsGuard(signal_hook::iterator::Handle);
+
+impl Drop for SignalsGuard {
+    fn drop(&mut self) {
+        self.0.close();
+    }
 }
 
 /// The size of the terminal on stdout (or stdin), if there is one.
