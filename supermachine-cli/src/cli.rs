@@ -61,6 +61,9 @@ enum Command {
     Cp(crate::vm_commands::CpArgs),
     /// Stop running VMs: the image's stop signal, then power off after the timeout
     Stop(crate::vm_commands::StopArgs),
+    /// Clone a running VM: a snapshot (it goes on untouched) and N clones started from it in
+    /// the background, each with its own id, name, memory and root filesystem changes
+    Fork(crate::vm_commands::ForkArgs),
     /// Show VMs' CPU, memory, network and disk use (refreshing; --no-stream for one sample)
     Stats(crate::vm_commands::StatsArgs),
     /// Show VMs or images in detail, as JSON
@@ -550,6 +553,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Pause(a) => crate::vm_commands::pause(a),
         Command::Inspect(a) => crate::inspect::inspect(a),
         Command::Stats(a) => crate::vm_commands::stats(a),
+        Command::Fork(a) => crate::vm_commands::fork(a),
         Command::Unpause(a) => crate::vm_commands::unpause(a),
         Command::Snapshot(a) => crate::vm_commands::snapshot(a),
     }
@@ -1096,6 +1100,17 @@ mod tests {
             &["supermachine", "stats"],
             &["supermachine", "pause", "a", "b"],
             &["supermachine", "unpause", "a"],
+            &[
+                "supermachine",
+                "fork",
+                "-n",
+                "3",
+                "--name",
+                "c",
+                "-p",
+                "80",
+                "a",
+            ],
             &["supermachine", "inspect", "a", "docker://busybox"],
             &[
                 "supermachine",
@@ -1122,6 +1137,7 @@ mod tests {
             &["supermachine", "ps", "--format", "yaml"],
             &["supermachine", "pause"],
             &["supermachine", "inspect"],
+            &["supermachine", "fork", "-n", "0", "a"],
         ] {
             assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
         }

@@ -95,6 +95,22 @@ pub struct StatsArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct ForkArgs {
+    /// How many clones
+    #[arg(short = 'n', long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    count: u32,
+    /// Name the clones PREFIX-1, PREFIX-2… [default: the VM's name and "-fork"]
+    #[arg(long, value_name = "PREFIX")]
+    name: Option<String>,
+    /// Publish a clone's port ([HOST_IP:][HOST_PORT:]GUEST_PORT[/tcp|/tls]); with several
+    /// clones leave HOST_PORT out so each gets a free one
+    #[arg(short, long, value_name = "PORT")]
+    publish: Vec<String>,
+    /// The running VM
+    vm: String,
+}
+
+#[derive(Debug, Args)]
 pub struct PauseArgs {
     /// The VMs (names or ids)
     #[arg(required = true)]
@@ -660,6 +676,54 @@ fn stats_row(
         ],
         None => [id, name, cpu, "paused".into(), host, "-".into(), "-".into()],
     }
+}
+
+/// `fork VM`: snapshots the running VM (it goes on) and starts clones of it in the background,
+/// each as `run -d --snapshot` would; prints their ids.
+pub fn fork(args: ForkArgs) -> anyhow::Result<ExitCode> {
+    for p in &args.publish {
+        let mapping: supermachine::PortMapping = p.parse()?;
+        if args.count > 1 && mapping.host_port != 0 {
+            bail!(
+                "-p {p}: {} clones cannot all listen on host port {}; give -p {} for a free port each",
+                args.count,
+                mapping.host_port,
+                mapping.guest_port
+            );
+        }
+    }
+    let vm = running(&args.vm)?;
+    let prefix = args
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("{}-fork", vm.name()));
+    let snapshot = vm.fork_snapshot()?;
+    let mut failed = false;
+    for i in 1..=args.count {
+        let name = format!("{prefix}-{i}");
+        let mut cmd = std::process::Command::new(std::env::current_exe()?);
+        cmd.args(["run", "-d", "--name", &name, "--snapshot"])
+            .arg(snapshot.dir())
+            .stdin(Stdio::null());
+        for p in &args.publish {
+            cmd.args(["-p", p]);
+        }
+        let out = cmd.output()?;
+        if out.status.success() {
+            print!("{}", String::from_utf8_lossy(&out.stdout));
+        } else {
+            eprint!(
+                "supermachine: clone {name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            failed = true;
+        }
+    }
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// `pause VM…`: stops the VMs' vCPUs (their ports keep accepting; connections wait).

@@ -1964,6 +1964,76 @@ fn a_running_vm_is_snapshotted_and_goes_on_or_stops_on_request() {
     );
     assert_eq!(exec_out(&env, &first, &["cat", "/dev/shm/state"]), "after");
 
+    // fork: two clones of the running VM, each with the state of the moment, its own name,
+    // host name, port and memory; the source goes on untouched.
+    let (code, out, err) = env.sm(
+        &["fork", "-n", "2", "--name", "twin", "-p", "80", "live"],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let twins: Vec<String> = String::from_utf8_lossy(&out)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(twins.len(), 2, "{twins:?}");
+    let (_, ps, _) = env.sm(&["ps", "--format", "json"], None);
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&ps)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for (i, twin) in twins.iter().enumerate() {
+        let row = rows
+            .iter()
+            .find(|r| r["ID"] == twin.as_str())
+            .unwrap_or_else(|| panic!("{twin} not in {rows:?}"));
+        assert_eq!(row["Name"], format!("twin-{}", i + 1));
+        let port: u16 = row["Ports"][0]
+            .as_str()
+            .and_then(|p| p.split_once("->"))
+            .and_then(|(host, _)| host.rsplit_once(':'))
+            .and_then(|(_, port)| port.parse().ok())
+            .unwrap_or_else(|| panic!("{row}"));
+        let (_, body) = http_get(port, "/").unwrap();
+        assert_eq!(body, b"baked-body\n");
+        assert_eq!(exec_out(&env, twin, &["cat", "/dev/shm/state"]), "after");
+        assert_eq!(
+            exec_out(&env, twin, &["hostname"]),
+            format!("twin-{}", i + 1)
+        );
+    }
+    exec_out(
+        &env,
+        &twins[0],
+        &["sh", "-c", "echo twin-1 > /dev/shm/state"],
+    );
+    assert_eq!(
+        exec_out(&env, &twins[1], &["cat", "/dev/shm/state"]),
+        "after"
+    );
+    assert_eq!(exec_out(&env, &first, &["cat", "/dev/shm/state"]), "after");
+    // The clones share the pages of the fork's memory that neither wrote.
+    let (_, out, _) = env.sm(&["inspect", &twins[0]], None);
+    let inspected: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    let pid = inspected[0]["State"]["Pid"].as_u64().unwrap();
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap();
+    let kib = |key: &str| -> u64 {
+        rollup
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    };
+    assert!(kib("Pss:") < kib("Rss:"), "nothing shared: {rollup}");
+    for twin in &twins {
+        let (code, _, err) = env.sm(&["rm", "-f", twin], None);
+        assert_eq!(code, 0, "{err}");
+    }
+    // A clone of a fixed host port for several clones is refused before anything starts.
+    let (code, _, err) = env.sm(&["fork", "-n", "2", "-p", "18403:80", "live"], None);
+    assert_ne!(code, 0);
+    assert!(err.contains("free port each"), "{err}");
+
     // --stop: snapshot, then the VM is gone.
     let again = env.dir.join("live-snapshot-2");
     let (code, _, err) = env.sm(
@@ -2088,6 +2158,17 @@ fn library_vm_runs_commands_moves_files_and_streams() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "staged\nSHOUT\n");
+
+    // fork: a clone starts with this VM's files and goes its own way.
+    vm.write_file("/tmp/forked", b"from-source").unwrap();
+    let clones = vm.fork(1, &VmConfig::new().name("libclone")).unwrap();
+    assert_eq!(clones[0].name(), "libclone-1");
+    assert_eq!(clones[0].read_file("/tmp/forked").unwrap(), b"from-source");
+    clones[0].write_file("/tmp/forked", b"changed").unwrap();
+    assert_eq!(vm.read_file("/tmp/forked").unwrap(), b"from-source");
+    for clone in clones {
+        clone.kill();
+    }
 
     // A timeout kills the command and says so; the VM goes on.
     let started = Instant::now();

@@ -100,7 +100,7 @@ pub use vmm::{seccomp, snapshot, timings};
 pub use boot::{boot, BootError, BootOptions, BootOutcome, DiskSpec};
 pub use error::{Error, Result};
 pub use exec::{Child, ChildController, ChildOutput, ChildStdin, ExecBuilder, ExitStatus, Output};
-pub use handle::{FileInfo, VmHandle, VmInfo, VmStatus};
+pub use handle::{FileInfo, ForkSnapshot, VmHandle, VmInfo, VmStatus};
 pub use image::{Attach, BakeOptions, Image};
 pub use local::{BakedInfo, ImageInfo, Pruned, PullOptions, Removed, Volume};
 pub use machine::{Vm, VmConfig, Workload};
