@@ -203,6 +203,21 @@ struct RunArgs {
     /// (a stop is never undone)
     #[arg(long, value_name = "POLICY", default_value = "no")]
     restart: supermachine::RestartPolicy,
+    /// Check health by running CMD (with /bin/sh -c) in the guest; healthy when it exits 0
+    #[arg(long, value_name = "CMD")]
+    health_cmd: Option<String>,
+    /// Time between health checks
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    health_interval: std::time::Duration,
+    /// A health check that takes longer fails
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    health_timeout: std::time::Duration,
+    /// Failed checks in a row that make the VM unhealthy
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    health_retries: u32,
+    /// Failed checks this soon after the start do not count
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
+    health_start_period: std::time::Duration,
     /// Pull over plain HTTP from this registry (HOST[:PORT]; loopback always is)
     #[arg(long, value_name = "HOST")]
     insecure_registry: Vec<String>,
@@ -279,6 +294,24 @@ fn parse_memory(s: &str) -> Result<u32, String> {
         return Err(format!("{s} is out of range (64m..1024g)"));
     }
     Ok(mib as u32)
+}
+
+/// `500ms`, `30s`, `5m`, `1h` (Docker's duration flags), or plain seconds.
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let bad = || format!("{s:?} is not a duration (e.g. 500ms, 30s, 5m, 1h)");
+    let (number, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(at) => s.split_at(at),
+        None => (s, "s"),
+    };
+    let n: f64 = number.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(bad()),
+    };
+    std::time::Duration::try_from_secs_f64(secs).map_err(|_| bad())
 }
 
 fn parse_cpus(s: &str) -> Result<u8, String> {
@@ -452,6 +485,11 @@ fn parse_common_run(args: &[std::ffi::OsString]) -> Option<RunArgs> {
         pull: PullPolicyArg::Missing,
         insecure_registry: Vec::new(),
         restart: supermachine::RestartPolicy::No,
+        health_cmd: None,
+        health_interval: std::time::Duration::from_secs(30),
+        health_timeout: std::time::Duration::from_secs(30),
+        health_retries: 3,
+        health_start_period: std::time::Duration::ZERO,
         debug: false,
         snapshot: None,
         no_restore: false,
@@ -661,6 +699,15 @@ fn vm_config(args: RunArgs) -> anyhow::Result<(Image, VmConfig)> {
         config = config.insecure_registry(host);
     }
     config = config.restart(args.restart);
+    if let Some(cmd) = &args.health_cmd {
+        config = config.health_check(supermachine::HealthCheck {
+            command: cmd.clone(),
+            interval: args.health_interval,
+            timeout: args.health_timeout,
+            retries: args.health_retries,
+            start_period: args.health_start_period,
+        });
+    }
     for (name, value) in env_pairs(&env) {
         config = config.env(&name, &value);
     }
@@ -706,6 +753,11 @@ fn run_bake(args: BakeArgs) -> anyhow::Result<ExitCode> {
     }
     if args.run.snapshot.is_some() {
         anyhow::bail!("bake boots the image: --snapshot does not apply");
+    }
+    if args.run.health_cmd.is_some() {
+        anyhow::bail!(
+            "a bake ends with its snapshot: --health-cmd applies to the `run` that restores it"
+        );
     }
     if args.run.restart != supermachine::RestartPolicy::No {
         anyhow::bail!(
@@ -1071,6 +1123,16 @@ mod tests {
 
     #[test]
     fn the_sandbox_commands_parse() {
+        assert_eq!(
+            parse_duration("500ms"),
+            Ok(std::time::Duration::from_millis(500))
+        );
+        assert_eq!(
+            parse_duration("2m"),
+            Ok(std::time::Duration::from_secs(120))
+        );
+        assert_eq!(parse_duration("7"), Ok(std::time::Duration::from_secs(7)));
+        assert!(parse_duration("-1s").is_err() && parse_duration("1d").is_err());
         let args: Vec<std::ffi::OsString> = [
             "supermachine",
             "run",
@@ -1115,6 +1177,15 @@ mod tests {
             &[
                 "supermachine",
                 "run",
+                "--health-cmd",
+                "true",
+                "--health-interval",
+                "500ms",
+                "a",
+            ],
+            &[
+                "supermachine",
+                "run",
                 "--insecure-registry",
                 "h:5000",
                 "h:5000/a",
@@ -1138,6 +1209,7 @@ mod tests {
             &["supermachine", "pause"],
             &["supermachine", "inspect"],
             &["supermachine", "fork", "-n", "0", "a"],
+            &["supermachine", "run", "--health-interval", "soon", "a"],
         ] {
             assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
         }

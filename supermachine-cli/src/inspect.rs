@@ -67,14 +67,15 @@ pub fn vm_summary(vm: &VmInfo) -> Value {
         "Image": vm.image,
         "State": state(vm.status),
         "Status": vm.status.to_string(),
+        "Health": vm.health.map(|h| h.to_string()),
         "RestartCount": vm.restarts,
         "Ports": vm.ports,
         "CreatedAt": rfc3339(vm.created),
     })
 }
 
-/// A VM as `inspect` prints it.
-fn vm_details(vm: &VmInfo) -> Value {
+/// A VM as `inspect` prints it, with its health check's state if it has one.
+fn vm_details(vm: &VmInfo, health: Option<supermachine::Health>) -> Value {
     let exit_code = match vm.status {
         VmStatus::Exited(code) => Some(code),
         _ => None,
@@ -90,6 +91,12 @@ fn vm_details(vm: &VmInfo) -> Value {
             "Paused": vm.status == VmStatus::Paused,
             "Pid": vm.pid,
             "ExitCode": exit_code,
+            "Health": health.map(|h| json!({
+                "Status": h.status.to_string(),
+                "FailingStreak": h.failing_streak,
+                "LastExitCode": h.last_exit_code,
+                "LastOutput": h.last_output,
+            })),
         },
         "Ports": vm.ports,
         "Detached": vm.detached,
@@ -140,7 +147,7 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
         // images; it is said if the name is not an image either.
         let vm_error = match VmHandle::find(name) {
             Ok(vm) => {
-                found.push(vm_details(&vm.info()));
+                found.push(vm_details(&vm.info(), vm.health()));
                 continue;
             }
             Err(Error::VmNotFound(_)) => None,

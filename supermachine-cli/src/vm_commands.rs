@@ -212,6 +212,24 @@ pub fn detach(name: Option<&str>) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// `running`, `running (healthy, restarted 2 times)`, `exited (3)`…
+fn status_text(vm: &supermachine::VmInfo) -> String {
+    let mut notes = Vec::new();
+    if let Some(h) = vm.health {
+        notes.push(h.to_string());
+    }
+    match vm.restarts {
+        0 => {}
+        1 => notes.push("restarted once".into()),
+        n => notes.push(format!("restarted {n} times")),
+    }
+    if notes.is_empty() {
+        vm.status.to_string()
+    } else {
+        format!("{} ({})", vm.status, notes.join(", "))
+    }
+}
+
 fn age(created: std::time::SystemTime) -> String {
     let s = created.elapsed().map(|d| d.as_secs()).unwrap_or(0);
     match s {
@@ -243,11 +261,7 @@ pub fn ps(args: PsArgs) -> anyhow::Result<ExitCode> {
                 vm.id.clone(),
                 vm.name.clone(),
                 vm.image.clone(),
-                match vm.restarts {
-                    0 => vm.status.to_string(),
-                    1 => format!("{} (restarted once)", vm.status),
-                    n => format!("{} (restarted {n} times)", vm.status),
-                },
+                status_text(vm),
                 vm.ports.join(", "),
                 if vm.status.is_alive() {
                     age(vm.created)
@@ -743,7 +757,11 @@ pub fn unpause(args: PauseArgs) -> anyhow::Result<ExitCode> {
 
 /// `snapshot VM DIR`: asks the VM's process to pause it, save it and resume (or stop) it.
 pub fn snapshot(args: SnapshotArgs) -> anyhow::Result<ExitCode> {
-    let vm = running(&args.vm)?;
+    // A paused VM is snapshotted as it stands and stays paused.
+    let vm = VmHandle::find(&args.vm)?;
+    if !vm.is_running() {
+        bail!("VM {} is not running ({})", vm.name(), vm.info().status);
+    }
     let dir = vm.snapshot(&args.dir, args.stop)?;
     println!("{}", dir.display());
     Ok(ExitCode::SUCCESS)

@@ -255,6 +255,11 @@ fn a_paused_guest_does_not_run_until_unpaused() {
         control.pause_and_capture(),
         Err(supermachine::CaptureError::Paused)
     ));
+    // A paused VM is captured as it stands (what a snapshot does once its devices are quiet).
+    let held = control.capture_paused().unwrap();
+    assert_eq!(held.vcpus.len(), 1);
+    drop(held);
+    assert!(control.is_paused());
     // `resume` ends a snapshot's pause, not a user's.
     control.resume();
     assert!(control.is_paused());
@@ -271,6 +276,10 @@ fn a_paused_guest_does_not_run_until_unpaused() {
 
     assert!(control.unpause());
     assert!(!control.unpause());
+    assert!(matches!(
+        control.capture_paused(),
+        Err(supermachine::CaptureError::NotPaused)
+    ));
     assert_eq!(read_n(&mut from_guest, 1).unwrap(), b"b");
     // Snapshots work again once unpaused, and the guest goes on after one.
     let captured = control.pause_and_capture().map(drop);

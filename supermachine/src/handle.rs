@@ -38,6 +38,8 @@ pub struct VmInfo {
     pub auto_remove: bool,
     /// How often its restart policy has started it again.
     pub restarts: u32,
+    /// Its health check's verdict, while it runs (`None`: it has none).
+    pub health: Option<crate::HealthStatus>,
 }
 
 impl VmInfo {
@@ -52,6 +54,10 @@ impl VmInfo {
             detached: record.detached,
             auto_remove: record.auto_remove,
             restarts: record.restarts,
+            health: status
+                .is_alive()
+                .then(|| crate::health::read(dir.path()).map(|h| h.status))
+                .flatten(),
             ports: record.ports.clone(),
             created: SystemTime::UNIX_EPOCH + Duration::from_secs(record.created),
         }
@@ -172,6 +178,7 @@ impl VmHandle {
             None => VmInfo {
                 status: VmStatus::Dead,
                 pid: None,
+                health: None,
                 ..VmInfo::of(&self.dir, &self.record)
             },
         }
@@ -188,6 +195,13 @@ impl VmHandle {
         self.info().status.is_alive()
     }
 
+    /// What its health check has found (`None`: it has none, or it is not running).
+    pub fn health(&self) -> Option<crate::Health> {
+        self.is_running()
+            .then(|| crate::health::read(self.dir.path()))
+            .flatten()
+    }
+
     /// Whether it is paused.
     pub fn is_paused(&self) -> bool {
         self.info().status == VmStatus::Paused
@@ -202,8 +216,8 @@ impl VmHandle {
     }
 
     /// Stops the VM's vCPUs until [`unpause`](Self::unpause): the guest does not run, its
-    /// published ports keep accepting (connections wait), and `exec`, `cp` and snapshots are
-    /// refused meanwhile. Already paused: nothing to do.
+    /// published ports keep accepting (connections wait), and file transfers are refused
+    /// meanwhile (a snapshot works and leaves it paused). Already paused: nothing to do.
     pub fn pause(&self) -> Result<()> {
         match self.info().status {
             VmStatus::Running | VmStatus::Paused => self.pause_request(ControlRequest::Pause),
@@ -298,7 +312,10 @@ impl VmHandle {
     /// Snapshots the running VM into `dir` (replaced atomically); it goes on running, or is
     /// stopped afterwards with `stop`. Start copies with [`crate::Image::from_snapshot`].
     pub fn snapshot(&self, dir: impl AsRef<Path>, stop: bool) -> Result<PathBuf> {
-        self.require_running()?;
+        // A paused VM is snapshotted as it stands (and stays paused).
+        if !self.info().status.is_alive() {
+            return Err(Error::VmStopped);
+        }
         let dir = dir.as_ref();
         let dir = if dir.is_absolute() {
             dir.to_path_buf()

@@ -47,6 +47,7 @@ pub struct VmConfig {
     pub(crate) pull: PullPolicy,
     pub(crate) insecure_registries: Vec<String>,
     pub(crate) restart: crate::run::RestartPolicy,
+    pub(crate) health: Option<crate::HealthCheck>,
     pub(crate) workload: Workload,
     pub(crate) entrypoint: Option<String>,
     pub(crate) name: Option<String>,
@@ -76,6 +77,7 @@ impl Default for VmConfig {
             pull: PullPolicy::Missing,
             insecure_registries: Vec::new(),
             restart: crate::run::RestartPolicy::No,
+            health: None,
             workload: Workload::Idle,
             entrypoint: None,
             name: None,
@@ -150,6 +152,13 @@ impl VmConfig {
     /// never restarts.
     pub fn restart(mut self, policy: crate::run::RestartPolicy) -> Self {
         self.restart = policy;
+        self
+    }
+
+    /// Check the workload's health by running `check`'s command in the guest every interval;
+    /// the state is in `ps`, `inspect` and [`crate::VmHandle::health`].
+    pub fn health_check(mut self, check: crate::HealthCheck) -> Self {
+        self.health = Some(check);
         self
     }
 
@@ -525,8 +534,8 @@ impl Vm {
     }
 
     /// Stops the VM's vCPUs until [`unpause`](Self::unpause): the guest does not run, its
-    /// published ports keep accepting (connections wait), and snapshots are refused meanwhile
-    /// (an `exec` waits). Already paused: nothing to do.
+    /// published ports keep accepting (connections wait), an `exec` waits, and a snapshot
+    /// works and leaves it paused. Already paused: nothing to do.
     pub fn pause(&self) -> Result<()> {
         use crate::control::ControlRequest;
         crate::handle::control_done(&self.control_socket, &ControlRequest::Pause)

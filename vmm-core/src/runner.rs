@@ -103,6 +103,9 @@ pub enum CaptureError {
     /// The VM is paused ([`VmControl::pause`]): unpause it first.
     #[error("the VM is paused")]
     Paused,
+    /// [`VmControl::capture_paused`] needs the VM paused first.
+    #[error("the VM is not paused")]
+    NotPaused,
     /// The backend could not save a vCPU or the VM.
     #[error("saving the VM's state: {0}")]
     Backend(#[from] HypervisorError),
@@ -110,10 +113,20 @@ pub enum CaptureError {
 
 type CaptureReply = std::sync::mpsc::Sender<Result<CapturedVm, CaptureError>>;
 
-/// A capture asked of the runner thread; `hold` makes it a user's pause.
+/// A capture asked of the runner thread.
 struct CaptureRequest {
     reply: CaptureReply,
-    hold: bool,
+    mode: CaptureMode,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum CaptureMode {
+    /// Park the vCPUs and save them; they run again on `resume`.
+    Capture,
+    /// Park them until `unpause` (a user's pause).
+    Hold,
+    /// They are held: save them and the VM again, now.
+    WhileHeld,
 }
 
 /// vCPU threads park here while the VM is paused.
@@ -125,6 +138,10 @@ struct PauseState {
     parked: usize,
     /// Paused by [`VmControl::pause`]: only [`VmControl::unpause`] lets the vCPUs go.
     held: bool,
+    /// Bumped to have parked vCPUs save their state again ([`VmControl::capture_paused`]).
+    generation: u64,
+    /// Parked vCPUs that have saved their state for the current `generation`.
+    resaved: usize,
 }
 
 struct ControlState {
@@ -207,10 +224,18 @@ impl VmControl {
     /// other than the runner's and the vCPUs'.
     /// Refused with [`CaptureError::Paused`] while the VM is [paused](Self::pause).
     pub fn pause_and_capture(&self) -> Result<CapturedVm, CaptureError> {
-        self.request_capture(false)
+        self.request_capture(CaptureMode::Capture)
     }
 
-    fn request_capture(&self, hold: bool) -> Result<CapturedVm, CaptureError> {
+    /// With the VM [paused](Self::pause), has every vCPU save its state now and saves the
+    /// VM's (interrupt controllers, clock). A snapshot pauses, quiesces its devices, then
+    /// captures this way, so that an interrupt a device raised after the vCPUs stopped is in
+    /// the saved state rather than lost between the two. The VM stays paused.
+    pub fn capture_paused(&self) -> Result<CapturedVm, CaptureError> {
+        self.request_capture(CaptureMode::WhileHeld)
+    }
+
+    fn request_capture(&self, mode: CaptureMode) -> Result<CapturedVm, CaptureError> {
         let (tx, rx) = std::sync::mpsc::channel();
         {
             let _outcome = self.state.outcome.lock().unwrap_or_else(|e| e.into_inner());
@@ -218,7 +243,7 @@ impl VmControl {
                 return Err(CaptureError::NotRunning);
             }
             *self.state.capture.lock().unwrap_or_else(|e| e.into_inner()) =
-                Some(CaptureRequest { reply: tx, hold });
+                Some(CaptureRequest { reply: tx, mode });
             self.state.changed.notify_all();
         }
         rx.recv().unwrap_or(Err(CaptureError::NotRunning))
@@ -246,7 +271,7 @@ impl VmControl {
     /// stopped; nothing to do when already paused. Call it from a thread other than the
     /// runner's and the vCPUs'.
     pub fn pause(&self) -> Result<(), CaptureError> {
-        match self.request_capture(true) {
+        match self.request_capture(CaptureMode::Hold) {
             Ok(_) | Err(CaptureError::Paused) => Ok(()),
             Err(e) => {
                 // A vCPU that failed to save its state must not leave the others parked.
@@ -295,7 +320,22 @@ impl VmControl {
         p.saved[index] = Some(saved);
         p.parked += 1;
         self.state.pause_changed.notify_all();
+        let mut generation = p.generation;
         while p.requested && !self.is_stopping() {
+            if p.generation != generation {
+                // Asked to save again (the devices are quiet now).
+                generation = p.generation;
+                drop(p);
+                let saved = vcpu.save_state();
+                p = self.state.pause.lock().unwrap_or_else(|e| e.into_inner());
+                if p.saved.len() <= index {
+                    p.saved.resize_with(index + 1, || None);
+                }
+                p.saved[index] = Some(saved);
+                p.resaved += 1;
+                self.state.pause_changed.notify_all();
+                continue;
+            }
             p = self
                 .state
                 .pause_changed
@@ -432,7 +472,18 @@ pub fn run(vm: BuiltVm, control: &VmControl) -> Result<VmExit, RunError> {
             Event::Ended(outcome) => break outcome,
             Event::Capture(request) => {
                 let kickers: Vec<_> = threads.iter().map(|(_, k)| k.clone()).collect();
-                let captured = capture(control, &kickers, vm.as_ref(), &memory, request.hold);
+                let captured = match request.mode {
+                    CaptureMode::WhileHeld => {
+                        capture_held(control, kickers.len(), vm.as_ref(), &memory)
+                    }
+                    mode => capture(
+                        control,
+                        &kickers,
+                        vm.as_ref(),
+                        &memory,
+                        mode == CaptureMode::Hold,
+                    ),
+                };
                 let _ = request.reply.send(captured);
             }
         }
@@ -527,6 +578,52 @@ fn capture(
     drop(p);
     Ok(CapturedVm {
         vcpus,
+        vm: vm.save_state()?,
+        memory: memory.clone(),
+    })
+}
+
+/// Has the held vCPUs save their state again and saves the VM's.
+fn capture_held(
+    control: &VmControl,
+    vcpus: usize,
+    vm: &dyn ArchVm,
+    memory: &GuestMemory,
+) -> Result<CapturedVm, CaptureError> {
+    let mut p = control
+        .state
+        .pause
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if !p.held {
+        return Err(CaptureError::NotPaused);
+    }
+    p.generation += 1;
+    p.resaved = 0;
+    p.saved.iter_mut().for_each(|s| *s = None);
+    control.state.pause_changed.notify_all();
+    while p.resaved < vcpus {
+        if control.is_stopping() {
+            return Err(CaptureError::NotRunning);
+        }
+        p = control
+            .state
+            .pause_changed
+            .wait_timeout(p, KICK_RETRY)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+    }
+    let mut states = Vec::with_capacity(vcpus);
+    for slot in p.saved.iter_mut() {
+        match slot.take() {
+            Some(Ok(s)) => states.push(s),
+            Some(Err(e)) => return Err(e.into()),
+            None => return Err(CaptureError::NotRunning),
+        }
+    }
+    drop(p);
+    Ok(CapturedVm {
+        vcpus: states,
         vm: vm.save_state()?,
         memory: memory.clone(),
     })

@@ -409,50 +409,58 @@ pub struct Snapshotter {
 }
 
 impl Snapshotter {
-    /// Pauses the VM, saves it to `dir` (atomically), and resumes or stops it. Devices are
-    /// quiesced by holding their locks: the event loop finishes the request in hand and waits,
-    /// so no device touches guest memory or its queues while they are saved.
+    /// Pauses the VM, saves it to `dir` (atomically), and resumes or stops it (a VM the user
+    /// had paused stays paused). The vCPUs are parked first, then the devices quiesced by
+    /// holding their locks (the event loop finishes the request in hand and waits), and only
+    /// then are the vCPUs, interrupt controllers and devices saved: an interrupt a device
+    /// raised while the vCPUs were stopping is in the snapshot, not lost between two saves.
     pub fn take(
         &self,
         dir: &Path,
         payload: Option<Vec<u8>>,
         after: AfterSnapshot,
     ) -> Result<PathBuf, SnapshotError> {
-        let captured = self.control.pause_and_capture()?;
-        let result = {
-            let serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
-            let transports: Vec<_> = self
-                .devices
-                .iter()
-                .map(|d| d.transport.lock().unwrap_or_else(|e| e.into_inner()))
-                .collect();
-            let devices = self
-                .devices
-                .iter()
-                .zip(&transports)
-                .map(|(d, t)| DeviceSnapshot {
-                    slot: d.slot,
-                    kind: d.kind.clone(),
-                    transport: t.save_state(),
-                })
-                .collect();
-            write(
-                dir,
-                &captured,
-                MachineParts {
-                    identity: self.identity.clone(),
-                    memory_mib: self.memory_mib,
-                    serial: serial.save_state(),
-                    devices,
-                    payload,
-                },
-            )
-        };
+        let was_paused = self.control.is_paused();
+        self.control.pause()?;
+        let result = self.save_paused(dir, payload);
         if after == AfterSnapshot::Stop {
             self.control.request_exit(VmExit::Stopped);
         }
-        self.control.resume();
+        if !was_paused {
+            self.control.unpause();
+        }
         result
+    }
+
+    fn save_paused(&self, dir: &Path, payload: Option<Vec<u8>>) -> Result<PathBuf, SnapshotError> {
+        let serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+        let transports: Vec<_> = self
+            .devices
+            .iter()
+            .map(|d| d.transport.lock().unwrap_or_else(|e| e.into_inner()))
+            .collect();
+        let captured = self.control.capture_paused()?;
+        let devices = self
+            .devices
+            .iter()
+            .zip(&transports)
+            .map(|(d, t)| DeviceSnapshot {
+                slot: d.slot,
+                kind: d.kind.clone(),
+                transport: t.save_state(),
+            })
+            .collect();
+        write(
+            dir,
+            &captured,
+            MachineParts {
+                identity: self.identity.clone(),
+                memory_mib: self.memory_mib,
+                serial: serial.save_state(),
+                devices,
+                payload,
+            },
+        )
     }
 }
 

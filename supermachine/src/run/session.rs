@@ -244,6 +244,14 @@ pub(super) fn run_registered(
         .map_err(|e| RunError::Publish(std::io::Error::other(format!("control socket: {e}"))))?;
     }
     crate::timings::mark("control_served");
+    if let (Some(check), None) = (&opts.config.health, &opts.bake) {
+        crate::health::watch(
+            check.clone(),
+            agent.clone(),
+            vm_control.clone(),
+            dir.path().to_path_buf(),
+        );
+    }
     let shared = Shared {
         opts,
         id,
