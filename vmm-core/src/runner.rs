@@ -144,6 +144,27 @@ struct PauseState {
     resaved: usize,
 }
 
+impl PauseState {
+    fn store(&mut self, index: usize, saved: Result<VcpuState, HypervisorError>) {
+        if self.saved.len() <= index {
+            self.saved.resize_with(index + 1, || None);
+        }
+        self.saved[index] = Some(saved);
+    }
+
+    /// Every vCPU's saved state, in index order.
+    fn take_saved(&mut self) -> Result<Vec<VcpuState>, CaptureError> {
+        self.saved
+            .iter_mut()
+            .map(|slot| match slot.take() {
+                Some(Ok(s)) => Ok(s),
+                Some(Err(e)) => Err(e.into()),
+                None => Err(CaptureError::NotRunning),
+            })
+            .collect()
+    }
+}
+
 struct ControlState {
     outcome: Mutex<Option<Result<VmExit, RunError>>>,
     changed: Condvar,
@@ -314,10 +335,7 @@ impl VmControl {
     fn park(&self, index: usize, vcpu: &mut dyn ArchVcpu) {
         let saved = vcpu.save_state();
         let mut p = self.state.pause.lock().unwrap_or_else(|e| e.into_inner());
-        if p.saved.len() <= index {
-            p.saved.resize_with(index + 1, || None);
-        }
-        p.saved[index] = Some(saved);
+        p.store(index, saved);
         p.parked += 1;
         self.state.pause_changed.notify_all();
         let mut generation = p.generation;
@@ -328,10 +346,7 @@ impl VmControl {
                 drop(p);
                 let saved = vcpu.save_state();
                 p = self.state.pause.lock().unwrap_or_else(|e| e.into_inner());
-                if p.saved.len() <= index {
-                    p.saved.resize_with(index + 1, || None);
-                }
-                p.saved[index] = Some(saved);
+                p.store(index, saved);
                 p.resaved += 1;
                 self.state.pause_changed.notify_all();
                 continue;
@@ -566,14 +581,7 @@ fn capture(
                 .0;
         }
     }
-    let mut vcpus = Vec::with_capacity(kickers.len());
-    for slot in p.saved.iter_mut() {
-        match slot.take() {
-            Some(Ok(s)) => vcpus.push(s),
-            Some(Err(e)) => return Err(e.into()),
-            None => return Err(CaptureError::NotRunning),
-        }
-    }
+    let vcpus = p.take_saved()?;
     p.held = hold;
     drop(p);
     Ok(CapturedVm {
@@ -613,14 +621,7 @@ fn capture_held(
             .unwrap_or_else(|e| e.into_inner())
             .0;
     }
-    let mut states = Vec::with_capacity(vcpus);
-    for slot in p.saved.iter_mut() {
-        match slot.take() {
-            Some(Ok(s)) => states.push(s),
-            Some(Err(e)) => return Err(e.into()),
-            None => return Err(CaptureError::NotRunning),
-        }
-    }
+    let states = p.take_saved()?;
     drop(p);
     Ok(CapturedVm {
         vcpus: states,
