@@ -104,6 +104,19 @@ pub enum Which {
         #[arg(long)]
         here: bool,
     },
+    /// Live sandbox verbs on a 256 MiB VM: pause/unpause round trips, fork to N clones (time,
+    /// RSS and PSS)
+    Sandbox {
+        /// pause → unpause rounds
+        #[arg(long, default_value_t = 20)]
+        rounds: usize,
+        /// Clones made by one fork
+        #[arg(long, default_value_t = 10)]
+        clones: usize,
+        /// Run here even if this machine's KVM fails the probe (used inside the test host)
+        #[arg(long)]
+        here: bool,
+    },
     /// Redis requests/s through a published port against the same server reached inside its
     /// guest, at 1 and 20 connections (one emulated CPU in the test host)
     Redis {
@@ -458,6 +471,26 @@ pub fn run(which: Which) -> Result<()> {
             }
             match guest_bench_host(here, &args)? {
                 Some(_) => bench_pool(cycles, cold),
+                None => Ok(()),
+            }
+        }
+        Which::Sandbox {
+            rounds,
+            clones,
+            here,
+        } => {
+            let args = [
+                "sandbox".to_string(),
+                "--rounds".into(),
+                rounds.to_string(),
+                "--clones".into(),
+                clones.to_string(),
+            ];
+            if !here {
+                crate::images::busybox()?;
+            }
+            match guest_bench_host(here, &args)? {
+                Some(sm) => crate::bench_sandbox::bench(&sm, rounds, clones),
                 None => Ok(()),
             }
         }

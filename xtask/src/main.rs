@@ -19,6 +19,7 @@ mod bench_net;
 mod bench_pull;
 mod bench_redis;
 mod bench_restore;
+mod bench_sandbox;
 mod deps;
 mod fuzz;
 mod images;
