@@ -552,6 +552,8 @@ fn publish(
         // Kept across the runs of a restarting VM.
         restarts: dir.record().map_or(0, |r| r.restarts),
     })?;
+    // A run starts unpaused, whatever an earlier run of a restarting VM left.
+    let _ = std::fs::remove_file(dir.paused_marker());
     crate::timings::mark("ports_bound");
     let agent = crate::agent::Agent::new(dir.vsock());
     let agent_gate = crate::ports::AgentGate::default();
