@@ -135,6 +135,9 @@ pub struct ContainerConfig {
     /// Stop signal.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stop_signal: Option<String>,
+    /// Docker's `HEALTHCHECK` (kept as given: a malformed one is ignored, not fatal).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub healthcheck: Option<serde_json::Value>,
 }
 
 /// Why a document is not a usable index or manifest.

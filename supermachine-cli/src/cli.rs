@@ -701,11 +701,11 @@ fn vm_config(args: RunArgs) -> anyhow::Result<(Image, VmConfig)> {
     config = config.restart(args.restart);
     if let Some(cmd) = &args.health_cmd {
         config = config.health_check(supermachine::HealthCheck {
-            command: cmd.clone(),
             interval: args.health_interval,
             timeout: args.health_timeout,
             retries: args.health_retries,
             start_period: args.health_start_period,
+            ..supermachine::HealthCheck::shell(cmd)
         });
     }
     for (name, value) in env_pairs(&env) {

@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 /// How a VM's health is checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthCheck {
-    /// Run with `/bin/sh -c` in the guest; healthy when it exits 0.
-    pub command: String,
+    /// What runs in the guest (`/bin/sh -c CMD` for a shell command); healthy when it exits 0.
+    pub argv: Vec<String>,
     /// Between two checks (Docker's default: 30 s).
     pub interval: Duration,
     /// A check that takes longer fails (default 30 s).
@@ -22,15 +22,43 @@ pub struct HealthCheck {
 }
 
 impl HealthCheck {
-    /// `command` with Docker's defaults.
-    pub fn new(command: &str) -> HealthCheck {
+    /// The shell command `command` (`/bin/sh -c`), with Docker's defaults.
+    pub fn shell(command: &str) -> HealthCheck {
         HealthCheck {
-            command: command.into(),
+            argv: vec!["/bin/sh".into(), "-c".into(), command.into()],
             interval: Duration::from_secs(30),
             timeout: Duration::from_secs(30),
             retries: 3,
             start_period: Duration::ZERO,
         }
+    }
+
+    /// An image's `HEALTHCHECK` (`CMD`, `CMD-SHELL`; `NONE` and anything else: no check), with
+    /// Docker's defaults where it gives 0.
+    pub fn from_image(image: &oci_bake::config::ImageHealthcheck) -> Option<HealthCheck> {
+        let (kind, rest) = image.test.split_first()?;
+        let mut check = match (kind.as_str(), rest) {
+            ("CMD", argv) if !argv.is_empty() => HealthCheck {
+                argv: argv.to_vec(),
+                ..HealthCheck::shell("")
+            },
+            ("CMD-SHELL", [command]) => HealthCheck::shell(command),
+            _ => return None,
+        };
+        let ns = |n: u64, default: Duration| {
+            if n == 0 {
+                default
+            } else {
+                Duration::from_nanos(n)
+            }
+        };
+        check.interval = ns(image.interval_ns, check.interval);
+        check.timeout = ns(image.timeout_ns, check.timeout);
+        check.start_period = ns(image.start_period_ns, check.start_period);
+        if image.retries > 0 {
+            check.retries = image.retries;
+        }
+        Some(check)
     }
 }
 
@@ -137,7 +165,7 @@ pub(crate) fn watch(
                 continue;
             }
             let result = crate::exec::ExecBuilder::new(&agent)
-                .argv(["/bin/sh", "-c", &check.command])
+                .argv(check.argv.iter().map(String::as_str))
                 .stdin_null()
                 .timeout(check.timeout)
                 .output();
@@ -183,6 +211,41 @@ mod tests {
         // In the start period failures do not count.
         let d = next(&start, false, false, 1);
         assert_eq!((d.status, d.failing_streak), (HealthStatus::Starting, 0));
+    }
+
+    #[test]
+    fn an_image_healthcheck_becomes_a_check_with_dockers_defaults() {
+        use oci_bake::config::ImageHealthcheck;
+        let parse = |v: serde_json::Value| ImageHealthcheck::parse(&v);
+        let shell = parse(serde_json::json!({
+            "Test": ["CMD-SHELL", "curl -f localhost || exit 1"],
+            "Interval": 5_000_000_000u64,
+            "Retries": 5
+        }))
+        .unwrap();
+        let c = HealthCheck::from_image(&shell).unwrap();
+        assert_eq!(c.argv, ["/bin/sh", "-c", "curl -f localhost || exit 1"]);
+        assert_eq!(c.interval, Duration::from_secs(5));
+        assert_eq!(c.timeout, Duration::from_secs(30));
+        assert_eq!(c.retries, 5);
+        let exec = parse(serde_json::json!({"Test": ["CMD", "/bin/check", "--quick"]})).unwrap();
+        assert_eq!(
+            HealthCheck::from_image(&exec).unwrap().argv,
+            ["/bin/check", "--quick"]
+        );
+        for none in [
+            serde_json::json!({"Test": ["NONE"]}),
+            serde_json::json!({"Test": ["CMD"]}),
+            serde_json::json!({"Test": []}),
+            serde_json::json!({"Test": ["CMD-SHELL", "a", "b"]}),
+        ] {
+            let h = parse(none.clone()).unwrap();
+            assert_eq!(HealthCheck::from_image(&h), None, "{none}");
+        }
+        // Malformed: ignored, not an error.
+        assert_eq!(parse(serde_json::json!({"Test": "CMD-SHELL true"})), None);
+        assert_eq!(parse(serde_json::json!({"Test": [1, 2]})), None);
+        assert_eq!(parse(serde_json::json!(7)), None);
     }
 
     #[test]

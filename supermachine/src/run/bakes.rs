@@ -39,6 +39,9 @@ pub struct BakedWorkload {
     /// Baked with a network device (its host side and egress policy are chosen at restore).
     #[serde(default)]
     pub network: bool,
+    /// The image's `HEALTHCHECK`, for the runs that restore it.
+    #[serde(default)]
+    pub healthcheck: Option<oci_bake::config::ImageHealthcheck>,
 }
 
 impl BakedWorkload {

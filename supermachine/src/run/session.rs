@@ -159,18 +159,26 @@ pub(super) fn run_registered(
             ));
         }
     }
-    let (exposed, stop_signal, image) = match &start {
+    let (exposed, stop_signal, image, image_health) = match &start {
         Start::Restore { workload, .. } => (
             workload.exposed_ports.clone(),
             workload.stop_signal.clone(),
             workload.image.clone(),
+            workload.healthcheck.clone(),
         ),
         Start::Boot { record, .. } => (
             record.run_config.exposed_ports.clone(),
             record.run_config.stop_signal.clone(),
             opts.image.clone(),
+            record.run_config.healthcheck.clone(),
         ),
     };
+    // `--health-cmd` wins over the image's HEALTHCHECK.
+    let health = opts.config.health.clone().or_else(|| {
+        image_health
+            .as_ref()
+            .and_then(crate::HealthCheck::from_image)
+    });
     // Listening until this returns.
     let (_forwarding, agent, agent_gate) = publish(opts, id, name, dir, &exposed, image)?;
     let Wired {
@@ -244,9 +252,9 @@ pub(super) fn run_registered(
         .map_err(|e| RunError::Publish(std::io::Error::other(format!("control socket: {e}"))))?;
     }
     crate::timings::mark("control_served");
-    if let (Some(check), None) = (&opts.config.health, &opts.bake) {
+    if let (Some(check), None) = (health, &opts.bake) {
         crate::health::watch(
-            check.clone(),
+            check,
             agent.clone(),
             vm_control.clone(),
             dir.path().to_path_buf(),

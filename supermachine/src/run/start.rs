@@ -314,6 +314,7 @@ pub(super) fn boot_guest(
         baked_at: now_seconds(),
         bake_ms: 0,
         network: opts.config.network.has_device(),
+        healthcheck: record.run_config.healthcheck.clone(),
     };
     let bake = opts.bake.as_ref().map(|bake| {
         let target = bake
