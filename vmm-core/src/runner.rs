@@ -295,7 +295,8 @@ impl VmControl {
         match self.request_capture(CaptureMode::Hold) {
             Ok(_) | Err(CaptureError::Paused) => Ok(()),
             Err(e) => {
-                // A vCPU that failed to save its state must not leave the others parked.
+                // A failed save must not leave the vCPUs parked, held or not.
+                self.unpause();
                 self.resume();
                 Err(e)
             }
@@ -584,6 +585,15 @@ fn capture(
     let vcpus = p.take_saved()?;
     p.held = hold;
     drop(p);
+    with_vm_state(vcpus, vm, memory)
+}
+
+/// The saved vCPUs with the VM's state and memory.
+fn with_vm_state(
+    vcpus: Vec<VcpuState>,
+    vm: &dyn ArchVm,
+    memory: &GuestMemory,
+) -> Result<CapturedVm, CaptureError> {
     Ok(CapturedVm {
         vcpus,
         vm: vm.save_state()?,
@@ -623,11 +633,7 @@ fn capture_held(
     }
     let states = p.take_saved()?;
     drop(p);
-    Ok(CapturedVm {
-        vcpus: states,
-        vm: vm.save_state()?,
-        memory: memory.clone(),
-    })
+    with_vm_state(states, vm, memory)
 }
 
 enum Event {
